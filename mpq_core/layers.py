@@ -1,0 +1,56 @@
+"""Plain description of a quantizable layer; shared by profiling, sensitivities and budgets.
+
+Pure Python (no torch) so the API process can read stored tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerInfo"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable weight tensor.
+
+    Attributes:
+        name: the parameter's qualified name in the model (``features.0.weight``).
+        kind: ``conv1d|conv2d|conv3d|linear|embedding|rnn``.
+        shape: the weight's shape; dim 0 is the output channel (one scale per channel).
+        params: number of elements of the weight.
+        channels: number of output channels, i.e. of fp16 scales stored with it.
+        macs: multiply-accumulates per sample from a real forward pass (0 for embeddings).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    channels: int
+    macs: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def storage_bits(self, bits: int) -> int:
+        """Bits to store this layer at ``bits``: codes plus one fp16 scale per output channel."""
+        return self.params * bits + self.channels * 16
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
+        return cls(
+            name=str(d["name"]),
+            kind=str(d["kind"]),
+            shape=tuple(int(s) for s in d["shape"]),
+            params=int(d["params"]),
+            channels=int(d["channels"]),
+            macs=int(d["macs"]),
+            extra=dict(d.get("extra", {})),
+        )
