@@ -66,7 +66,7 @@ class SensitivityTable:
             "float_params": self.float_params,
             "meta": self.meta,
             "layers": [
-                {**layer.to_dict(), "omega": {str(b): v for b, v in zip(self.bits, row, strict=True)}}
+                {**layer.to_dict(), "omega": dict(zip(map(str, self.bits), row, strict=True))}
                 for layer, row in zip(self.layers, self.omega, strict=True)
             ],
         }

@@ -1,0 +1,205 @@
+"""Seeing the layers of a compiled model from the inside.
+
+TorchScript modules refuse forward hooks and torch.export modules have no submodules to hook,
+but both run their ops through the dispatcher. ``LayerCapture`` is a TorchDispatchMode that
+recognises every op consuming a quantizable weight (matched to the parameter by ``data_ptr``
+and shape) and records the op's input activation, its output and its configuration. The
+autograd node that produced each output is kept too, so a backward pass can deliver the
+gradient with respect to that exact output, even if the model later modifies it in place
+(``relu_``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["LayerCapture", "OpRecord", "WeightRef", "capture_context"]
+
+aten = torch.ops.aten
+
+_CONV_OPS = {aten.convolution.default, aten._convolution.default}
+_MKLDNN_RNN = getattr(aten, "mkldnn_rnn_layer", None)
+_MKLDNN_RNN = _MKLDNN_RNN.default if _MKLDNN_RNN is not None else None
+_RNN_OPS = {
+    aten.lstm.input: "lstm",
+    aten.gru.input: "gru",
+    aten.rnn_tanh.input: "rnn_tanh",
+    aten.rnn_relu.input: "rnn_relu",
+}
+
+
+@contextmanager
+def capture_context(grad: bool = True) -> Iterator[None]:
+    """Run a model so that every op is visible: TorchScript's optimising executor would fuse
+    ops into differentiable subgraphs after a few calls, and nn.MultiheadAttention takes a
+    fused fast path when gradients are off; both hide the layers from the capture.
+    """
+    with torch.jit.optimized_execution(False), torch.set_grad_enabled(grad):
+        yield
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A candidate weight: its name and the tensor it must be matched against."""
+
+    name: str
+    tensor: torch.Tensor
+
+
+@dataclass
+class OpRecord:
+    """One use of a quantizable weight in a forward pass.
+
+    ``x`` is the activation the op multiplied the weight with (for conv, the input feature
+    map; for linear, the 2-D or N-D input; for embedding, the indices). ``out`` is the op's
+    output; ``node`` the autograd node that made it (None without grad).
+    """
+
+    name: str
+    kind: str
+    op: str
+    x: torch.Tensor
+    out: torch.Tensor
+    conv: dict[str, Any] = field(default_factory=dict)
+    node: Any = None
+    seq_len: int = 0
+
+
+def _conv_kind(weight: torch.Tensor, transposed: bool) -> str:
+    dims = weight.dim() - 2
+    return ("conv_transpose" if transposed else "conv") + f"{dims}d"
+
+
+class LayerCapture(TorchDispatchMode):
+    """Record every op that consumes one of ``weights``.
+
+    Args:
+        weights: the candidate weights (matrices and conv kernels).
+        keep: keep activations and outputs (needed for sensitivities; profiling only needs
+            shapes and can drop them to save memory).
+        on_record: called with each record as it is made.
+    """
+
+    def __init__(
+        self,
+        weights: list[WeightRef],
+        *,
+        keep: bool = True,
+        on_record: Callable[[OpRecord], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._by_ptr: dict[int, list[WeightRef]] = {}
+        for ref in weights:
+            self._by_ptr.setdefault(ref.tensor.data_ptr(), []).append(ref)
+        self.records: list[OpRecord] = []
+        self._pending: list[OpRecord] = []
+        self._keep = keep
+        self._on_record = on_record
+
+    def _match(self, t: Any, shape: tuple[int, ...]) -> WeightRef | None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None
+        for ref in self._by_ptr.get(t.data_ptr(), ()):
+            if tuple(ref.tensor.shape) == shape:
+                return ref
+        return None
+
+    def _resolve_pending(self) -> None:
+        # Autograd attaches grad_fn only after our __torch_dispatch__ returns, so the node
+        # is read at the next dispatched op (or at finish()), before any in-place op on it runs.
+        for rec in self._pending:
+            rec.node = rec.out.grad_fn
+        self._pending.clear()
+
+    def finish(self) -> None:
+        """Resolve the autograd nodes of the last ops; call after the forward returns."""
+        self._resolve_pending()
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if self._pending:
+            self._resolve_pending()
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rec = self._recognise(func, args, out)
+        if rec is not None:
+            if self._keep:
+                self._pending.append(rec)
+            self.records.append(rec)
+            if self._on_record is not None:
+                self._on_record(rec)
+        return out
+
+    def _rnn_records(
+        self, op: str, inp: torch.Tensor, params: list[Any], batch_first: bool, out: torch.Tensor
+    ) -> None:
+        # Recurrent weights get one record each; their sensitivities come from finite
+        # differences (see fisher.py), so no activation or autograd node is kept.
+        seq_len = int(inp.shape[1] if batch_first else inp.shape[0]) if inp.dim() == 3 else 1
+        for p in params:
+            if not isinstance(p, torch.Tensor) or p.dim() != 2:
+                continue
+            ref = self._match(p, tuple(p.shape))
+            if ref is None:
+                continue
+            rec = OpRecord(ref.name, "rnn", op, inp.detach(), out.detach(), seq_len=seq_len)
+            self.records.append(rec)
+            if self._on_record is not None:
+                self._on_record(rec)
+        return None
+
+    def _recognise(self, func: Any, args: tuple[Any, ...], out: Any) -> OpRecord | None:
+        if func in _CONV_OPS:
+            w = args[1]
+            ref = self._match(w, tuple(w.shape))
+            if ref is None:
+                return None
+            transposed = bool(args[6])
+            conv = {
+                "stride": list(args[3]),
+                "padding": list(args[4]),
+                "dilation": list(args[5]),
+                "transposed": transposed,
+                "output_padding": list(args[7]),
+                "groups": int(args[8]),
+            }
+            return OpRecord(ref.name, _conv_kind(w, transposed), "conv", args[0], out, conv)
+        if func is aten.addmm.default or func is aten.mm.default:
+            mat1, mat2 = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
+            ref = self._match(mat2, (mat2.shape[1], mat2.shape[0]))
+            if ref is None or mat2.dim() != 2:
+                return None
+            return OpRecord(ref.name, "linear", "mm", mat1, out)
+        if func is aten.linear.default:
+            w = args[1]
+            ref = self._match(w, tuple(w.shape))
+            if ref is None:
+                return None
+            return OpRecord(ref.name, "linear", "linear", args[0], out)
+        if func is aten.embedding.default:
+            w = args[0]
+            ref = self._match(w, tuple(w.shape))
+            if ref is None:
+                return None
+            return OpRecord(ref.name, "embedding", "embedding", args[1], out)
+        if func in _RNN_OPS:
+            # aten::lstm etc. taking the flat weight list (the non-mkldnn, non-cudnn path).
+            inp, params, batch_first = args[0], args[2], bool(args[-1])
+            return self._rnn_records(func.__name__, inp, list(params), batch_first, out[0])
+        if func is _MKLDNN_RNN:
+            # CPU LSTM/GRU run one layer per call: (input, w_ih, w_hh, b_ih, b_hh, hx, cx, ...).
+            return self._rnn_records(
+                "mkldnn_rnn_layer", args[0], [args[1], args[2]], bool(args[14]), out[0]
+            )
+        return None

@@ -1,0 +1,170 @@
+"""Layer profiling: find every quantizable weight and measure its MACs on a real forward pass."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context
+from mpq_core.data import CalibrationData
+from mpq_core.errors import ModelFormatError
+from mpq_core.intake import LoadedModel
+from mpq_core.layers import LayerInfo
+from mpq_core.runner import iter_batches
+
+__all__ = ["ModelProfile", "candidate_weights", "profile_model", "rows_of"]
+
+
+@dataclass
+class ModelProfile:
+    """The quantizable layers of a model, in the order the forward pass uses them."""
+
+    layers: list[LayerInfo]
+    float_params: int
+    total_params: int
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+
+def candidate_weights(model: LoadedModel) -> list[WeightRef]:
+    """Parameters that could be quantizable (matrices and conv kernels)."""
+    return [WeightRef(n, p) for n, p in model.named_weights().items() if p.dim() >= 2]
+
+
+def rows_of(rec: OpRecord) -> torch.Tensor:
+    """The activation as rows, one per (sample, position) the weight is applied at."""
+    if rec.kind == "linear":
+        return rec.x.reshape(-1, rec.x.shape[-1])
+    if rec.kind == "embedding":
+        return rec.x.reshape(-1, 1)
+    return rec.x.reshape(rec.x.shape[0], -1)
+
+
+def _macs(rec: OpRecord, weight_shape: tuple[int, ...]) -> int:
+    if rec.kind.startswith("conv_transpose"):
+        # Each input element is multiplied with a (Cout/groups * kernel) slice of the weight.
+        per_in = 1
+        for s in weight_shape[1:]:
+            per_in *= s
+        return rec.x.numel() * per_in
+    if rec.kind.startswith("conv"):
+        per_out = 1
+        for s in weight_shape[1:]:
+            per_out *= s
+        return rec.out.numel() * per_out
+    if rec.kind == "linear":
+        return (rec.x.numel() // weight_shape[1]) * weight_shape[0] * weight_shape[1]
+    if rec.kind == "rnn":
+        batch = rec.x.numel() // max(rec.seq_len, 1) // max(rec.x.shape[-1], 1)
+        return weight_shape[0] * weight_shape[1] * rec.seq_len * batch
+    return 0  # embedding: a lookup, no multiplies
+
+
+def _probe_layout(model: LoadedModel, data: CalibrationData, refs: list[WeightRef]) -> list[str]:
+    """Which rows of each linear/embedding activation belong to which sample.
+
+    Layers that transpose to sequence-first internally (nn.MultiheadAttention) hand their
+    projections rows ordered (position, sample) instead of (sample, position). Two forward
+    passes whose batches share only sample 0 tell them apart: the rows that agree between the
+    passes are sample 0's, either the first block ("blocked") or every N-th ("interleaved").
+    """
+    size = model.fixed_batch or 2
+    if data.num_samples < 3 or size < 2:
+        return []
+
+    def batch_with(other: int) -> list[torch.Tensor]:
+        idx = torch.tensor([0] + [other] * (size - 1))
+        return [t[idx] for t in data.inputs]
+
+    runs = []
+    for other in (1, 2):
+        cap = LayerCapture(refs, keep=False)
+        with capture_context(), cap:
+            model(*batch_with(other))
+        runs.append(cap.records)
+    layouts = []
+    for ra, rb in zip(*runs, strict=True):
+        if ra.kind not in ("linear", "embedding"):
+            layouts.append("blocked")
+            continue
+        xa, xb = rows_of(ra).float(), rows_of(rb).float()
+        if xa.shape != xb.shape or xa.shape[0] % size:
+            layouts.append("blocked")
+            continue
+        same = torch.isclose(xa, xb, rtol=1e-4, atol=1e-5).all(dim=1)
+        per = xa.shape[0] // size
+        if per == 1 or bool(same[:per].all()):
+            layouts.append("blocked")
+        elif bool(same[0::size].all()):
+            layouts.append("interleaved")
+        else:
+            warnings.warn(
+                f"cannot tell which rows of {ra.name}'s input belong to which sample; "
+                "assuming sample-major order",
+                stacklevel=2,
+            )
+            layouts.append("blocked")
+    return layouts
+
+
+def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 32) -> ModelProfile:
+    """Run one batch through the model and describe every quantizable weight it uses.
+
+    MACs are per sample, counted from the shapes the ops actually saw (exact for conv and
+    linear). A weight used by several ops (tied embeddings) is one layer with the MACs summed.
+
+    Example:
+        >>> profile = profile_model(load_model("m.pt"), load_data("d.npz"))  # doctest: +SKIP
+        >>> [(layer.name, layer.macs) for layer in profile.layers]  # doctest: +SKIP
+    """
+    refs = candidate_weights(model)
+    weights = {r.name: r.tensor for r in refs}
+    batch = next(iter_batches(model, data, batch_size))
+    cap = LayerCapture(refs, keep=False)
+    with capture_context(), cap:
+        model(*batch.inputs)
+    records = cap.records
+    if not records:
+        raise ModelFormatError(
+            "no quantizable layer (convolution, linear, embedding, RNN) was seen in the model's "
+            "forward pass",
+            code="model_no_layers",
+        )
+    layouts = _probe_layout(model, data, refs)
+    n = batch.inputs[0].shape[0]
+    order: list[str] = []
+    info: dict[str, dict[str, Any]] = {}
+    for i, rec in enumerate(records):
+        shape = tuple(weights[rec.name].shape)
+        entry = info.get(rec.name)
+        if entry is None:
+            order.append(rec.name)
+            entry = info[rec.name] = {"kind": rec.kind, "shape": shape, "macs": 0, "layouts": []}
+        entry["macs"] += _macs(rec, shape)
+        entry["layouts"].append(layouts[i] if i < len(layouts) else "blocked")
+    layers = []
+    for name in order:
+        entry = info[name]
+        shape = entry["shape"]
+        params = 1
+        for s in shape:
+            params *= s
+        layers.append(
+            LayerInfo(
+                name=name,
+                kind=entry["kind"],
+                shape=shape,
+                params=params,
+                channels=shape[0],
+                macs=entry["macs"] // n,
+                extra={"layouts": entry["layouts"]},
+            )
+        )
+    total = sum(p.numel() for p in model.named_weights().values())
+    quantized = sum(layer.params for layer in layers)
+    return ModelProfile(layers=layers, float_params=total - quantized, total_params=total)

@@ -1,0 +1,107 @@
+"""Running a loaded model on calibration data: fit checks and batching.
+
+A torch.export program traced with a fixed batch size only accepts that size, so batches are
+padded up to it (with copies of the last sample) and the padding is dropped from the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mpq_core.data import CalibrationData
+from mpq_core.errors import DataMismatch
+from mpq_core.intake import LoadedModel, select_output
+
+__all__ = ["Batch", "check_data_fits", "iter_batches", "run_model"]
+
+
+@dataclass
+class Batch:
+    """One batch as the model will see it; the first ``valid`` rows are real samples."""
+
+    inputs: list[torch.Tensor]
+    labels: torch.Tensor | None
+    valid: int
+    start: int
+
+
+def check_data_fits(model: LoadedModel, data: CalibrationData) -> None:
+    """Raise DataMismatch (with what to change) if the data cannot feed the model."""
+    if len(data.inputs) != model.num_inputs:
+        keys = (
+            "'input'"
+            if model.num_inputs == 1
+            else ", ".join(f"'input_{i}'" for i in range(model.num_inputs))
+        )
+        raise DataMismatch(
+            f"the model takes {model.num_inputs} positional input(s) but the data holds "
+            f"{len(data.inputs)}; provide {keys}",
+            code="data_input_count",
+        )
+    for i, (spec, tensor) in enumerate(zip(model.input_specs, data.inputs, strict=False)):
+        if spec.dtype is not None and tensor.dtype != spec.dtype:
+            raise DataMismatch(
+                f"input {i} has dtype {tensor.dtype} but the model expects {spec.dtype}",
+                code="data_dtype",
+            )
+        if spec.shape is not None:
+            got = tuple(tensor.shape)
+            if len(got) != len(spec.shape) or any(
+                want is not None and want != g
+                for want, g in zip(spec.shape[1:], got[1:], strict=False)
+            ):
+                want_txt = tuple("N" if d is None else d for d in spec.shape[1:])
+                raise DataMismatch(
+                    f"input {i} has per-sample shape {got[1:]} but the model expects {want_txt}",
+                    code="data_shape",
+                )
+    probe = next(iter_batches(model, data, 2))
+    try:
+        with torch.no_grad():
+            out = select_output(model(*probe.inputs))
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+        msg = str(exc).strip().splitlines()
+        detail = msg[0][:300] if msg else type(exc).__name__
+        raise DataMismatch(
+            f"the model fails on the data: {detail}. Check the per-sample input shapes "
+            f"{[tuple(t.shape[1:]) for t in data.inputs]} and dtypes "
+            f"{[str(t.dtype) for t in data.inputs]}",
+            code="data_mismatch",
+        ) from exc
+    if data.labels is not None and out.dim() >= 2:
+        classes = out.shape[-1]
+        top = int(data.labels.max()) if data.labels.numel() else 0
+        if int(data.labels.min()) < 0 or top >= classes:
+            raise DataMismatch(
+                f"labels range over [{int(data.labels.min())}, {top}] but the model scores "
+                f"{classes} classes",
+                code="data_labels",
+            )
+
+
+def iter_batches(model: LoadedModel, data: CalibrationData, batch_size: int) -> Iterator[Batch]:
+    """Batches of ``batch_size`` (or the model's fixed batch), padded where the model needs it."""
+    size = model.fixed_batch or batch_size
+    for start in range(0, data.num_samples, size):
+        part = data.subset(slice(start, start + size))
+        valid = part.num_samples
+        inputs = part.inputs
+        labels = part.labels
+        if model.fixed_batch and valid < size:
+            pad = size - valid
+            inputs = [torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in inputs]
+            if labels is not None:
+                labels = torch.cat([labels, labels[-1:].expand(pad)])
+        yield Batch(inputs=inputs, labels=labels, valid=valid, start=start)
+
+
+def run_model(model: LoadedModel, data: CalibrationData, batch_size: int = 64) -> torch.Tensor:
+    """The scored output over all samples, without gradients."""
+    outs = []
+    with torch.no_grad():
+        for batch in iter_batches(model, data, batch_size):
+            outs.append(select_output(model(*batch.inputs))[: batch.valid])
+    return torch.cat(outs)
