@@ -1,0 +1,45 @@
+"""One progress callback for every long stage: ``progress(stage, fraction, metrics)``.
+
+The CLI turns it into terminal progress bars; the worker turns it into job progress.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ProgressFn", "TerminalProgress", "null_progress"]
+
+ProgressFn = Callable[[str, float, dict[str, Any]], None]
+
+
+def null_progress(stage: str, fraction: float, metrics: dict[str, Any]) -> None:
+    """Discard progress reports."""
+
+
+class TerminalProgress:
+    """A tqdm bar per stage on stderr (silent when stderr is not a terminal unless forced)."""
+
+    def __init__(self, *, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, fraction: float, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            bar = self._bars[stage] = tqdm(total=1000, desc=stage, leave=True, file=sys.stderr)
+        bar.n = round(min(max(fraction, 0.0), 1.0) * 1000)
+        if metrics:
+            bar.set_postfix({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()

@@ -1,0 +1,109 @@
+"""Weight quantizer: symmetric, per output channel, uniform, 2..8 bits, MSE-chosen clipping.
+
+Pure tensor functions with no model knowledge. Codes are signed integers in
+``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (the symmetric "narrow" range, so zero is exact and the grid
+is the same on both sides); the scale of channel ``c`` is stored as fp16, and the scales used
+here are already rounded to fp16 so that a model dequantized from the packed checkpoint is
+bit-identical to the simulated one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "choose_scales",
+    "dequantize",
+    "fake_quantize",
+    "qmax",
+    "quantization_error",
+    "quantize",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+_FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): scales below it would round to 0
+# Clipping ratios tried per channel; 1.0 (plain max scaling) is always among them, so the MSE
+# choice is never worse than max scaling.
+_CLIP_GRID = torch.linspace(0.25, 1.0, 61)
+
+
+def qmax(bits: int) -> int:
+    """Largest code magnitude at ``bits``."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().reshape(w.shape[0], -1).float()
+
+
+def _round_scales(scales: torch.Tensor) -> torch.Tensor:
+    return scales.clamp_min(_FP16_TINY).half().float()
+
+
+def choose_scales(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
+    """Per-output-channel scales (fp16-representable, returned as float32).
+
+    Args:
+        w: weight, output channel first.
+        bits: 2..8.
+        mse: pick each channel's clipping from a grid to minimise squared error; ``False``
+            is plain max scaling.
+
+    Example:
+        >>> w = torch.randn(4, 16)
+        >>> choose_scales(w, 4).shape
+        torch.Size([4])
+    """
+    q = qmax(bits)
+    rows = _rows(w)
+    amax = rows.abs().amax(dim=1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    if not mse:
+        return _round_scales(amax / q)
+    best_err = torch.full_like(amax, float("inf"))
+    best = _round_scales(amax / q)
+    # Chunk the grid so a large layer does not hold (grid x params) floats at once.
+    chunk = max(1, int(2**25 // max(rows.numel(), 1)))
+    grid = _CLIP_GRID.to(rows.device)
+    for start in range(0, grid.numel(), chunk):
+        ratios = grid[start : start + chunk]
+        scales = _round_scales(amax[None, :] * ratios[:, None] / q)  # (g, C)
+        codes = torch.clamp(torch.round(rows[None] / scales[..., None]), -q, q)
+        err = ((codes * scales[..., None] - rows[None]) ** 2).sum(dim=2)  # (g, C)
+        err_min, idx = err.min(dim=0)
+        better = err_min < best_err
+        best_err = torch.where(better, err_min, best_err)
+        best = torch.where(better, scales.gather(0, idx[None]).squeeze(0), best)
+    return best
+
+
+def quantize(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (int8) of ``w`` on the per-channel grid ``scales``."""
+    q = qmax(bits)
+    rows = _rows(w)
+    codes = torch.clamp(torch.round(rows / scales[:, None]), -q, q)
+    return codes.to(torch.int8).reshape(w.shape)
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Float weights from codes and per-channel scales."""
+    rows = codes.reshape(codes.shape[0], -1).float() * scales.float()[:, None]
+    return rows.reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
+    """``dequantize(quantize(w))``: the weight as the quantized model will see it."""
+    scales = choose_scales(w, bits, mse=mse)
+    return dequantize(quantize(w, scales, bits), scales, dtype=w.dtype)
+
+
+def quantization_error(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
+    """``Q_b(W) - W``, the perturbation the sensitivities are measured along."""
+    return fake_quantize(w, bits, mse=mse) - w.detach()
