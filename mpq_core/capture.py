@@ -196,10 +196,12 @@ class LayerCapture(TorchDispatchMode):
         if func in _RNN_OPS:
             # aten::lstm etc. taking the flat weight list (the non-mkldnn, non-cudnn path).
             inp, params, batch_first = args[0], args[2], bool(args[-1])
-            return self._rnn_records(func.__name__, inp, list(params), batch_first, out[0])
+            self._rnn_records(func.__name__, inp, list(params), batch_first, out[0])
+            return None
         if func is _MKLDNN_RNN:
             # CPU LSTM/GRU run one layer per call: (input, w_ih, w_hh, b_ih, b_hh, hx, cx, ...).
-            return self._rnn_records(
+            self._rnn_records(
                 "mkldnn_rnn_layer", args[0], [args[1], args[2]], bool(args[14]), out[0]
             )
+            return None
         return None

@@ -135,7 +135,7 @@ def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
             "constants), so there are no parameters left to quantize; save it before freezing",
             code="model_frozen",
         )
-    schema = module.forward.schema  # type: ignore[union-attr]
+    schema = module.forward.schema
     num_inputs = len(schema.arguments) - 1  # minus self
     return module, num_inputs
 

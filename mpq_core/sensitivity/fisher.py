@@ -1,0 +1,258 @@
+"""Fisher sensitivities (Chen et al., ICCV 2021): Omega[l][b] = 1/2 mean_n <g_n,l, dW_l(b)>^2.
+
+Per-sample gradients are never formed for all layers at once and no backward pass is run per
+sample. One batched forward records each quantizable op's input ``x`` (``capture.py``); one
+batched backward delivers the gradient ``delta`` at each op's output. For an op linear in its
+weight, ``y = f(x; W)``, the per-sample directional derivative is
+
+    <g_n, dW> = sum over sample n's outputs of  delta . f(x; dW)
+
+so each (layer, bit width) costs one application of the layer to its own input with the
+quantization error as weight (conv, embedding), or, for linear layers, one contraction of the
+per-sample gradient ``delta_n^T x_n`` with every ``dW_b`` at once. Recurrent weights (fused
+LSTM/GRU kernels) fall back to a central finite difference of the per-sample losses.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context
+from mpq_core.data import CalibrationData
+from mpq_core.intake import LoadedModel, select_output
+from mpq_core.losses import PerSampleLoss, resolve_loss_kind
+from mpq_core.profiling import ModelProfile, rows_of
+from mpq_core.progress import ProgressFn, null_progress
+from mpq_core.quantizer import quantization_error
+from mpq_core.runner import iter_batches
+
+__all__ = ["fisher_sensitivity", "per_sample_directional"]
+
+aten = torch.ops.aten
+
+# Per-sample gradients of a linear layer are materialised in chunks of at most this many floats.
+_CHUNK_FLOATS = 2**24
+_FD_STEP = 0.25
+
+
+def _rows_to_samples(values: torch.Tensor, n: int, layout: str) -> torch.Tensor:
+    """Sum per-row values ``(R, ...)`` into per-sample values ``(n, ...)``."""
+    r = values.shape[0]
+    if r == n:
+        return values
+    if layout == "interleaved":
+        return values.reshape(r // n, n, *values.shape[1:]).sum(0)
+    return values.reshape(n, r // n, *values.shape[1:]).sum(1)
+
+
+def _sample_rows(rows: torch.Tensor, n: int, layout: str) -> torch.Tensor:
+    """Regroup rows ``(R, d)`` as ``(n, R/n, d)`` with each sample's rows together."""
+    r = rows.shape[0]
+    if layout == "interleaved":
+        return rows.reshape(r // n, n, -1).transpose(0, 1)
+    return rows.reshape(n, r // n, -1)
+
+
+def per_sample_directional(
+    rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor, n: int, layout: str
+) -> torch.Tensor:
+    """``<g_n, dW_b>`` for every sample ``n`` and every perturbation ``dws[b]``: ``(n, B)``.
+
+    Args:
+        rec: the recorded op (its input activation and configuration).
+        delta: the loss gradient with respect to the op's output.
+        dws: the weight perturbations stacked, ``(B, *weight.shape)``.
+        n: samples in the batch.
+        layout: how the op's rows map to samples (``blocked`` or ``interleaved``).
+    """
+    nb = dws.shape[0]
+    if rec.kind == "linear":
+        x = _sample_rows(rows_of(rec).float(), n, layout)  # (n, T, in)
+        d = _sample_rows(delta.reshape(-1, delta.shape[-1]).float(), n, layout)  # (n, T, out)
+        flat = dws.reshape(nb, -1).float()  # (B, out*in)
+        per = max(1, _CHUNK_FLOATS // max(flat.shape[1], 1))
+        parts = []
+        for s in range(0, n, per):
+            g = torch.bmm(d[s : s + per].transpose(1, 2), x[s : s + per])  # (n', out, in)
+            parts.append(g.reshape(g.shape[0], -1) @ flat.T)
+        return torch.cat(parts)
+    if rec.kind == "embedding":
+        ids = rec.x.reshape(-1)
+        d = delta.reshape(ids.shape[0], -1).float()  # (R, D)
+        vals = torch.stack([(dws[b].float()[ids] * d).sum(1) for b in range(nb)], dim=1)
+        return _rows_to_samples(vals, n, layout)
+    if rec.kind.startswith("conv"):
+        c = rec.conv
+        x = rec.x.detach()
+        out = []
+        for b in range(nb):
+            y = aten.convolution.default(
+                x,
+                dws[b].to(x.dtype),
+                None,
+                c["stride"],
+                c["padding"],
+                c["dilation"],
+                c["transposed"],
+                c["output_padding"],
+                c["groups"],
+            )
+            out.append((y.float() * delta.float()).reshape(y.shape[0], -1).sum(1))
+        return torch.stack(out, dim=1)
+    raise ValueError(f"no directional derivative for layer kind {rec.kind}")
+
+
+def _loss_targets(
+    model: LoadedModel, data: CalibrationData, batch_size: int, loss: str, output_key: Any
+) -> tuple[PerSampleLoss, list[torch.Tensor]]:
+    targets: list[torch.Tensor] = []
+    per_sample: PerSampleLoss | None = None
+    with capture_context(grad=False):
+        for batch in iter_batches(model, data, batch_size):
+            out = select_output(model(*batch.inputs), output_key)
+            if per_sample is None:
+                per_sample = PerSampleLoss(resolve_loss_kind(loss, out))
+            labels = batch.labels if per_sample.kind == "ce" else None
+            targets.append(per_sample.targets(out, labels, batch.start))
+    assert per_sample is not None
+    return per_sample, targets
+
+
+def fisher_sensitivity(
+    model: LoadedModel,
+    data: CalibrationData,
+    profile: ModelProfile,
+    bits: list[int],
+    *,
+    batch_size: int = 64,
+    loss: str = "auto",
+    output_key: Any = None,
+    progress: ProgressFn | None = None,
+) -> list[list[float]]:
+    """Omega[l][b] = 1/2 mean_n <g_n,l, Q_b(W_l) - W_l>^2 for every layer of ``profile``.
+
+    Args:
+        model: the loaded model.
+        data: calibration data (labels optional: see ``losses.py`` for the label-free loss).
+        profile: the layers to score, from ``profile_model``.
+        bits: candidate bit widths.
+        batch_size: samples per forward/backward pass.
+        loss: ``auto``, ``ce`` or ``mse``.
+        output_key: which element of a tuple/dict output to score.
+        progress: called as ``progress("fisher", fraction, {})``.
+
+    Example:
+        >>> profile = profile_model(model, data)  # doctest: +SKIP
+        >>> omega = fisher_sensitivity(model, data, profile, [2, 4, 8])  # doctest: +SKIP
+    """
+    report = progress or null_progress
+    weights = model.named_weights()
+    layers = profile.layers
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
+    dws = {
+        layer.name: torch.stack([quantization_error(weights[layer.name], b) for b in bits])
+        for layer in layers
+    }
+    layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
+    rnn_names = [layer.name for layer in layers if layer.kind == "rnn"]
+    per_sample, targets = _loss_targets(model, data, batch_size, loss, output_key)
+    sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
+    params = [weights[layer.name] for layer in layers]
+    requires = [p.requires_grad for p in params]
+    batches = list(iter_batches(model, data, batch_size))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for step, batch in enumerate(batches):
+            cap = LayerCapture(refs)
+            with capture_context(grad=True), cap:
+                out = select_output(model(*batch.inputs), output_key)
+            cap.finish()
+            n = out.shape[0]
+            losses = per_sample(out, targets[step])
+            deltas: dict[int, torch.Tensor] = {}
+            handles = []
+            records = [r for r in cap.records if r.kind != "rnn"]
+            for k, rec in enumerate(records):
+                if rec.node is None:
+                    continue
+
+                def grab(grad_outputs: Any, k: int = k, store: dict = deltas) -> None:
+                    store[k] = grad_outputs[0]
+
+                handles.append(rec.node.register_prehook(grab))
+            # Padding rows (fixed-batch exports) carry no loss, so their deltas are zero.
+            total = losses[: batch.valid].sum()
+            torch.autograd.grad(total, params, allow_unused=True)
+            for h in handles:
+                h.remove()
+            dots: dict[str, torch.Tensor] = {}
+            seen: dict[str, int] = defaultdict(int)
+            for k, rec in enumerate(records):
+                use = seen[rec.name]
+                seen[rec.name] += 1
+                if k not in deltas:
+                    continue  # the output did not reach the loss
+                layout_list = layouts[rec.name]
+                layout = layout_list[use] if use < len(layout_list) else "blocked"
+                d = per_sample_directional(rec, deltas[k], dws[rec.name], n, layout)
+                dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
+            for name, d in dots.items():
+                sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0)
+            del cap, records, out, losses  # free this batch's activations before the next
+            if rnn_names:
+                _finite_difference(
+                    model,
+                    batch,
+                    per_sample,
+                    targets[step],
+                    output_key,
+                    rnn_names,
+                    weights,
+                    dws,
+                    index,
+                    sums,
+                )
+            report("fisher", (step + 1) / len(batches), {})
+    finally:
+        for p, r in zip(params, requires, strict=True):
+            p.requires_grad_(r)
+    omega = 0.5 * sums / data.num_samples
+    return omega.tolist()
+
+
+def _finite_difference(
+    model: LoadedModel,
+    batch: Any,
+    per_sample: PerSampleLoss,
+    targets: torch.Tensor,
+    output_key: Any,
+    names: list[str],
+    weights: dict[str, torch.Tensor],
+    dws: dict[str, torch.Tensor],
+    index: dict[str, int],
+    sums: torch.Tensor,
+) -> None:
+    """``<g_n, dW>`` by central differences of the per-sample losses, for fused recurrent ops."""
+    with capture_context(grad=False):
+        for name in names:
+            w = weights[name]
+            original = w.detach().clone()
+            try:
+                for j in range(dws[name].shape[0]):
+                    h = _FD_STEP
+                    vals = {}
+                    for step in (2.0, 1.0, -1.0, -2.0):
+                        w.copy_(original + step * h * dws[name][j])
+                        out = select_output(model(*batch.inputs), output_key)
+                        vals[step] = per_sample(out, targets).double()
+                    # Five-point stencil: O(h^4) truncation lets h be large enough that
+                    # float32 rounding in the loss does not dominate.
+                    d = (8 * (vals[1.0] - vals[-1.0]) - (vals[2.0] - vals[-2.0])) / (12 * h)
+                    sums[index[name], j] += (d[: batch.valid] ** 2).sum()
+            finally:
+                w.copy_(original)
