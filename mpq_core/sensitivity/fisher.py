@@ -105,22 +105,6 @@ def per_sample_directional(
     raise ValueError(f"no directional derivative for layer kind {rec.kind}")
 
 
-def _loss_targets(
-    model: LoadedModel, data: CalibrationData, batch_size: int, loss: str, output_key: Any
-) -> tuple[PerSampleLoss, list[torch.Tensor]]:
-    targets: list[torch.Tensor] = []
-    per_sample: PerSampleLoss | None = None
-    with capture_context(grad=False):
-        for batch in iter_batches(model, data, batch_size):
-            out = select_output(model(*batch.inputs), output_key)
-            if per_sample is None:
-                per_sample = PerSampleLoss(resolve_loss_kind(loss, out))
-            labels = batch.labels if per_sample.kind == "ce" else None
-            targets.append(per_sample.targets(out, labels, batch.start))
-    assert per_sample is not None
-    return per_sample, targets
-
-
 def fisher_sensitivity(
     model: LoadedModel,
     data: CalibrationData,
@@ -159,7 +143,7 @@ def fisher_sensitivity(
     }
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     rnn_names = [layer.name for layer in layers if layer.kind == "rnn"]
-    per_sample, targets = _loss_targets(model, data, batch_size, loss, output_key)
+    per_sample: PerSampleLoss | None = None
     sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
     params = [weights[layer.name] for layer in layers]
     requires = [p.requires_grad for p in params]
@@ -173,7 +157,11 @@ def fisher_sensitivity(
                 out = select_output(model(*batch.inputs), output_key)
             cap.finish()
             n = out.shape[0]
-            losses = per_sample(out, targets[step])
+            if per_sample is None:
+                per_sample = PerSampleLoss(resolve_loss_kind(loss, out))
+            labels = batch.labels if per_sample.kind == "ce" else None
+            targets = per_sample.targets(out, labels, batch.start)
+            losses = per_sample(out, targets)
             deltas: dict[int, torch.Tensor] = {}
             handles = []
             records = [r for r in cap.records if r.kind != "rnn"]
@@ -209,7 +197,7 @@ def fisher_sensitivity(
                     model,
                     batch,
                     per_sample,
-                    targets[step],
+                    targets,
                     output_key,
                     rnn_names,
                     weights,
