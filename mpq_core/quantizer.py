@@ -25,9 +25,10 @@ __all__ = [
 MIN_BITS = 2
 MAX_BITS = 8
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): scales below it would round to 0
-# Clipping ratios tried per channel; 1.0 (plain max scaling) is always among them, so the MSE
-# choice is never worse than max scaling.
-_CLIP_GRID = torch.linspace(0.25, 1.0, 61)
+# Clipping ratios tried per channel: a coarse grid, then a fine one around each channel's best.
+# 1.0 (plain max scaling) is always among them, so the MSE choice is never worse than it.
+_CLIP_GRID = torch.linspace(0.2, 1.0, 17)
+_FINE_STEPS = torch.linspace(-1.0, 1.0, 9) * 0.05
 
 
 def qmax(bits: int) -> int:
@@ -65,20 +66,31 @@ def choose_scales(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tens
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     if not mse:
         return _round_scales(amax / q)
+    ratios = _CLIP_GRID.to(rows.device)[:, None].expand(-1, rows.shape[0])  # (g, C)
+    best_ratio = _best_ratio(rows, amax, ratios, q)
+    fine = (best_ratio[None, :] + _FINE_STEPS.to(rows.device)[:, None]).clamp(0.05, 1.0)
+    fine = torch.cat([best_ratio[None, :], fine])
+    best_ratio = _best_ratio(rows, amax, fine, q)
+    return _round_scales(amax * best_ratio / q)
+
+
+def _best_ratio(
+    rows: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, q: int
+) -> torch.Tensor:
+    """Each channel's clipping ratio of least squared error among ``ratios`` (g, C)."""
     best_err = torch.full_like(amax, float("inf"))
-    best = _round_scales(amax / q)
+    best = ratios[0].clone()
     # Chunk the grid so a large layer does not hold (grid x params) floats at once.
     chunk = max(1, int(2**25 // max(rows.numel(), 1)))
-    grid = _CLIP_GRID.to(rows.device)
-    for start in range(0, grid.numel(), chunk):
-        ratios = grid[start : start + chunk]
-        scales = _round_scales(amax[None, :] * ratios[:, None] / q)  # (g, C)
+    for start in range(0, ratios.shape[0], chunk):
+        r = ratios[start : start + chunk]
+        scales = _round_scales(amax[None, :] * r / q)  # (g, C)
         codes = torch.clamp(torch.round(rows[None] / scales[..., None]), -q, q)
         err = ((codes * scales[..., None] - rows[None]) ** 2).sum(dim=2)  # (g, C)
         err_min, idx = err.min(dim=0)
         better = err_min < best_err
         best_err = torch.where(better, err_min, best_err)
-        best = torch.where(better, scales.gather(0, idx[None]).squeeze(0), best)
+        best = torch.where(better, r.gather(0, idx[None]).squeeze(0), best)
     return best
 
 

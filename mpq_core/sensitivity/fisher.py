@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context
 from mpq_core.data import CalibrationData
@@ -84,25 +85,67 @@ def per_sample_directional(
         d = delta.reshape(ids.shape[0], -1).float()  # (R, D)
         vals = torch.stack([(dws[b].float()[ids] * d).sum(1) for b in range(nb)], dim=1)
         return _rows_to_samples(vals, n, layout)
+    if rec.kind in ("conv1d", "conv2d"):
+        return _conv_unfolded(rec, delta, dws, n)
     if rec.kind.startswith("conv"):
-        c = rec.conv
-        x = rec.x.detach()
-        out = []
-        for b in range(nb):
-            y = aten.convolution.default(
-                x,
-                dws[b].to(x.dtype),
-                None,
-                c["stride"],
-                c["padding"],
-                c["dilation"],
-                c["transposed"],
-                c["output_padding"],
-                c["groups"],
-            )
-            out.append((y.float() * delta.float()).reshape(y.shape[0], -1).sum(1))
-        return torch.stack(out, dim=1)
+        return _conv_applied(rec, delta, dws)
     raise ValueError(f"no directional derivative for layer kind {rec.kind}")
+
+
+def _conv_unfolded(rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample weight gradients of a 1-D/2-D convolution from the unfolded input (one
+    batched matmul, the cost of one convolution), contracted with every ``dW_b`` at once."""
+    c = rec.conv
+    x = rec.x.detach().float()
+    d = delta.float()
+    if rec.kind == "conv1d":  # as a 2-D convolution of height 1
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+        kernel, dil, pad, stride = (
+            [1, *dws.shape[3:]],
+            [1, *c["dilation"]],
+            [0, *c["padding"]],
+            [1, *c["stride"]],
+        )
+    else:
+        kernel, dil, pad, stride = list(dws.shape[3:]), c["dilation"], c["padding"], c["stride"]
+    groups = c["groups"]
+    nb, cout = dws.shape[0], dws.shape[1]
+    flat = dws.reshape(nb, -1).float()  # (B, Cout * Cin/g * k)
+    cols = F.unfold(
+        x, tuple(kernel), dilation=tuple(dil), padding=tuple(pad), stride=tuple(stride)
+    )  # (n, Cin*k, L)
+    cols = cols.reshape(n, groups, cols.shape[1] // groups, cols.shape[2])
+    d = d.reshape(n, groups, cout // groups, -1)  # (n, g, Cout/g, L)
+    per = max(1, _CHUNK_FLOATS // max(flat.shape[1] + cols[0].numel(), 1))
+    parts = []
+    for s in range(0, n, per):
+        g = torch.matmul(
+            d[s : s + per], cols[s : s + per].transpose(2, 3)
+        )  # (n', g, Cout/g, Cin/g*k)
+        parts.append(g.reshape(g.shape[0], -1) @ flat.T)
+    return torch.cat(parts)
+
+
+def _conv_applied(rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor) -> torch.Tensor:
+    """``sum delta * conv(x; dW_b)`` per sample: one convolution per bit width (3-D and
+    transposed convolutions, where unfolding is not available)."""
+    c = rec.conv
+    x = rec.x.detach()
+    out = []
+    for b in range(dws.shape[0]):
+        y = aten.convolution.default(
+            x,
+            dws[b].to(x.dtype),
+            None,
+            c["stride"],
+            c["padding"],
+            c["dilation"],
+            c["transposed"],
+            c["output_padding"],
+            c["groups"],
+        )
+        out.append((y.float() * delta.float()).reshape(y.shape[0], -1).sum(1))
+    return torch.stack(out, dim=1)
 
 
 def fisher_sensitivity(
