@@ -233,7 +233,7 @@ def fisher_sensitivity(
                 d = per_sample_directional(rec, deltas[k], dws[rec.name], n, layout)
                 dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
             for name, d in dots.items():
-                sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0)
+                sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
             del cap, records, out, losses  # free this batch's activations before the next
             if rnn_names:
                 _finite_difference(
@@ -284,6 +284,6 @@ def _finite_difference(
                     # Five-point stencil: O(h^4) truncation lets h be large enough that
                     # float32 rounding in the loss does not dominate.
                     d = (8 * (vals[1.0] - vals[-1.0]) - (vals[2.0] - vals[-2.0])) / (12 * h)
-                    sums[index[name], j] += (d[: batch.valid] ** 2).sum()
+                    sums[index[name], j] += (d[: batch.valid] ** 2).sum().cpu()
             finally:
                 w.copy_(original)
