@@ -49,8 +49,16 @@ class LoadedModel:
     fixed_batch: int | None = None
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """Every parameter, by qualified name."""
-        return dict(self.module.named_parameters())
+        """Every parameter, by qualified name; a tensor shared under several names (tied
+        weights, which a torch.export program lists once per name) appears once."""
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            key = (p.data_ptr(), tuple(p.shape))
+            if key not in seen:
+                seen.add(key)
+                out[name] = p
+        return out
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         return self.module(*inputs)
@@ -61,9 +69,18 @@ class LoadedModel:
 
 
 def _zip_names(data: bytes) -> list[str] | None:
+    """Entry names of a zip that spans the whole file, else None.
+
+    A torch.export archive stores a complete torch.save zip inside it; when the outer archive is
+    cut off, zipfile would find that inner directory instead. Only a directory whose first entry
+    starts at byte 0 describes the file itself.
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return zf.namelist()
+            infos = zf.infolist()
+            if not infos or min(i.header_offset for i in infos) != 0:
+                return None
+            return [i.filename for i in infos]
     except zipfile.BadZipFile:
         return None
 

@@ -59,23 +59,35 @@ class PerSampleLoss:
     kind: Literal["ce", "mse"]
     seed: int = 0
 
-    def _generator(self, start: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + start)
-        return g
+    def _draws(self, start: int, count: int, per_sample: torch.Size, normal: bool) -> torch.Tensor:
+        # One generator per sample, seeded by the sample's index: a sample gets the same draw
+        # whatever batch it lands in, so results do not depend on the batch size.
+        out = torch.empty(count, *per_sample)
+        for k in range(count):
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1_000_003 + start + k)
+            out[k] = (
+                torch.randn(per_sample, generator=g)
+                if normal
+                else torch.rand(per_sample, generator=g)
+            )
+        return out
 
     def targets(
         self, output: torch.Tensor, labels: torch.Tensor | None, start: int
     ) -> torch.Tensor:
-        """The targets for a batch starting at sample ``start``, computed once and reused."""
+        """The targets for a batch starting at sample ``start``; fixed per sample index."""
         out = output.detach().float()
+        n = out.shape[0]
         if self.kind == "mse":
-            return torch.randn(out.shape, generator=self._generator(start)).to(out.device)
+            return self._draws(start, n, out.shape[1:], normal=True).to(out.device)
         if labels is not None:
             return labels.to(out.device)
-        probs = torch.softmax(out, dim=-1).reshape(-1, out.shape[-1]).cpu()
-        drawn = torch.multinomial(probs, 1, generator=self._generator(start)).squeeze(1)
-        return drawn.reshape(out.shape[:-1]).to(out.device)
+        # Inverse-CDF sampling from the model's own predictive distribution.
+        cdf = torch.softmax(out, dim=-1).cumsum(dim=-1).cpu()
+        u = self._draws(start, n, out.shape[1:-1], normal=False).unsqueeze(-1)
+        drawn = (cdf < u).sum(dim=-1).clamp_max(out.shape[-1] - 1)
+        return drawn.to(out.device)
 
     def __call__(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss per sample, shape ``(N,)``."""

@@ -36,7 +36,10 @@ aten = torch.ops.aten
 
 # Per-sample gradients of a linear layer are materialised in chunks of at most this many floats.
 _CHUNK_FLOATS = 2**24
-_FD_STEP = 0.25
+# Finite-difference step: the perturbation's norm as a fraction of the weight's norm. Fixed
+# relative to the weight (not to the quantization error, which is 64x smaller at 8 bits than at
+# 2 bits) so the loss change stays well above float32 rounding at every bit width.
+_FD_RELATIVE_STEP = 0.02
 
 
 def _rows_to_samples(values: torch.Tensor, n: int, layout: str) -> torch.Tensor:
@@ -275,7 +278,10 @@ def _finite_difference(
             original = w.detach().clone()
             try:
                 for j in range(dws[name].shape[0]):
-                    h = _FD_STEP
+                    dw_norm = float(dws[name][j].norm())
+                    if dw_norm == 0.0:
+                        continue
+                    h = _FD_RELATIVE_STEP * float(original.norm()) / dw_norm
                     vals = {}
                     for step in (2.0, 1.0, -1.0, -2.0):
                         w.copy_(original + step * h * dws[name][j])
