@@ -24,6 +24,7 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 8
+_FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): scales below it would round to 0
 # Clipping ratios tried per channel: a coarse grid, then a fine one around each channel's best.
 # 1.0 (plain max scaling) is always among them, so the MSE choice is never worse than it.
@@ -43,7 +44,8 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 
 def _round_scales(scales: torch.Tensor) -> torch.Tensor:
-    return scales.clamp_min(_FP16_TINY).half().float()
+    # Beyond fp16's range a scale would become inf; such weights saturate instead.
+    return scales.clamp(_FP16_TINY, _FP16_MAX).half().float()
 
 
 def choose_scales(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
