@@ -15,10 +15,12 @@ __all__ = [
     "MAX_BITS",
     "MIN_BITS",
     "choose_scales",
+    "choose_scales_many",
     "dequantize",
     "fake_quantize",
     "qmax",
     "quantization_error",
+    "quantization_errors",
     "quantize",
 ]
 
@@ -28,8 +30,8 @@ _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal): scales below it would round to 0
 # Clipping ratios tried per channel: a coarse grid, then a fine one around each channel's best.
 # 1.0 (plain max scaling) is always among them, so the MSE choice is never worse than it.
-_CLIP_GRID = torch.linspace(0.2, 1.0, 17)
-_FINE_STEPS = torch.linspace(-1.0, 1.0, 9) * 0.05
+_CLIP_GRID = torch.linspace(0.2, 1.0, 9)
+_REFINE_STEPS = (torch.tensor([-0.05, -0.025, 0.025, 0.05]), torch.tensor([-0.0125, 0.0125]))
 
 
 def qmax(bits: int) -> int:
@@ -62,37 +64,47 @@ def choose_scales(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tens
         >>> choose_scales(w, 4).shape
         torch.Size([4])
     """
-    q = qmax(bits)
+    return choose_scales_many(w, [bits], mse=mse)[0]
+
+
+def choose_scales_many(w: torch.Tensor, bits: list[int], *, mse: bool = True) -> torch.Tensor:
+    """``choose_scales`` for several bit widths at once, ``(len(bits), channels)``; one batched
+    search instead of one per width, which is what small layers spend their time on."""
+    q = torch.tensor([qmax(b) for b in bits], dtype=torch.float32, device=w.device)[:, None]
     rows = _rows(w)
     amax = rows.abs().amax(dim=1)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))[None, :]  # (1, C)
     if not mse:
         return _round_scales(amax / q)
-    ratios = _CLIP_GRID.to(rows.device)[:, None].expand(-1, rows.shape[0])  # (g, C)
-    best_ratio = _best_ratio(rows, amax, ratios, q)
-    fine = (best_ratio[None, :] + _FINE_STEPS.to(rows.device)[:, None]).clamp(0.05, 1.0)
-    fine = torch.cat([best_ratio[None, :], fine])
-    best_ratio = _best_ratio(rows, amax, fine, q)
-    return _round_scales(amax * best_ratio / q)
+    coarse = _CLIP_GRID.to(rows.device)[None, :, None].expand(len(bits), -1, rows.shape[0])
+    best = _best_ratio(rows, amax, coarse, q)  # (B, C)
+    for refine in _REFINE_STEPS:
+        steps = refine.to(rows.device)[None, :, None]
+        fine = torch.cat([best[:, None, :], (best[:, None, :] + steps).clamp(0.05, 1.0)], dim=1)
+        best = _best_ratio(rows, amax, fine, q)
+    return _round_scales(amax * best / q)
 
 
 def _best_ratio(
-    rows: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, q: int
+    rows: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, q: torch.Tensor
 ) -> torch.Tensor:
-    """Each channel's clipping ratio of least squared error among ``ratios`` (g, C)."""
-    best_err = torch.full_like(amax, float("inf"))
-    best = ratios[0].clone()
-    # Chunk the grid so a large layer does not hold (grid x params) floats at once.
-    chunk = max(1, int(2**25 // max(rows.numel(), 1)))
-    for start in range(0, ratios.shape[0], chunk):
-        r = ratios[start : start + chunk]
-        scales = _round_scales(amax[None, :] * r / q)  # (g, C)
-        codes = torch.clamp(torch.round(rows[None] / scales[..., None]), -q, q)
-        err = ((codes * scales[..., None] - rows[None]) ** 2).sum(dim=2)  # (g, C)
-        err_min, idx = err.min(dim=0)
+    """Each channel's clipping ratio of least squared error among ``ratios`` ``(B, g, C)``,
+    for bit widths with code limits ``q`` ``(B, 1)``."""
+    nb, ng, _ = ratios.shape
+    best_err = torch.full((nb, rows.shape[0]), float("inf"), device=rows.device)
+    best = ratios[:, 0].clone()
+    # Chunk the grid so a large layer does not hold (widths x grid x params) floats at once.
+    chunk = max(1, int(2**24 // max(rows.numel() * nb, 1)))
+    qq = q[:, :, None, None]  # (B, 1, 1, 1)
+    for start in range(0, ng, chunk):
+        r = ratios[:, start : start + chunk]  # (B, g, C)
+        scales = _round_scales(amax[:, None, :] * r / q[:, :, None])  # (B, g, C)
+        codes = torch.clamp(torch.round(rows / scales[..., None]), -qq, qq)  # (B, g, C, K)
+        err = ((codes * scales[..., None] - rows) ** 2).sum(dim=3)  # (B, g, C)
+        err_min, idx = err.min(dim=1)
         better = err_min < best_err
         best_err = torch.where(better, err_min, best_err)
-        best = torch.where(better, r.gather(0, idx[None]).squeeze(0), best)
+        best = torch.where(better, r.gather(1, idx[:, None]).squeeze(1), best)
     return best
 
 
@@ -121,3 +133,14 @@ def fake_quantize(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tens
 def quantization_error(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
     """``Q_b(W) - W``, the perturbation the sensitivities are measured along."""
     return fake_quantize(w, bits, mse=mse) - w.detach()
+
+
+def quantization_errors(w: torch.Tensor, bits: list[int], *, mse: bool = True) -> torch.Tensor:
+    """``Q_b(W) - W`` for every width in ``bits``, stacked: ``(len(bits), *w.shape)``."""
+    all_scales = choose_scales_many(w, bits, mse=mse)
+    return torch.stack(
+        [
+            dequantize(quantize(w, scales, b), scales, dtype=w.dtype) - w.detach()
+            for b, scales in zip(bits, all_scales, strict=True)
+        ]
+    )

@@ -27,7 +27,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantizer import quantization_error
+from mpq_core.quantizer import quantization_errors
 from mpq_core.runner import iter_batches
 
 __all__ = ["fisher_sensitivity", "per_sample_directional"]
@@ -73,6 +73,13 @@ def per_sample_directional(
         layout: how the op's rows map to samples (``blocked`` or ``interleaved``).
     """
     nb = dws.shape[0]
+    if rec.kind == "linear" and rows_of(rec).shape[0] == n:
+        # One row per sample: (delta_n dW_b) . x_n for all b in one matmul, no per-sample
+        # gradient materialised.
+        x1 = rows_of(rec).float()  # (n, in)
+        d1 = delta.reshape(n, -1).float()  # (n, out)
+        stacked = dws.float().permute(1, 0, 2).reshape(dws.shape[1], -1)  # (out, B*in)
+        return ((d1 @ stacked).reshape(n, nb, -1) * x1[:, None, :]).sum(-1)
     if rec.kind == "linear":
         x = _sample_rows(rows_of(rec).float(), n, layout)  # (n, T, in)
         d = _sample_rows(delta.reshape(-1, delta.shape[-1]).float(), n, layout)  # (n, T, out)
@@ -160,6 +167,7 @@ def fisher_sensitivity(
     batch_size: int = 64,
     loss: str = "auto",
     output_key: Any = None,
+    first_order: bool = False,
     progress: ProgressFn | None = None,
 ) -> list[list[float]]:
     """Omega[l][b] = 1/2 mean_n <g_n,l, Q_b(W_l) - W_l>^2 for every layer of ``profile``.
@@ -172,6 +180,9 @@ def fisher_sensitivity(
         batch_size: samples per forward/backward pass.
         loss: ``auto``, ``ce`` or ``mse``.
         output_key: which element of a tuple/dict output to score.
+        first_order: add the gradient term ``mean_n <g_n,l, dW_l(b)>`` that the paper drops
+            (it assumes the model sits at a minimum of the calibration loss; on held-out
+            calibration data it does not, and the term is exact for that data, if noisy).
         progress: called as ``progress("fisher", fraction, {})``.
 
     Example:
@@ -183,14 +194,12 @@ def fisher_sensitivity(
     layers = profile.layers
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
-    dws = {
-        layer.name: torch.stack([quantization_error(weights[layer.name], b) for b in bits])
-        for layer in layers
-    }
+    dws = {layer.name: quantization_errors(weights[layer.name], bits) for layer in layers}
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     rnn_names = [layer.name for layer in layers if layer.kind == "rnn"]
     per_sample: PerSampleLoss | None = None
     sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
+    linear_sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
     params = [weights[layer.name] for layer in layers]
     requires = [p.requires_grad for p in params]
     batches = list(iter_batches(model, data, batch_size))
@@ -237,6 +246,7 @@ def fisher_sensitivity(
                 dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
             for name, d in dots.items():
                 sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
+                linear_sums[index[name]] += d[: batch.valid].double().sum(0).cpu()
             del cap, records, out, losses  # free this batch's activations before the next
             if rnn_names:
                 _finite_difference(
@@ -250,12 +260,15 @@ def fisher_sensitivity(
                     dws,
                     index,
                     sums,
+                    linear_sums,
                 )
             report("fisher", (step + 1) / len(batches), {})
     finally:
         for p, r in zip(params, requires, strict=True):
             p.requires_grad_(r)
     omega = 0.5 * sums / data.num_samples
+    if first_order:
+        omega = omega + linear_sums / data.num_samples
     return omega.tolist()
 
 
@@ -270,6 +283,7 @@ def _finite_difference(
     dws: dict[str, torch.Tensor],
     index: dict[str, int],
     sums: torch.Tensor,
+    linear_sums: torch.Tensor,
 ) -> None:
     """``<g_n, dW>`` by central differences of the per-sample losses, for fused recurrent ops."""
     with capture_context(grad=False):
@@ -291,5 +305,6 @@ def _finite_difference(
                     # float32 rounding in the loss does not dominate.
                     d = (8 * (vals[1.0] - vals[-1.0]) - (vals[2.0] - vals[-2.0])) / (12 * h)
                     sums[index[name], j] += (d[: batch.valid] ** 2).sum().cpu()
+                    linear_sums[index[name], j] += d[: batch.valid].sum().cpu()
             finally:
                 w.copy_(original)
