@@ -1,0 +1,1 @@
+"""Benchmarks of mpq; results are written to bench/results/."""
