@@ -44,7 +44,7 @@ from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantizer import fake_quantize, quantization_error
+from mpq_core.quantizer import fake_quantize, quantization_errors
 from mpq_core.runner import iter_batches, run_model
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity.kl import output_divergence
@@ -52,7 +52,8 @@ from mpq_core.sensitivity_table import SensitivityTable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS = [2, 3, 4, 5, 6, 8]
-METHODS = ("fisher", "kl", "hawq")
+METHODS = ("fisher", "fisher+g", "kl", "hawq")
+# "fisher+g": fisher with the first-order (gradient) term the paper drops, mpq's --first-order.
 BUDGETS = (2.5, 3.0)
 BATCH = 64
 
@@ -173,7 +174,19 @@ def _opts(method: str, hawq_iterations: int, seed: int) -> dict[str, Any]:
     opts: dict[str, Any] = {"batch_size": BATCH}
     if method == "hawq":
         opts.update(iterations=hawq_iterations, seed=seed)
+    if method == "fisher+g":
+        opts.update(first_order=True)
     return opts
+
+
+def _sensitivity(
+    method: str,
+    model: LoadedModel,
+    data: CalibrationData,
+    profile: ModelProfile,
+    opts: dict[str, Any],
+) -> SensitivityTable:
+    return compute_sensitivity(method.removesuffix("+g"), model, data, profile, BITS, **opts)
 
 
 def _quality(
@@ -233,9 +246,7 @@ def bench_model(
     _forward_backward(model, calib, layer_params)  # warm-up
     fb, _ = _timed(lambda: _forward_backward(model, calib, layer_params), max(repeats, 5))
     per_sample, _ = _timed(lambda: _per_sample_backward(model, calib, layer_params), repeats)
-    quantizer, _ = _timed(
-        lambda: [quantization_error(w, b) for w in layer_params for b in BITS], repeats
-    )
+    quantizer, _ = _timed(lambda: [quantization_errors(w, BITS) for w in layer_params], repeats)
     tables: dict[str, SensitivityTable] = {}
     seconds: dict[str, float] = {}
     for method in METHODS:
@@ -243,7 +254,7 @@ def bench_model(
         reps = 1 if method == "hawq" else repeats
 
         def run(method: str = method, opts: dict[str, Any] = opts) -> SensitivityTable:
-            return compute_sensitivity(method, model, calib, profile, BITS, **opts)
+            return _sensitivity(method, model, calib, profile, opts)
 
         seconds[method], tables[method] = _timed(run, reps)
         print(f"  {method}: {seconds[method]:.3f} s ({seconds[method] / fb:.1f}x f+b)", flush=True)
@@ -252,9 +263,7 @@ def bench_model(
     bank = WeightBank(model, profile, BITS)
     allocs = random_allocations(np.random.default_rng(seed), len(profile.layers), allocations)
     train_tables = {
-        m: compute_sensitivity(
-            m, model, prep.train_calib, profile, BITS, **_opts(m, hawq_iterations, seed)
-        )
+        m: _sensitivity(m, model, prep.train_calib, profile, _opts(m, hawq_iterations, seed))
         for m in METHODS
     }
     quality = {
@@ -285,7 +294,7 @@ def bench_model(
             "accuracy_max": max(rand_accs),
             "mean_avg_bits": statistics.mean(bank.avg_bits(a) for a in rand_allocs),
         }
-        for method in ("hawq", "kl", "fisher"):
+        for method in ("hawq", "kl", "fisher", "fisher+g"):
             alloc, allocator = solver_allocation(tables[method], budget)
             with bank.quantized(alloc):
                 row[method] = {
@@ -365,8 +374,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         "*train subset* is 297 images of the training split (tables recomputed on it). Each "
         "method's table is computed on the same set the rise is measured on.",
         "",
-        "| model | calibration | allocations | avg bits | negative rises | fisher | kl | hawq |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | calibration | allocations | avg bits | negative rises | "
+        + " | ".join(METHODS)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(METHODS),
     ]
     for name, r in models.items():
         q = r["quality"]
@@ -390,9 +401,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         "every layer and candidate width (MSE clipping search), a fixed cost every method "
         "pays and that does not grow with the calibration set.",
         "",
-        "| model | f+b (ms) | per-sample backward loop | quantizer | fisher | kl | hawq "
-        "| hawq / fisher |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | f+b (ms) | per-sample backward loop | quantizer | "
+        + " | ".join(METHODS)
+        + " | hawq / fisher |",
+        "|---|---|---|---|" + "---|" * len(METHODS) + "---|",
     ]
     for name, r in models.items():
         c = r["cost"]
@@ -412,13 +424,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         "fill the budget by upgrading random layers. Uniform only where one integer width "
         "meets the budget exactly.",
         "",
-        "| model | budget | float | uniform | random | hawq | kl | fisher |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | budget | float | uniform | random | hawq | kl | fisher | fisher+g |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in models.items():
         for budget, row in r["accuracy"].items():
             cells = " | ".join(
-                _fmt_acc(row[k]) for k in ("uniform", "random", "hawq", "kl", "fisher")
+                _fmt_acc(row[k]) for k in ("uniform", "random", "hawq", "kl", "fisher", "fisher+g")
             )
             lines.append(
                 f"| {name} | avg-bits={budget} | {100 * r['float_test_accuracy']:.1f} | {cells} |"

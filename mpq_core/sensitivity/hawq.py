@@ -44,7 +44,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import quantization_error
+from mpq_core.quantizer import quantization_errors
 from mpq_core.runner import Batch, iter_batches
 
 __all__ = ["HessianMethod", "TraceEstimate", "hawq_sensitivity", "hutchinson_traces"]
@@ -271,7 +271,6 @@ def hawq_sensitivity(
     for layer, trace in zip(profile.layers, est.traces, strict=True):
         w = weights[layer.name].detach()
         per_param = max(trace, 0.0) / max(layer.params, 1)
-        omega.append(
-            [0.5 * per_param * float(quantization_error(w, b).double().pow(2).sum()) for b in bits]
-        )
+        errors = quantization_errors(w, bits).double().pow(2).reshape(len(bits), -1).sum(1)
+        omega.append([0.5 * per_param * float(e) for e in errors])
     return omega

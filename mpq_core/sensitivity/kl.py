@@ -26,7 +26,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import fake_quantize
+from mpq_core.quantizer import quantization_errors
 from mpq_core.runner import Batch, iter_batches
 
 __all__ = ["kl_sensitivity", "output_divergence"]
@@ -90,10 +90,11 @@ def kl_sensitivity(
         param = weights[layer.name]
         original = param.detach().clone()
         row: list[float] = []
+        errors = quantization_errors(original, bits)
         try:
-            for b in bits:
+            for error in errors:
                 with torch.no_grad():
-                    param.copy_(fake_quantize(original, b))
+                    param.copy_(original + error)
                 outs = _outputs(model, batches)
                 total = sum(
                     float(output_divergence(ref, out, kind).sum())
