@@ -1,0 +1,160 @@
+"""The ``mpq`` command line end to end: inspect, analyze, allocate, and its error reporting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpq_core.allocation import Allocation
+from mpq_core.cli import main
+from mpq_core.sensitivity_table import SensitivityTable
+from tests.conftest import zoo_data, zoo_module
+
+
+@pytest.fixture
+def cnn_files(tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]) -> tuple[Path, Path]:
+    model = tmp_path / "model.pt"
+    model.write_bytes(zoo_bytes("cnn", "script"))
+    data = zoo_data("cnn", 24)
+    assert data.labels is not None
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, input=data.inputs[0].numpy(), labels=data.labels.numpy())
+    return model, npz
+
+
+def test_inspect_json_lists_every_layer_with_macs(
+    cnn_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    assert main(["inspect", str(model), "--data", str(data), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema_version"] == 1
+    names = [layer["name"] for layer in doc["layers"]]
+    assert names == ["conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"]
+    # conv1: 4 output channels x 8x8 positions x (1 input channel x 3x3 kernel)
+    assert doc["layers"][0]["macs"] == 4 * 8 * 8 * 9
+    assert doc["macs_per_sample"] == sum(layer["macs"] for layer in doc["layers"])
+
+
+def test_inspect_table_names_format_and_totals(
+    cnn_files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    assert main(["inspect", str(model), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("torchscript model, 4 quantizable layers")
+    assert "fc.weight" in out and "total:" in out
+
+
+@pytest.mark.parametrize("method", ["fisher", "kl", "hawq"])
+def test_analyze_then_allocate_meets_budget(
+    cnn_files: tuple[Path, Path], tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    sens = tmp_path / "sens.json"
+    args = ["analyze", str(model), "--data", str(data), "--method", method, "--bits", "2,4,8"]
+    args += ["--out", str(sens), "--no-progress", "--iterations", "4"]
+    assert main(args) == 0
+    table = SensitivityTable.load(sens)
+    assert table.method == method and table.bits == [2, 4, 8]
+    assert len(table.omega) == 4 and all(v >= 0 for row in table.omega for v in row)
+
+    alloc_path = tmp_path / "alloc.json"
+    cmd = ["allocate", str(sens), "--budget", "avg-bits=3", "--pin", r"conv1\.weight=8"]
+    assert main([*cmd, "--out", str(alloc_path)]) == 0
+    alloc = Allocation.load(alloc_path)
+    bits = alloc.bits_by_layer()
+    assert bits["conv1.weight"] == 8
+    params = {layer.name: layer.params for layer in table.layers}
+    avg = sum(params[n] * b for n, b in bits.items()) / sum(params.values())
+    assert avg <= 3.0 + 1e-9
+    assert "predicted loss increase" in capsys.readouterr().out
+
+
+def test_first_order_only_for_fisher(
+    cnn_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    out = tmp_path / "s.json"
+    rc = main(
+        [
+            "analyze",
+            str(model),
+            "--data",
+            str(data),
+            "--method",
+            "kl",
+            "--first-order",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 2
+    assert "[invalid_spec]" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_pickled_model_is_refused_with_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model.pt"
+    torch.save(zoo_module("mlp"), model)
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.zeros((4, 16), np.float32))
+    assert main(["inspect", str(model), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "[model_pickle]" in err and "torch.jit.save" in err
+
+
+def test_data_that_does_not_fit_is_refused(
+    cnn_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, _ = cnn_files
+    data = tmp_path / "bad.npz"
+    np.savez(data, input=np.zeros((4, 3, 5, 5), np.float32))
+    assert main(["inspect", str(model), "--data", str(data)]) == 2
+    assert "[data_mismatch]" in capsys.readouterr().err
+
+
+def test_infeasible_budget_states_smallest_value(
+    cnn_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    sens = tmp_path / "sens.json"
+    assert (
+        main(["analyze", str(model), "--data", str(data), "--out", str(sens), "--no-progress"]) == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["allocate", str(sens), "--budget", "size=10B", "--out", str(tmp_path / "a.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "[budget_infeasible]" in err and "smallest achievable" in err
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_missing_file_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path / "nope.pt"), "--data", str(tmp_path / "d.npz")]) == 2
+    assert "[file_not_found]" in capsys.readouterr().err
+
+
+def test_console_script_runs(cnn_files: tuple[Path, Path]) -> None:
+    """The installed ``mpq`` entry point (not just ``main``) works and exits 0."""
+    model, data = cnn_files
+    exe = Path(sys.executable).with_name("mpq")
+    proc = subprocess.run(
+        [str(exe), "inspect", str(model), "--data", str(data), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kind"] == "mpq.inspect"
