@@ -5,6 +5,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint typecheck pytest bench demo clean
 
+DEMO := bench/work
+DEMO_MODEL := $(DEMO)/digits_cnn.pt
+DEMO_DATA := $(DEMO)/digits_cnn_calib.npz
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -28,6 +32,15 @@ test: lint typecheck pytest
 
 bench: install
 	$(BIN)/python -m bench.run_all
+
+# The main job end to end on the embedded default: train a small digits CNN (scikit-learn data,
+# offline), save it as TorchScript, then profile it, score its layers and allocate bits.
+demo: install
+	$(BIN)/python -m bench.digits
+	$(BIN)/mpq inspect $(DEMO_MODEL) --data $(DEMO_DATA)
+	$(BIN)/mpq analyze $(DEMO_MODEL) --data $(DEMO_DATA) --out $(DEMO)/sensitivity.json
+	$(BIN)/mpq allocate $(DEMO)/sensitivity.json --budget avg-bits=3 --pin 'conv1\.weight=8' \
+		--out $(DEMO)/allocation.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

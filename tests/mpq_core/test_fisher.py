@@ -252,3 +252,54 @@ def test_compute_sensitivity_rejects_bad_bits_and_method(zoo_bytes: ZooBytes) ->
             compute_sensitivity("fisher", model, data, profile, bits)
     with pytest.raises(SpecError, match="unknown sensitivity method"):
         compute_sensitivity("magic", model, data, profile, [4])
+
+
+class GRUClassifier(nn.Module):
+    """nn.GRU runs as per-step linears on CPU: its matrices go through the exact path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.emb(ids))
+        return self.head(out[:, -1])
+
+
+class TransposedAnd3D(nn.Module):
+    """A transposed 2-D convolution and a 3-D convolution (the per-bit-width conv path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2)
+        self.vol = nn.Conv3d(1, 2, 2)
+        self.head = nn.Linear(3 * 9 * 9 + 2 * 3 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.up(x)).flatten(1)
+        return self.head(torch.cat([a, self.vol(v).flatten(1)], 1))
+
+
+@pytest.mark.parametrize("fmt", ["script", "export"])
+@pytest.mark.parametrize("which", ["gru", "transposed_3d"])
+def test_more_layer_kinds_match_reference(fmt: str, which: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    if which == "gru":
+        module: nn.Module = GRUClassifier().eval()
+        inputs = [torch.randint(0, 20, (N, 5), generator=g)]
+        classes = 3
+    else:
+        module = TransposedAnd3D().eval()
+        inputs = [torch.randn(N, 2, 4, 4, generator=g), torch.randn(N, 1, 4, 4, 4, generator=g)]
+        classes = 4
+    model = load_model(save_bytes(module, tuple(t[:2] for t in inputs), fmt))
+    data = CalibrationData(inputs, torch.randint(0, classes, (N,), generator=g))
+    profile = profile_model(model, data)
+    kinds = {layer.kind for layer in profile.layers}
+    assert kinds >= ({"embedding", "linear"} if which == "gru" else {"conv_transpose2d", "conv3d"})
+    omega = fisher_sensitivity(model, data, profile, BITS, batch_size=BATCH)
+    want = reference_omega(model, data, profile, BITS, batch_size=BATCH)
+    _assert_rel_close(omega, want, 1e-3)

@@ -1,0 +1,14 @@
+"""Regenerate every benchmark result under bench/results/ (``make bench``)."""
+
+from __future__ import annotations
+
+from bench import bench_allocation, bench_sensitivity
+
+
+def main() -> None:
+    bench_sensitivity.main([])
+    bench_allocation.main()
+
+
+if __name__ == "__main__":
+    main()
