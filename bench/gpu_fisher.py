@@ -12,6 +12,8 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +37,34 @@ def _to(
     return model, CalibrationData([t.to(device) for t in data.inputs], labels)
 
 
+@contextmanager
+def _sdpa(which: str) -> Iterator[None]:
+    if which == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    else:
+        yield
+
+
+def _compare(
+    blob: bytes, example: tuple[torch.Tensor, ...], labels: torch.Tensor, sdpa: str
+) -> dict[str, object]:
+    results = {}
+    try:
+        for device in ("cpu", "cuda"):
+            model, data = _to(load_model(blob), CalibrationData(list(example), labels), device)
+            with _sdpa(sdpa):
+                profile = profile_model(model, data)
+                omega = fisher_sensitivity(model, data, profile, BITS, batch_size=16)
+            results[device] = torch.tensor(omega)
+    except RuntimeError as exc:
+        return {"error": str(exc).splitlines()[0][:200]}
+    rel = ((results["cuda"] - results["cpu"]).abs() / results["cpu"].abs().clamp_min(1e-30)).max()
+    return {"max_rel_diff_cuda_vs_cpu": float(rel)}
+
+
 def _agreement() -> list[dict[str, object]]:
     torch.manual_seed(0)
     n = 37
@@ -49,18 +79,16 @@ def _agreement() -> list[dict[str, object]]:
             ("torchscript", torchscript_bytes(module, example)),
             ("export", export_bytes(module, example)),
         ):
-            results = {}
-            for device in ("cpu", "cuda"):
-                model, data = _to(load_model(blob), CalibrationData(list(example), labels), device)
-                profile = profile_model(model, data)
-                results[device] = torch.tensor(
-                    fisher_sensitivity(model, data, profile, BITS, batch_size=16)
+            for sdpa in ("default", "math"):
+                rows.append(
+                    {
+                        "model": name,
+                        "format": fmt,
+                        "sdpa": sdpa,
+                        **_compare(blob, example, labels, sdpa),
+                    }
                 )
-            rel = (
-                (results["cuda"] - results["cpu"]).abs() / results["cpu"].abs().clamp_min(1e-30)
-            ).max()
-            rows.append({"model": name, "format": fmt, "max_rel_diff_cuda_vs_cpu": float(rel)})
-            print(rows[-1], flush=True)
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -130,7 +158,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"agreement": _agreement(), "timing": _timing()}
+    result = {
+        "tf32": {
+            "cudnn": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+        },
+        "agreement": _agreement(),
+        "timing": _timing(),
+    }
     (out_dir / "gpu_fisher.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
