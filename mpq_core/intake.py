@@ -47,6 +47,8 @@ class LoadedModel:
     input_specs: list[InputSpec] = field(default_factory=list)
     # A torch.export program traced with a fixed batch size only runs at that size.
     fixed_batch: int | None = None
+    # The ExportedProgram behind ``module`` (torch.export only); the module shares its weights.
+    program: Any = None
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Every parameter, by qualified name; a tensor shared under several names (tied
@@ -66,6 +68,16 @@ class LoadedModel:
     @property
     def suffix(self) -> str:
         return ".pt2" if self.format == "export" else ".pt"
+
+    def save(self, target: str | Path | io.BytesIO) -> None:
+        """Write the model, with its current weights, in the format it was uploaded in; the
+        file loads with stock ``torch.jit.load`` / ``torch.export.load``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.format == "torchscript":
+                torch.jit.save(self.module, target)
+            else:
+                torch.export.save(self.program, target)
 
 
 def _zip_names(data: bytes) -> list[str] | None:
@@ -157,7 +169,7 @@ def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
     return module, num_inputs
 
 
-def _load_export(data: bytes) -> tuple[torch.nn.Module, list[InputSpec], int | None]:
+def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], int | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -186,7 +198,7 @@ def _load_export(data: bytes) -> tuple[torch.nn.Module, list[InputSpec], int | N
             "constants); export the model without freezing",
             code="model_frozen",
         )
-    return module, specs, fixed_batch
+    return program, module, specs, fixed_batch
 
 
 def _first_line(exc: BaseException) -> str:
@@ -212,8 +224,9 @@ def load_model(source: str | Path | bytes) -> LoadedModel:
         module, n = _load_torchscript(data)
         module.eval()
         return LoadedModel(format=fmt, module=module, sha256=sha, num_inputs=n)
-    module, specs, fixed_batch = _load_export(data)
+    program, module, specs, fixed_batch = _load_export(data)
     return LoadedModel(
+        program=program,
         format=fmt,
         module=module,
         sha256=sha,
