@@ -1,0 +1,274 @@
+"""Quantization-aware fine-tuning of the uploaded model itself (TorchScript or torch.export).
+
+The model's code is never changed. Each quantized layer gets a float *master* copy of its
+weight; before every step the parameter is overwritten with the master's fake-quantized value
+(at the layer's bits, with the scales fixed when the allocation was quantized), the model runs
+forward and backward as usual, and the parameter's gradient is handed to the master
+(straight-through estimator, zeroed where the master lies outside the clipping range).
+Biases, norms and other float parameters train directly. Modules stay in eval mode, so
+BatchNorm statistics stay as the model has them and dropout is off.
+
+The default loss distils the float model (KL on class scores, mean squared error on other
+outputs), plus cross entropy when labels are given. A held-out part of the data picks the best
+epoch; the state before fine-tuning counts as epoch 0, so fine-tuning never makes the held-out
+loss worse.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mpq_core.capture import capture_context
+from mpq_core.data import CalibrationData
+from mpq_core.evaluate import is_class_scores, model_outputs
+from mpq_core.intake import LoadedModel, select_output
+from mpq_core.progress import ProgressFn, null_progress
+from mpq_core.quantizer import dequantize, qmax, quantize
+from mpq_core.runner import iter_batches
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_holdout"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning settings (JSON-friendly).
+
+    Attributes:
+        epochs: passes over the training part of the data (ignored when ``steps`` is set).
+        steps: total optimiser steps instead of epochs.
+        lr: Adam learning rate (cosine decay to zero).
+        batch_size: samples per step.
+        val_fraction: share of the data held out to choose the best epoch.
+        patience: stop after this many epochs without a better held-out loss.
+        distill_weight: weight of the distillation loss against the float model.
+        label_weight: weight of the cross entropy against labels (when present).
+        seed: data order and hold-out split.
+    """
+
+    epochs: int = 5
+    steps: int | None = None
+    lr: float = 1e-4
+    batch_size: int = 32
+    val_fraction: float = 0.1
+    patience: int = 3
+    distill_weight: float = 1.0
+    label_weight: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    epochs_run: int
+    best_epoch: int
+    val_loss_before: float
+    val_loss_after: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_holdout(
+    data: CalibrationData, fraction: float, seed: int
+) -> tuple[CalibrationData, CalibrationData]:
+    """A seeded random split into (train, held-out); the held-out part has at least one sample."""
+    n = data.num_samples
+    held = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return data.subset(perm[held:]), data.subset(perm[:held])
+
+
+def _distill(out: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    if is_class_scores(out):
+        logp, logq = F.log_softmax(teacher.float(), -1), F.log_softmax(out.float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return F.mse_loss(out.float(), teacher.float())
+
+
+class _Quantized:
+    """Master weights and their fake-quantized copies in the model's parameters."""
+
+    def __init__(
+        self, model: LoadedModel, bits: dict[str, int], scales: dict[str, torch.Tensor]
+    ) -> None:
+        weights = model.named_weights()
+        self.params = {n: weights[n] for n in bits}
+        self.bits = bits
+        self.scales = scales
+        self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load(self) -> None:
+        for n, p in self.params.items():
+            s, b = self.scales[n], self.bits[n]
+            p.copy_(dequantize(quantize(self.masters[n], s, b), s, p.dtype))
+
+    def ste(self, grads: dict[str, torch.Tensor | None]) -> None:
+        for n, master in self.masters.items():
+            g = grads.get(n)
+            if g is None:
+                master.grad = None
+                continue
+            limit = (qmax(self.bits[n]) + 0.5) * self.scales[n].reshape(
+                -1, *[1] * (master.dim() - 1)
+            )
+            master.grad = torch.where(master.detach().abs() <= limit, g, torch.zeros_like(g))
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().clone() for n, m in self.masters.items()}
+
+    @torch.no_grad()
+    def restore(self, snap: dict[str, torch.Tensor]) -> None:
+        for n, t in snap.items():
+            self.masters[n].copy_(t)
+
+
+def finetune(
+    model: LoadedModel,
+    data: CalibrationData,
+    bits: dict[str, int],
+    scales: dict[str, torch.Tensor],
+    config: FinetuneConfig | None = None,
+    *,
+    act_quant: Any = None,
+    output_key: Any = None,
+    progress: ProgressFn | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place with its quantized layers held at ``bits`` / ``scales``.
+
+    On return the model's quantized parameters hold the dequantized weights of the best epoch
+    and its float parameters the matching values.
+
+    Args:
+        model: the loaded model, with its float weights.
+        data: the fine-tuning data; ``config.val_fraction`` of it is held out.
+        bits: bit width of each quantized layer, by parameter name.
+        scales: per-channel scales of each quantized layer (kept fixed).
+        config: settings; defaults to ``FinetuneConfig()``.
+        act_quant: an ``ActivationQuantizer`` to apply in every forward pass.
+        output_key: which element of a tuple/dict output to train on.
+        progress: called as ``progress("finetune", fraction, metrics)``.
+    """
+    cfg = config or FinetuneConfig()
+    report = progress or null_progress
+    start = time.perf_counter()
+    train, val = split_holdout(data, cfg.val_fraction, cfg.seed)
+    # The teacher is the float model itself, run once before any weight changes.
+    teacher_train = model_outputs(model, train, batch_size=cfg.batch_size, output_key=output_key)
+    teacher_val = model_outputs(model, val, batch_size=cfg.batch_size, output_key=output_key)
+    q = _Quantized(model, bits, scales)
+    others = {n: p for n, p in model.named_weights().items() if n not in bits}
+    floats_before = {n: p.detach().clone() for n, p in others.items()}
+    trainable = list(q.params.values()) + list(others.values())
+    requires = [p.requires_grad for p in trainable]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([*q.masters.values(), *others.values()], lr=cfg.lr)
+    steps_per_epoch = math.ceil(train.num_samples / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
+    )
+    act = act_quant if act_quant is not None else nullcontext()
+
+    def loss_on(
+        batch_inputs: list[torch.Tensor],
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        valid: int,
+    ) -> torch.Tensor:
+        with act:
+            out = select_output(model(*batch_inputs), output_key)[:valid]
+        loss = cfg.distill_weight * _distill(out, teacher)
+        if labels is not None and is_class_scores(out) and cfg.label_weight:
+            loss = loss + cfg.label_weight * F.cross_entropy(
+                out.float().reshape(-1, out.shape[-1]), labels[:valid].reshape(-1)
+            )
+        return loss
+
+    def val_loss() -> float:
+        q.load()
+        total_loss, count = 0.0, 0
+        with capture_context(grad=False):
+            for batch in iter_batches(model, val, cfg.batch_size):
+                t = teacher_val[batch.start : batch.start + batch.valid]
+                total_loss += (
+                    float(loss_on(batch.inputs, t, batch.labels, batch.valid)) * batch.valid
+                )
+                count += batch.valid
+        return total_loss / max(count, 1)
+
+    history: list[dict[str, float]] = []
+    best = val_loss()
+    before = best
+    best_epoch, best_state = 0, (q.snapshot(), {n: p.detach().clone() for n, p in others.items()})
+    history.append({"epoch": 0, "val_loss": best})
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step, epoch, stale = 0, 0, 0
+    try:
+        while step < total:
+            epoch += 1
+            perm = torch.randperm(train.num_samples, generator=gen)
+            shuffled, teacher = train.subset(perm), teacher_train[perm]
+            running, seen = 0.0, 0
+            with capture_context(grad=True):
+                for batch in iter_batches(model, shuffled, cfg.batch_size):
+                    if step >= total:
+                        break
+                    q.load()
+                    t = teacher[batch.start : batch.start + batch.valid]
+                    loss = loss_on(batch.inputs, t, batch.labels, batch.valid)
+                    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+                    named = dict(zip(list(q.params) + list(others), grads, strict=True))
+                    q.ste({n: named[n] for n in q.params})
+                    for n, p in others.items():
+                        g = named[n]
+                        p.grad = None if g is None else g.detach()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    step += 1
+                    running += float(loss) * batch.valid
+                    seen += batch.valid
+                    report(
+                        "finetune", step / total, {"epoch": epoch, "loss": running / max(seen, 1)}
+                    )
+            current = val_loss()
+            history.append(
+                {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": current}
+            )
+            if current < best:
+                best, best_epoch, stale = current, epoch, 0
+                best_state = (q.snapshot(), {n: p.detach().clone() for n, p in others.items()})
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    finally:
+        q.restore(best_state[0])
+        q.load()
+        with torch.no_grad():
+            for n, p in others.items():
+                p.copy_(best_state[1].get(n, floats_before[n]))
+        for p, r in zip(trainable, requires, strict=True):
+            p.requires_grad_(r)
+    report("finetune", 1.0, {"best_epoch": best_epoch, "val_loss": best})
+    return FinetuneResult(
+        epochs_run=epoch,
+        best_epoch=best_epoch,
+        val_loss_before=before,
+        val_loss_after=best,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
