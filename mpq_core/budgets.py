@@ -167,7 +167,13 @@ def _number(text: str, raw: str, suffixes: dict[str, float] | dict[str, int]) ->
     return float(m.group(1)) * suffixes[unit]
 
 
-def parse_budget(text: str, *, act_bits: int = 8, table_path: str | None = None) -> Budget:
+def parse_budget(
+    text: str,
+    *,
+    act_bits: int = 8,
+    table_path: str | None = None,
+    table_layers: dict[str, Any] | None = None,
+) -> Budget:
     """Parse a ``KIND=VALUE`` budget as written on the command line.
 
     Args:
@@ -175,6 +181,7 @@ def parse_budget(text: str, *, act_bits: int = 8, table_path: str | None = None)
             ``table=12.5``.
         act_bits: activation bits for ``bitops``.
         table_path: the cost table JSON a ``table`` budget refers to.
+        table_layers: or the table's ``layers`` object itself (a job spec carries it inline).
 
     Raises:
         BudgetError: malformed text, with the accepted forms in the message.
@@ -199,9 +206,12 @@ def parse_budget(text: str, *, act_bits: int = 8, table_path: str | None = None)
         value = _number(text, raw, {"": 1.0})
     table = None
     if kind == "table":
-        if table_path is None:
+        if table_layers is not None:
+            table = _table_from_json(table_layers, "cost table")
+        elif table_path is not None:
+            table = load_cost_table(table_path)
+        else:
             raise _bad(text, "a table budget needs --cost-table FILE")
-        table = load_cost_table(table_path)
     if not math.isfinite(value) or (kind != "table" and value <= 0):
         raise _bad(text, "the value must be a positive finite number")
     return Budget(kind=kind, value=value, act_bits=act_bits, table=table)
