@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from mpq_core import cli_allocate
+from mpq_core import cli_allocate, cli_quantize
 from mpq_core.errors import MpqError, SpecError
 
 __all__ = ["main"]
@@ -88,13 +88,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     model, data = _load(args.model, args.data)
     profile = profile_model(model, data)
     progress = TerminalProgress(enabled=None if not args.no_progress else False)
-    options: dict[str, Any] = {"batch_size": args.batch_size, "loss": args.loss}
-    if args.method == "hawq":
-        options["iterations"] = args.iterations
-    if args.first_order:
-        if args.method != "fisher":
-            raise SpecError("--first-order applies to --method fisher only")
-        options["first_order"] = True
+    options = analysis_options(args)
     try:
         table = compute_sensitivity(
             args.method, model, data, profile, bits, progress=progress, **options
@@ -113,23 +107,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mpq",
-        description="Mixed-precision quantization: profile a model, score layer sensitivities, "
-        "allocate bit widths under a budget.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("inspect", help="list the quantizable layers with params and MACs")
-    p.add_argument("model", help="TorchScript archive (.pt) or torch.export program (.pt2)")
-    p.add_argument("--data", required=True, help=".npz or .safetensors with 'input' (+ 'labels')")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_inspect)
-
-    p = sub.add_parser("analyze", help="per-layer, per-bit-width sensitivities")
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """The sensitivity options ``analyze`` and ``quantize`` share."""
     p.add_argument("--method", choices=["fisher", "kl", "hawq"], default="fisher")
     p.add_argument(
         "--bits", default="2,3,4,5,6,8", help="candidate bit widths (default 2,3,4,5,6,8)"
@@ -149,11 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="fisher: add the gradient term the paper drops (helps when the calibration data "
         "is held out and the model is not at a minimum of its loss there)",
     )
+
+
+def analysis_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword options for ``compute_sensitivity`` from parsed ``add_analysis_options``."""
+    options: dict[str, Any] = {"batch_size": args.batch_size, "loss": args.loss}
+    if args.method == "hawq":
+        options["iterations"] = args.iterations
+    if args.first_order:
+        if args.method != "fisher":
+            raise SpecError("--first-order applies to --method fisher only")
+        options["first_order"] = True
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpq",
+        description="Mixed-precision quantization: profile a model, score layer sensitivities, "
+        "allocate bit widths under a budget.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list the quantizable layers with params and MACs")
+    p.add_argument("model", help="TorchScript archive (.pt) or torch.export program (.pt2)")
+    p.add_argument("--data", required=True, help=".npz or .safetensors with 'input' (+ 'labels')")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("analyze", help="per-layer, per-bit-width sensitivities")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    add_analysis_options(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="where to write SENS.json")
     p.set_defaults(func=_cmd_analyze)
 
     cli_allocate.add_parser(sub)
+    cli_quantize.add_parser(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ from mpq_core.errors import SpecError
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.solvers import SOLVERS
 
-__all__ = ["add_parser", "format_allocation", "run"]
+__all__ = ["add_budget_options", "add_parser", "format_allocation", "parse_pins", "run"]
 
 
 def _bit_list(text: str) -> list[int]:
@@ -22,17 +22,8 @@ def _bit_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected bit widths like 2,3,4, got {text!r}") from exc
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register the ``allocate`` subcommand on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "allocate",
-        help="choose per-layer bit widths for a budget from a sensitivity table",
-        description=(
-            "Choose a bit width per layer that minimises the predicted loss increase while "
-            "meeting every --budget. Regexes for --pin and --tie match the whole layer name."
-        ),
-    )
-    p.add_argument("sensitivity", metavar="SENS.json", help="table written by `mpq analyze`")
+def add_budget_options(p: argparse.ArgumentParser) -> None:
+    """The budget and constraint options ``allocate`` and ``quantize`` share."""
     p.add_argument(
         "--budget",
         action="append",
@@ -42,7 +33,6 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--act-bits", type=int, default=8, help="activation bits for bitops (8)")
     p.add_argument("--cost-table", metavar="FILE", help="per-layer per-bit costs for table=")
-    p.add_argument("--bits", type=_bit_list, help="candidate bit widths, e.g. 2,3,4,8")
     p.add_argument(
         "--pin",
         action="append",
@@ -58,12 +48,27 @@ def add_parser(subparsers: Any) -> None:
         help="give all layers matching REGEX one shared bit width (repeatable)",
     )
     p.add_argument("--solver", choices=SOLVERS, default="auto")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``allocate`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "allocate",
+        help="choose per-layer bit widths for a budget from a sensitivity table",
+        description=(
+            "Choose a bit width per layer that minimises the predicted loss increase while "
+            "meeting every --budget. Regexes for --pin and --tie match the whole layer name."
+        ),
+    )
+    p.add_argument("sensitivity", metavar="SENS.json", help="table written by `mpq analyze`")
+    add_budget_options(p)
+    p.add_argument("--bits", type=_bit_list, help="candidate bit widths, e.g. 2,3,4,8")
     p.add_argument("--out", required=True, metavar="ALLOC.json", help="where to write it")
     p.add_argument("--json", action="store_true", help="print the allocation as JSON")
     p.set_defaults(func=run)
 
 
-def _pins(items: list[str]) -> dict[str, int]:
+def parse_pins(items: list[str]) -> dict[str, int]:
     pins: dict[str, int] = {}
     for item in items:
         pattern, sep, bits = item.rpartition("=")
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         table,
         budgets,
         bits=args.bits,
-        pins=_pins(args.pin),
+        pins=parse_pins(args.pin),
         ties=args.tie,
         solver=args.solver,
     )

@@ -241,7 +241,7 @@ def finetune(
                     opt.zero_grad(set_to_none=True)
                     sched.step()
                     step += 1
-                    running += float(loss) * batch.valid
+                    running += float(loss.detach()) * batch.valid
                     seen += batch.valid
                     report(
                         "finetune", step / total, {"epoch": epoch, "loss": running / max(seen, 1)}

@@ -1,0 +1,124 @@
+"""The quantized weights of a model: integer codes and fp16 scales per layer.
+
+``quantize_weights`` turns an allocation (bits per layer) into codes and scales,
+``apply_weights`` writes their dequantized values into the model (the simulated quantized model),
+and ``mpq_core.export`` stores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpq_core.intake import LoadedModel
+from mpq_core.quantizer import choose_scales, dequantize, qmax, quantize
+
+__all__ = ["QuantizedLayer", "apply_weights", "model_parameters", "quantize_weights"]
+
+
+@dataclass
+class QuantizedLayer:
+    """One quantized weight.
+
+    Attributes:
+        name: the parameter's qualified name in the model.
+        bits: 2..8.
+        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0).
+    """
+
+    name: str
+    bits: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight the quantized model uses: ``quantizer.dequantize(codes, scales)``."""
+        return dequantize(self.codes, self.scales, dtype=dtype)
+
+
+def model_parameters(model: LoadedModel) -> dict[str, torch.Tensor]:
+    """Every parameter of the model by qualified name, aliases of tied weights included."""
+    params: dict[str, torch.Tensor] = dict(model.module.named_parameters())
+    for name, p in model.named_weights().items():
+        params.setdefault(name, p)
+    return params
+
+
+def _fp16_scales(name: str, scales: torch.Tensor, channels: int) -> torch.Tensor:
+    s = scales.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+    if s.numel() != channels:
+        raise ValueError(f"layer {name!r}: {s.numel()} scales given for {channels} output channels")
+    # Round to fp16 (how the checkpoint stores them) so the packed model stays bit-exact.
+    s = s.half().float()
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"layer {name!r}: scales must be positive and fit in fp16")
+    return s
+
+
+def quantize_weights(
+    model: LoadedModel,
+    bits_by_layer: dict[str, int],
+    *,
+    scales: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedLayer]:
+    """Codes and scales of each named layer at its bit width.
+
+    Args:
+        model: the model whose current weights are quantized.
+        bits_by_layer: parameter name -> bits (2..8).
+        scales: per-layer scales to use instead of the MSE-chosen ones
+            (``quantizer.choose_scales``); rounded to fp16.
+
+    Raises:
+        KeyError: a layer name that is not a parameter of the model.
+        ValueError: bits outside 2..8, a weight with no dimensions, or scales of the wrong size.
+
+    Example:
+        >>> layers = quantize_weights(model, {"fc.weight": 4})  # doctest: +SKIP
+        >>> layers["fc.weight"].codes.dtype
+        torch.int8
+    """
+    params = model_parameters(model)
+    out: dict[str, QuantizedLayer] = {}
+    for name, bits in bits_by_layer.items():
+        if name not in params:
+            raise KeyError(f"the model has no parameter named {name!r}")
+        qmax(bits)  # validates the width
+        w = params[name].detach().to("cpu")
+        if w.dim() == 0 or w.numel() == 0:
+            raise ValueError(f"parameter {name!r} of shape {tuple(w.shape)} cannot be quantized")
+        given = None if scales is None else scales.get(name)
+        s = choose_scales(w, bits) if given is None else _fp16_scales(name, given, w.shape[0])
+        codes = quantize(w, s, bits)
+        out[name] = QuantizedLayer(name=name, bits=int(bits), codes=codes, scales=s)
+    return out
+
+
+def apply_weights(model: LoadedModel, layers: dict[str, QuantizedLayer]) -> None:
+    """Write each layer's dequantized weight into the model's parameter, in place.
+
+    The parameter keeps its dtype and device (the float32 dequantized value is cast to them). A
+    torch.export model's program shares the storage, so ``model.save`` writes the new weights.
+
+    Raises:
+        KeyError: a layer the model has no parameter for.
+        ValueError: a layer whose shape differs from its parameter's.
+    """
+    params = model_parameters(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            p = params.get(name)
+            if p is None:
+                raise KeyError(f"the model has no parameter named {name!r}")
+            if tuple(p.shape) != layer.shape:
+                raise ValueError(
+                    f"layer {name!r}: codes of shape {layer.shape} do not fit the parameter "
+                    f"of shape {tuple(p.shape)}"
+                )
+            p.copy_(layer.dequantized())
