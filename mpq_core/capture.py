@@ -36,11 +36,16 @@ _RNN_OPS = {
 
 @contextmanager
 def capture_context(grad: bool = True) -> Iterator[None]:
-    """Run a model so that every op is visible: TorchScript's optimising executor would fuse
-    ops into differentiable subgraphs after a few calls, and nn.MultiheadAttention takes a
-    fused fast path when gradients are off; both hide the layers from the capture.
+    """Run a model so that every op is visible.
+
+    TorchScript's optimising executor would fuse ops into differentiable subgraphs after a few
+    calls, and nn.MultiheadAttention (eager or scripted) takes a fused fast path whenever
+    gradients are off; both hide layers from the capture and from activation quantization.
+    So gradients stay enabled even for ``grad=False`` (callers that need none detach what they
+    keep, and each batch's graph is freed with its outputs); ``grad`` only documents intent.
     """
-    with torch.jit.optimized_execution(False), torch.set_grad_enabled(grad):
+    del grad
+    with torch.jit.optimized_execution(False), torch.enable_grad():
         yield
 
 

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.json:
-        print(json.dumps(result.report, indent=2, default=float))
+        print(json.dumps(result.report, indent=2, allow_nan=False))
     else:
         print(summary(result.report))
         print(f"wrote {', '.join(sorted(result.artifacts))} to {result.out_dir}")

@@ -27,7 +27,7 @@ class Metrics:
             labels exist; else the distillation loss against the float model (KL on class
             scores, mean squared error otherwise).
         accuracy: top-1 accuracy when labels exist.
-        perplexity: ``exp(loss)`` for class-score outputs with labels.
+        perplexity: ``exp(loss)`` for sequence outputs ``(N, T, C)`` with labels.
         cosine: mean cosine similarity of each sample's output with the float model's.
         sqnr_db: signal-to-quantization-noise ratio of the outputs, ``10 log10(|y|^2/|y-y_q|^2)``.
     """
@@ -102,7 +102,8 @@ def evaluate(
     accuracy = perplexity = None
     if data.labels is not None and is_class_scores(out):
         accuracy = float((out.argmax(-1) == data.labels).double().mean())
-        perplexity = math.exp(loss) if loss < 50 else float("inf")
+        if out.dim() == 3:  # sequence outputs: a language model's perplexity
+            perplexity = math.exp(loss) if loss < 50 else float("inf")
     flat, ref_flat = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
     cosine = float(F.cosine_similarity(flat.double(), ref_flat.double(), dim=1).mean())
     noise = float(((flat.double() - ref_flat.double()) ** 2).sum())

@@ -175,7 +175,8 @@ def finetune(
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.Adam([*q.masters.values(), *others.values()], lr=cfg.lr)
-    steps_per_epoch = math.ceil(train.num_samples / cfg.batch_size)
+    # A fixed-batch torch.export program runs at its own batch size (iter_batches pads to it).
+    steps_per_epoch = math.ceil(train.num_samples / (model.fixed_batch or cfg.batch_size))
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
@@ -207,7 +208,7 @@ def finetune(
                 # Epochs are chosen on fidelity to the float model alone: cross entropy on a
                 # small held-out set mostly measures the float model's own mistakes.
                 loss = loss_on(batch.inputs, t, batch.labels, batch.valid, label_weight=0.0)
-                total_loss += float(loss) * batch.valid
+                total_loss += float(loss.detach()) * batch.valid
                 count += batch.valid
         return total_loss / max(count, 1)
 

@@ -5,6 +5,7 @@ evaluation and export, with one progress callback and a time per stage.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,8 +83,19 @@ def _check_table(
         raise SpecError(f"the given sensitivity table has no values for bits {missing}")
 
 
+def _finite(value: Any) -> Any:
+    """Strict JSON: infinities and NaN (e.g. the SQNR of identical outputs) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    path.write_text(json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -306,6 +318,7 @@ def quantize_model(
         "timings": dict(stages.seconds),
         "artifacts": sorted([*artifacts, "report.json"]),
     }
+    report = _finite(report)
     artifacts["report.json"] = _write_json(out / "report.json", report)
     return PipelineResult(
         out_dir=out, allocation=allocation, sensitivity=table, report=report, artifacts=artifacts
@@ -317,4 +330,3 @@ def _restore(model: LoadedModel, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-

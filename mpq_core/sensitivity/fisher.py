@@ -298,7 +298,8 @@ def _finite_difference(
                     h = _FD_RELATIVE_STEP * float(original.norm()) / dw_norm
                     vals = {}
                     for step in (2.0, 1.0, -1.0, -2.0):
-                        w.copy_(original + step * h * dws[name][j])
+                        with torch.no_grad():
+                            w.copy_(original + step * h * dws[name][j])
                         out = select_output(model(*batch.inputs), output_key)
                         vals[step] = per_sample(out, targets).double()
                     # Five-point stencil: O(h^4) truncation lets h be large enough that
@@ -307,4 +308,5 @@ def _finite_difference(
                     sums[index[name], j] += (d[: batch.valid] ** 2).sum().cpu()
                     linear_sums[index[name], j] += d[: batch.valid].sum().cpu()
             finally:
-                w.copy_(original)
+                with torch.no_grad():
+                    w.copy_(original)

@@ -74,7 +74,7 @@ class _Objective:
         self.n = data.num_samples
         # Targets are fixed at the float weights, before any perturbation.
         with capture_context(grad=False):
-            outs = [select_output(model(*b.inputs))[: b.valid] for b in self.batches]
+            outs = [select_output(model(*b.inputs))[: b.valid].detach() for b in self.batches]
         self.kind = resolve_loss_kind(loss, outs[0])
         self.loss_fn = PerSampleLoss(self.kind, seed=seed)
         self.targets: list[torch.Tensor] = []

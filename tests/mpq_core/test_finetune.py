@@ -1,0 +1,251 @@
+"""Quantization-aware fine-tuning of TorchScript and torch.export models in place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq_core.data import CalibrationData
+from mpq_core.evaluate import model_outputs
+from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
+from mpq_core.intake import LoadedModel, load_model
+from mpq_core.quantized import quantize_weights
+from mpq_core.quantizer import dequantize, quantize
+from tests.conftest import save_bytes, zoo_data, zoo_inputs
+from tests.zoo import SmallMLP
+
+FORMATS = ["script", "export"]
+BITS2 = {"net.0.weight": 2, "net.2.weight": 2, "net.4.weight": 2}
+MIXED = {"net.0.weight": 3, "net.2.weight": 2, "net.4.weight": 4}
+
+
+def _strong_mlp() -> nn.Module:
+    """SmallMLP with larger weights: confident logits, so 2-bit weights visibly hurt fidelity."""
+    torch.manual_seed(0)
+    model = SmallMLP()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+_CACHE: dict[str, bytes] = {}
+
+
+def _mlp(fmt: str) -> LoadedModel:
+    if fmt not in _CACHE:
+        _CACHE[fmt] = save_bytes(_strong_mlp(), tuple(zoo_inputs("mlp", 2, seed=0)), fmt)
+    return load_model(_CACHE[fmt])
+
+
+def _scales(model: LoadedModel, bits: dict[str, int]) -> dict[str, torch.Tensor]:
+    return {n: layer.scales for n, layer in quantize_weights(model, bits).items()}
+
+
+def _snapshot(model: LoadedModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_weights().items()}
+
+
+def _kl(out: torch.Tensor, teacher: torch.Tensor) -> float:
+    logp, logq = F.log_softmax(teacher.double(), -1), F.log_softmax(out.double(), -1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+def _check_history(res: FinetuneResult) -> None:
+    epochs = [int(h["epoch"]) for h in res.history]
+    assert epochs == list(range(res.epochs_run + 1))
+    losses = [h["val_loss"] for h in res.history]
+    assert res.val_loss_before == losses[0]
+    assert res.val_loss_after == min(losses)
+    assert res.best_epoch == losses.index(min(losses))
+    assert all("train_loss" in h for h in res.history[1:])
+
+
+# --- split_holdout ---------------------------------------------------------------------------
+
+
+def _indexed(n: int) -> CalibrationData:
+    """Samples whose first feature is their index, so a split can be traced back."""
+    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 16)
+    return CalibrationData([x], torch.arange(n) % 5)
+
+
+def _ids(data: CalibrationData) -> list[int]:
+    return [int(v) for v in data.inputs[0][:, 0]]
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "held"), [(20, 0.25, 5), (10, 0.1, 1), (7, 0.0, 1), (2, 0.9, 1), (9, 0.9, 8)]
+)
+def test_split_holdout_sizes_and_disjoint(n: int, fraction: float, held: int) -> None:
+    data = _indexed(n)
+    train, val = split_holdout(data, fraction, seed=3)
+    assert val.num_samples == held
+    assert train.num_samples == n - held
+    a, b = _ids(train), _ids(val)
+    assert not set(a) & set(b)
+    assert sorted(a + b) == list(range(n))
+    assert train.labels is not None and val.labels is not None
+    assert [int(v) for v in train.labels] == [i % 5 for i in a]  # labels follow their samples
+
+
+def test_split_holdout_is_seeded() -> None:
+    data = _indexed(40)
+    first = _ids(split_holdout(data, 0.25, seed=1)[1])
+    assert _ids(split_holdout(data, 0.25, seed=1)[1]) == first
+    assert _ids(split_holdout(data, 0.25, seed=2)[1]) != first
+
+
+def test_split_holdout_of_one_sample_holds_nothing_out() -> None:
+    train, val = split_holdout(_indexed(1), 0.5, seed=0)
+    assert (train.num_samples, val.num_samples) == (1, 0)
+
+
+# --- finetune --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_damaged_two_bit_model_improves_and_stays_on_grid(fmt: str) -> None:
+    model = _mlp(fmt)
+    data = zoo_data("mlp", 64)
+    scales = _scales(model, BITS2)
+    cfg = FinetuneConfig(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
+    _, val = split_holdout(data, cfg.val_fraction, cfg.seed)
+    teacher = model_outputs(model, val)
+    res = finetune(model, data, BITS2, scales, cfg)
+    _check_history(res)
+    assert res.best_epoch >= 1
+    assert res.val_loss_after < 0.9 * res.val_loss_before
+    weights = model.named_weights()
+    for name, bits in BITS2.items():
+        p = weights[name].detach()
+        s = scales[name]
+        assert torch.equal(dequantize(quantize(p, s, bits), s), p), f"{name} left its grid"
+        assert len(torch.unique(torch.round(p / s[:, None]))) <= 3  # 2 bits: codes -1, 0, 1
+    # The reported held-out loss is the loss of the state the model was left in.
+    assert _kl(model_outputs(model, val), teacher) == pytest.approx(res.val_loss_after, rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("lr", "improves"), [(10.0, False), (1e-2, True)])
+def test_epoch_zero_guarantee(fmt: str, lr: float, improves: bool) -> None:
+    """Held-out loss never gets worse; float params change only when a later epoch wins."""
+    model = _mlp(fmt)
+    data = zoo_data("mlp", 64)
+    scales = _scales(model, MIXED)
+    before = _snapshot(model)
+    cfg = FinetuneConfig(epochs=2, lr=lr, batch_size=8, val_fraction=0.25, patience=5)
+    res = finetune(model, data, MIXED, scales, cfg)
+    _check_history(res)
+    assert res.val_loss_after <= res.val_loss_before
+    assert (res.best_epoch > 0) == improves  # lr=10 wrecks the model, lr=1e-2 helps
+    after = _snapshot(model)
+    others = [n for n in before if n not in MIXED]
+    assert others  # the biases
+    changed = [n for n in others if not torch.equal(before[n], after[n])]
+    for name, bits in MIXED.items():
+        s = scales[name]
+        assert torch.equal(dequantize(quantize(after[name], s, bits), s), after[name])
+    if res.best_epoch == 0:
+        assert changed == []
+        assert res.val_loss_after == res.val_loss_before
+        for name, bits in MIXED.items():  # exactly the quantized float weights
+            s = scales[name]
+            assert torch.equal(after[name], dequantize(quantize(before[name], s, bits), s))
+    else:
+        assert changed, "a later epoch was picked but no float parameter moved"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_requires_grad_flags_restored(fmt: str) -> None:
+    model = _mlp(fmt)
+    params = model.named_weights()
+    flags = {n: i % 2 == 0 for i, n in enumerate(params)}
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+    finetune(
+        model,
+        zoo_data("mlp", 24),
+        MIXED,
+        _scales(model, MIXED),
+        FinetuneConfig(epochs=1, lr=1e-3, batch_size=8),
+    )
+    assert {n: p.requires_grad for n, p in model.named_weights().items()} == flags
+    assert all(p.grad is None for p in params.values())  # no gradients left behind
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("epochs", "steps", "epochs_run"), [(10, 3, 1), (0, 7, 2), (1, 10, 2)])
+def test_steps_override_epochs(fmt: str, epochs: int, steps: int, epochs_run: int) -> None:
+    # 48 samples, 12 held out, 36 trained on in batches of 8: 5 steps per epoch.
+    model = _mlp(fmt)
+    events: list[tuple[str, float, dict[str, Any]]] = []
+    res = finetune(
+        model,
+        zoo_data("mlp", 48),
+        MIXED,
+        _scales(model, MIXED),
+        FinetuneConfig(
+            epochs=epochs, steps=steps, lr=1e-3, batch_size=8, val_fraction=0.25, patience=50
+        ),
+        progress=lambda stage, f, m: events.append((stage, f, m)),
+    )
+    assert res.epochs_run == epochs_run == math.ceil(steps / 5)
+    assert len(res.history) == epochs_run + 1
+    _check_history(res)
+    step_events = [f for stage, f, m in events if "loss" in m and "epoch" in m]
+    assert len(step_events) == steps
+    assert step_events == pytest.approx([(i + 1) / steps for i in range(steps)])
+    assert {stage for stage, _, _ in events} == {"finetune"}
+    assert events[-1][1] == 1.0 and events[-1][2]["best_epoch"] == res.best_epoch
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epochs_without_steps_and_patience(fmt: str) -> None:
+    model = _mlp(fmt)
+    data = zoo_data("mlp", 48)
+    # lr=10 makes every epoch worse than epoch 0: patience 2 stops after two epochs.
+    res = finetune(
+        model,
+        data,
+        MIXED,
+        _scales(model, MIXED),
+        FinetuneConfig(epochs=6, lr=10.0, batch_size=8, val_fraction=0.25, patience=2),
+    )
+    assert res.epochs_run == 2 and res.best_epoch == 0
+    _check_history(res)
+    zero = finetune(
+        model, data, MIXED, _scales(model, MIXED), FinetuneConfig(epochs=0, batch_size=8)
+    )
+    assert zero.epochs_run == 0 and zero.history == [{"epoch": 0, "val_loss": zero.val_loss_before}]
+
+
+def test_fixed_batch_program_runs_every_epoch_in_full(
+    zoo_bytes: Callable[[str, str], bytes],
+) -> None:
+    """A fixed-batch torch.export program (batch 4) runs in batches of 4 whatever
+    ``batch_size`` says, so an epoch is ceil(36 / 4) = 9 steps, and 3 epochs are 3 epochs."""
+    model = load_model(zoo_bytes("mlp", "export_fixed"))
+    assert model.fixed_batch == 4
+    events: list[dict[str, Any]] = []
+    res = finetune(
+        model,
+        zoo_data("mlp", 48),  # 12 held out, 36 trained on
+        MIXED,
+        _scales(model, MIXED),
+        FinetuneConfig(epochs=3, lr=1e-3, batch_size=8, val_fraction=0.25, patience=50),
+        progress=lambda _s, _f, m: events.append(m),
+    )
+    _check_history(res)
+    steps = [m for m in events if "epoch" in m and "loss" in m]
+    # BUG: finetune computes steps_per_epoch from config.batch_size (8) instead of the
+    # model's fixed batch (4): total = 3 * ceil(36 / 8) = 15 steps, so only 2 epochs run
+    # (9 + 6 steps) and the second one stops part-way through the data.
+    assert res.epochs_run == 3
+    assert len(steps) == 3 * 9
