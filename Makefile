@@ -33,14 +33,17 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m bench.run_all
 
-# The main job end to end on the embedded default: train a small digits CNN (scikit-learn data,
-# offline), save it as TorchScript, then profile it, score its layers and allocate bits.
+# The main job end to end: train a small digits CNN (scikit-learn data, offline), save it as
+# TorchScript, profile it, score its layers, allocate bits, then run the whole job (allocation,
+# fine-tuning, evaluation, export) with `mpq quantize`.
 demo: install
 	$(BIN)/python -m bench.digits
 	$(BIN)/mpq inspect $(DEMO_MODEL) --data $(DEMO_DATA)
 	$(BIN)/mpq analyze $(DEMO_MODEL) --data $(DEMO_DATA) --out $(DEMO)/sensitivity.json
 	$(BIN)/mpq allocate $(DEMO)/sensitivity.json --budget avg-bits=3 --pin 'conv1\.weight=8' \
 		--out $(DEMO)/allocation.json
+	$(BIN)/mpq quantize $(DEMO_MODEL) --data $(DEMO_DATA) --eval-data $(DEMO)/digits_cnn_test.npz \
+		--budget avg-bits=2.5 --pin 'conv1\.weight=8' --finetune-epochs 10 --out-dir $(DEMO)/quantized
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

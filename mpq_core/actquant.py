@@ -19,14 +19,13 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context
+from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context, weight_use
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel
 from mpq_core.runner import iter_batches
 
 __all__ = ["ActEncoding", "ActivationQuantizer", "calibrate_activations"]
 
-aten = torch.ops.aten
 _SAMPLE = 1 << 16  # activation values kept per layer to choose its clipping
 _CLIP_GRID = torch.linspace(0.3, 1.0, 36)
 
@@ -150,22 +149,10 @@ class ActivationQuantizer(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func in (aten.convolution.default, aten._convolution.default):
-            enc = self._enc(args[1], tuple(args[1].shape))
+        use = weight_use(func, args)
+        if use is not None and use.op != "embedding":
+            enc = self._enc(use.weight, use.shape)
             if enc is not None:
-                args = (enc.fake_quantize(args[0]), *args[1:])
-        elif func is aten.addmm.default:
-            mat2 = args[2]
-            enc = self._enc(mat2, (mat2.shape[1], mat2.shape[0])) if mat2.dim() == 2 else None
-            if enc is not None:
-                args = (args[0], enc.fake_quantize(args[1]), *args[2:])
-        elif func is aten.mm.default:
-            mat2 = args[1]
-            enc = self._enc(mat2, (mat2.shape[1], mat2.shape[0])) if mat2.dim() == 2 else None
-            if enc is not None:
-                args = (enc.fake_quantize(args[0]), *args[1:])
-        elif func is aten.linear.default:
-            enc = self._enc(args[1], tuple(args[1].shape))
-            if enc is not None:
-                args = (enc.fake_quantize(args[0]), *args[1:])
+                i = use.x_index
+                args = (*args[:i], enc.fake_quantize(args[i]), *args[i + 1 :])
         return func(*args, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LayerCapture", "OpRecord", "WeightRef", "capture_context"]
+__all__ = ["LayerCapture", "OpRecord", "WeightRef", "WeightUse", "capture_context", "weight_use"]
 
 aten = torch.ops.aten
 
@@ -47,6 +47,37 @@ def capture_context(grad: bool = True) -> Iterator[None]:
     del grad
     with torch.jit.optimized_execution(False), torch.enable_grad():
         yield
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """Where a dispatched op consumes a weight: the weight as passed (a linear sees it
+    transposed), the shape the parameter itself must have, and the position of the activation."""
+
+    weight: torch.Tensor
+    shape: tuple[int, ...]
+    x_index: int
+    op: str  # conv | mm | linear | embedding
+
+
+def weight_use(func: Any, args: tuple[Any, ...]) -> WeightUse | None:
+    """The weight operand of a convolution, matrix product, linear or embedding op, if any.
+
+    Matching it to a parameter (by storage and ``shape``) is the caller's business.
+    """
+    if func in _CONV_OPS:
+        return WeightUse(args[1], tuple(args[1].shape), 0, "conv")
+    if func is aten.addmm.default or func is aten.mm.default:
+        x_index = 1 if func is aten.addmm.default else 0
+        mat2 = args[x_index + 1]
+        if not isinstance(mat2, torch.Tensor) or mat2.dim() != 2:
+            return None
+        return WeightUse(mat2, (mat2.shape[1], mat2.shape[0]), x_index, "mm")
+    if func is aten.linear.default:
+        return WeightUse(args[1], tuple(args[1].shape), 0, "linear")
+    if func is aten.embedding.default:
+        return WeightUse(args[0], tuple(args[0].shape), 1, "embedding")
+    return None
 
 
 @dataclass(frozen=True)
@@ -165,11 +196,15 @@ class LayerCapture(TorchDispatchMode):
         return None
 
     def _recognise(self, func: Any, args: tuple[Any, ...], out: Any) -> OpRecord | None:
-        if func in _CONV_OPS:
-            w = args[1]
-            ref = self._match(w, tuple(w.shape))
+        use = weight_use(func, args)
+        if use is not None:
+            ref = self._match(use.weight, use.shape)
             if ref is None:
                 return None
+            x = args[use.x_index]
+            if use.op != "conv":
+                kind = "embedding" if use.op == "embedding" else "linear"
+                return OpRecord(ref.name, kind, use.op, x, out)
             transposed = bool(args[6])
             conv = {
                 "stride": list(args[3]),
@@ -179,25 +214,7 @@ class LayerCapture(TorchDispatchMode):
                 "output_padding": list(args[7]),
                 "groups": int(args[8]),
             }
-            return OpRecord(ref.name, _conv_kind(w, transposed), "conv", args[0], out, conv)
-        if func is aten.addmm.default or func is aten.mm.default:
-            mat1, mat2 = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
-            ref = self._match(mat2, (mat2.shape[1], mat2.shape[0]))
-            if ref is None or mat2.dim() != 2:
-                return None
-            return OpRecord(ref.name, "linear", "mm", mat1, out)
-        if func is aten.linear.default:
-            w = args[1]
-            ref = self._match(w, tuple(w.shape))
-            if ref is None:
-                return None
-            return OpRecord(ref.name, "linear", "linear", args[0], out)
-        if func is aten.embedding.default:
-            w = args[0]
-            ref = self._match(w, tuple(w.shape))
-            if ref is None:
-                return None
-            return OpRecord(ref.name, "embedding", "embedding", args[1], out)
+            return OpRecord(ref.name, _conv_kind(use.weight, transposed), "conv", x, out, conv)
         if func in _RNN_OPS:
             # aten::lstm etc. taking the flat weight list (the non-mkldnn, non-cudnn path).
             inp, params, batch_first = args[0], args[2], bool(args[-1])
