@@ -15,6 +15,7 @@ PURE = [
     "mpq_core.budgets",
     "mpq_core.solvers",
     "mpq_core.allocation",
+    "mpq_core.spec",
 ]
 
 
