@@ -1,0 +1,1 @@
+"""The mpq service: REST API, persistence, storage and auth. Never imports torch."""

@@ -1,0 +1,119 @@
+"""API keys: made once, shown once, stored only as an HMAC-SHA256 hash.
+
+A key reads ``mpq_<32 url-safe characters>`` (about 190 random bits). Its first 8 characters
+(``prefix``) are stored in clear so a user can tell their keys apart and so lookup narrows to a
+few rows before the constant-time hash comparison. The pepper (``MPQ_API_KEY_PEPPER``) is a
+server-side secret mixed into every hash: a leaked database alone cannot be used to test guesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.models import ApiKey, Tenant, utcnow
+
+__all__ = [
+    "KEY_PREFIX",
+    "PREFIX_LENGTH",
+    "authenticate",
+    "create_key",
+    "hash_key",
+    "new_api_key",
+    "revoke_key",
+    "verify",
+]
+
+KEY_PREFIX = "mpq_"
+PREFIX_LENGTH = 8
+_RANDOM_CHARS = 32
+
+
+def hash_key(plaintext: str, pepper: str = "") -> str:
+    """HMAC-SHA256 of the key under the pepper, as 64 hex characters.
+
+    Example:
+        >>> hash_key("mpq_abc", pepper="s3cret") != hash_key("mpq_abc", pepper="other")
+        True
+    """
+    return hmac.new(pepper.encode(), plaintext.encode(), hashlib.sha256).hexdigest()
+
+
+def verify(plaintext: str, stored_hash: str, pepper: str = "") -> bool:
+    """Whether ``plaintext`` hashes to ``stored_hash``, compared in constant time."""
+    return hmac.compare_digest(hash_key(plaintext, pepper), stored_hash)
+
+
+def new_api_key(pepper: str = "") -> tuple[str, str, str]:
+    """A fresh key as ``(plaintext, prefix, hash)``; only the prefix and hash are to be stored.
+
+    Example:
+        >>> plaintext, prefix, digest = new_api_key()
+        >>> plaintext.startswith("mpq_") and plaintext[:8] == prefix
+        True
+    """
+    body = secrets.token_urlsafe(32)[:_RANDOM_CHARS]  # 43 chars from 32 bytes; keep 32
+    plaintext = KEY_PREFIX + body
+    return plaintext, plaintext[:PREFIX_LENGTH], hash_key(plaintext, pepper)
+
+
+def create_key(session: Session, tenant_name: str, key_name: str, pepper: str = "") -> str:
+    """Create an API key for ``tenant_name`` (creating the tenant if new); returns the plaintext.
+
+    The plaintext is not kept anywhere: show it to the user once. The caller commits.
+
+    Example:
+        >>> with session_scope(factory) as session:
+        ...     key = create_key(session, "acme", "ci", pepper=settings.api_key_pepper.get_secret_value())
+    """
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        tenant = Tenant(name=tenant_name)
+        session.add(tenant)
+        session.flush()
+    plaintext, prefix, digest = new_api_key(pepper)
+    session.add(ApiKey(tenant_id=tenant.id, name=key_name, prefix=prefix, hash=digest))
+    session.flush()
+    return plaintext
+
+
+def _find_key(session: Session, plaintext: str, pepper: str) -> ApiKey | None:
+    if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 256:
+        return None
+    candidates = session.scalars(
+        select(ApiKey).where(ApiKey.prefix == plaintext[:PREFIX_LENGTH])
+    ).all()
+    # Hash once, then compare against every candidate without an early exit.
+    found: ApiKey | None = None
+    digest = hash_key(plaintext, pepper)
+    for key in candidates:
+        if hmac.compare_digest(digest, key.hash):
+            found = key
+    return found
+
+
+def authenticate(session: Session, plaintext: str, pepper: str = "") -> Tenant | None:
+    """The tenant owning the key ``plaintext``, or None if it is unknown or revoked.
+
+    Example:
+        >>> tenant = authenticate(session, request_bearer_token, pepper)
+    """
+    key = _find_key(session, plaintext, pepper)
+    if key is None or key.revoked_at is not None:
+        return None
+    return key.tenant
+
+
+def revoke_key(session: Session, plaintext: str, pepper: str = "") -> bool:
+    """Mark the key revoked (kept for the record); False if no such key. The caller commits."""
+    key = _find_key(session, plaintext, pepper)
+    if key is None:
+        return False
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return True
