@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,service]'
 	touch $(STAMP)
 
+PACKAGES := mpq_core api $(wildcard worker)
+SOURCES := $(PACKAGES) tests bench migrations
+
 lint: install
-	$(BIN)/ruff check mpq_core tests bench
-	$(BIN)/ruff format --check mpq_core tests bench
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: install
-	$(BIN)/mypy mpq_core
+	$(BIN)/mypy $(PACKAGES)
 
 pytest: install
 	$(BIN)/pytest -q
