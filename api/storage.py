@@ -531,15 +531,25 @@ class S3Storage(Storage):
 
 
 class StorageSettings(Protocol):
-    """The settings :func:`make_storage` reads (``api.settings.Settings`` has them all)."""
+    """The settings :func:`make_storage` reads (``api.settings.Settings`` has them all).
 
-    storage: str
-    data_dir: Any
-    s3_endpoint_url: str | None
-    s3_bucket: str | None
-    s3_access_key: str | None
-    s3_secret_key: Any  # str, pydantic SecretStr or None
-    s3_region: str | None
+    Read-only properties, so narrower field types (``Literal``, ``SecretStr``) still match.
+    """
+
+    @property
+    def storage(self) -> str: ...
+    @property
+    def data_dir(self) -> Any: ...
+    @property
+    def s3_endpoint_url(self) -> str | None: ...
+    @property
+    def s3_bucket(self) -> str | None: ...
+    @property
+    def s3_access_key(self) -> str | None: ...
+    @property
+    def s3_secret_key(self) -> Any: ...  # str, pydantic SecretStr or None
+    @property
+    def s3_region(self) -> str | None: ...
 
 
 def _secret(value: Any) -> str | None:

@@ -1,0 +1,97 @@
+"""The FastAPI application, built by :func:`create_app` (nothing is created at import time).
+
+``uvicorn --factory api.app:create_app`` serves it with settings from the environment. This
+module, and everything it imports, never imports torch: the API only stores uploads, sniffs
+their containers and queues jobs; the workers do the heavy lifting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from api.db import make_engine, make_sessionmaker
+from api.errors import error_response, install_error_handlers
+from api.queue import Enqueue, celery_enqueue
+from api.routes import api_router
+from api.settings import Settings, get_settings
+from api.storage import make_storage
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTION = (
+    "Mixed-precision quantization as a service. Upload a model and calibration data, submit a "
+    "job with a budget, poll it, download the quantized model. Authenticate with "
+    '`Authorization: Bearer <API key>`; errors are `{"error": {"code", "message"}}`.'
+)
+
+
+def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
+    """Build the API for ``settings`` (default: from the environment).
+
+    Args:
+        settings: the service's settings; the database must already be migrated
+            (``python -m api.migrate``).
+        enqueue: hands a new job's id to the workers; default sends the Celery task
+            ``mpq.run_job`` through ``settings.broker_url``.
+
+    Example:
+        >>> app = create_app(Settings(data_dir=tmp_path), enqueue=queued.append)
+    """
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    storage = make_storage(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(storage.ensure_ready)
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="mpq",
+        version="1",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.storage = storage
+    app.state.enqueue = enqueue if enqueue is not None else celery_enqueue(settings)
+    install_error_handlers(app)
+    app.include_router(api_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up (no dependency is checked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], response_model=None)
+    def readyz() -> dict[str, str] | object:
+        """The database answers and the storage is ready; 503 otherwise."""
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("readyz: database not reachable: %s", exc)
+            return error_response(503, "not_ready", "the database is not reachable")
+        try:
+            storage.ensure_ready()
+        except Exception as exc:
+            log.warning("readyz: storage not ready: %s", exc)
+            return error_response(503, "not_ready", "the object storage is not ready")
+        return {"status": "ok"}
+
+    return app

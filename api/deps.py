@@ -1,0 +1,71 @@
+"""Request dependencies as short ``Annotated`` aliases, so route signatures read like prose.
+
+Everything comes from ``app.state`` (filled by :func:`api.app.create_app`), never from
+module globals: each app, and each test, has its own settings, database and storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.auth import authenticate
+from api.errors import Unauthorized
+from api.models import Tenant
+from api.queue import Enqueue
+from api.settings import Settings
+from api.storage import Storage
+
+__all__ = ["CurrentTenant", "EnqueueDep", "SessionDep", "SettingsDep", "StorageDep"]
+
+_bearer = HTTPBearer(auto_error=False, description="an API key made by `mpq keys create`")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_enqueue(request: Request) -> Enqueue:
+    enqueue: Enqueue = request.app.state.enqueue
+    return enqueue
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for the request; routes commit what they change, the rest is rolled back."""
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+EnqueueDep = Annotated[Enqueue, Depends(get_enqueue)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_current_tenant(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant owning the request's bearer API key; 401 when it is missing or unknown."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    pepper = settings.api_key_pepper.get_secret_value()
+    tenant = authenticate(session, credentials.credentials, pepper)
+    if tenant is None:
+        raise Unauthorized("unknown or revoked API key")
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -1,0 +1,163 @@
+"""A migrated SQLite database, local storage and a tenant with an uploaded model and data set,
+for running jobs without a broker (and for the one real-worker test)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db import make_engine, make_sessionmaker, session_scope
+from api.migrate import upgrade
+from api.models import Dataset, Job, ModelFile, Tenant
+from api.settings import Settings
+from api.storage import LocalStorage, Storage, make_storage
+from tests.conftest import zoo_data
+
+# Small and quick: the MLP of tests/zoo.py, 48 samples, one fine-tuning epoch.
+SPEC: dict[str, Any] = {
+    "budgets": ["avg-bits=4"],
+    "batch_size": 16,
+    "finetune_epochs": 1,
+    "finetune_batch_size": 8,
+    "finetune_lr": 1e-3,
+}
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def mlp_npz(n: int = 48) -> bytes:
+    data = zoo_data("mlp", n)
+    assert data.labels is not None
+    return npz_bytes({"input": data.inputs[0].numpy(), "labels": data.labels.numpy()})
+
+
+@dataclass
+class Env:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    storage: Storage
+    workdir: Path
+    tenant_id: str
+    model_bytes: bytes
+
+    def upload_model(self, body: bytes) -> str:
+        sha = hashlib.sha256(body).hexdigest()
+        with session_scope(self.session_factory) as s:
+            row = ModelFile(
+                tenant_id=self.tenant_id,
+                filename="model.pt",
+                format="torchscript",
+                size=len(body),
+                sha256=sha,
+                storage_key="pending",
+            )
+            s.add(row)
+            s.flush()
+            row.storage_key = f"models/{row.id}/model.pt"
+            self.storage.put_bytes(row.storage_key, body)
+            return row.id
+
+    def upload_data(self, body: bytes) -> str:
+        sha = hashlib.sha256(body).hexdigest()
+        with session_scope(self.session_factory) as s:
+            row = Dataset(
+                tenant_id=self.tenant_id,
+                filename="calib.npz",
+                format="npz",
+                size=len(body),
+                sha256=sha,
+                storage_key="pending",
+            )
+            s.add(row)
+            s.flush()
+            row.storage_key = f"datasets/{row.id}/calib.npz"
+            self.storage.put_bytes(row.storage_key, body)
+            return row.id
+
+    def create_job(
+        self,
+        *,
+        model_id: str | None = None,
+        dataset_id: str | None = None,
+        spec: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> str:
+        model_id = model_id or self.upload_model(self.model_bytes)
+        dataset_id = dataset_id or self.upload_data(mlp_npz())
+        with session_scope(self.session_factory) as s:
+            job = Job(
+                tenant_id=self.tenant_id,
+                model_id=model_id,
+                dataset_id=dataset_id,
+                spec=dict(spec or SPEC),
+                **fields,
+            )
+            s.add(job)
+            s.flush()
+            return job.id
+
+    def job(self, job_id: str) -> Job:
+        with self.session_factory() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            _ = job.artifacts  # loaded while the session is open
+            return job
+
+
+@pytest.fixture
+def make_env(
+    tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]
+) -> Iterator[Callable[..., Env]]:
+    engines: list[Engine] = []
+
+    def make(**overrides: Any) -> Env:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=f"sqlite:///{tmp_path / 'data' / 'mpq.db'}",
+            storage="local",
+            **overrides,
+        )
+        upgrade(settings.database_url)
+        engine = make_engine(settings.database_url)
+        engines.append(engine)
+        factory = make_sessionmaker(engine)
+        storage = make_storage(settings)  # type: ignore[arg-type]
+        assert isinstance(storage, LocalStorage)
+        storage.ensure_ready()
+        with session_scope(factory) as s:
+            tenant = Tenant(name="acme")
+            s.add(tenant)
+            s.flush()
+            tenant_id = tenant.id
+        return Env(
+            settings=settings,
+            engine=engine,
+            session_factory=factory,
+            storage=storage,
+            workdir=tmp_path / "work",
+            tenant_id=tenant_id,
+            model_bytes=zoo_bytes("mlp", "script"),
+        )
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def env(make_env: Callable[..., Env]) -> Env:
+    return make_env()

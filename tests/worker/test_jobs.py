@@ -1,0 +1,185 @@
+"""run_job without a broker: success with stored artifacts, the sensitivity cache, failures with
+stable codes, the attempt cap, and cancellation while running."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+import mpq_core.pipeline
+from api.db import session_scope
+from api.models import Artifact, Job, SensitivityCache
+from api.storage import LocalStorage
+from mpq_core.spec import JobSpec
+from tests.worker.conftest import Env, mlp_npz, npz_bytes
+from worker.jobs import analysis_settings, artifact_key, run_job
+
+
+def _run(env: Env, job_id: str) -> Job:
+    run_job(
+        job_id,
+        settings=env.settings,
+        session_factory=env.session_factory,
+        storage=env.storage,
+        workdir=env.workdir,
+    )
+    return env.job(job_id)
+
+
+def _count(env: Env, model: type[Any]) -> int:
+    with env.session_factory() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_id = env.upload_model(env.model_bytes)
+    dataset_id = env.upload_data(mlp_npz())
+    first_id = env.create_job(model_id=model_id, dataset_id=dataset_id)
+
+    job = _run(env, first_id)
+    assert (job.status, job.error_code, job.error_message) == ("succeeded", None, None)
+    assert job.progress == 1.0 and job.attempts == 1
+    assert job.started_at is not None and job.finished_at is not None
+    names = {a.name for a in job.artifacts}
+    assert {"model.pt", "model.mpq.safetensors", "allocation.json", "report.json"} <= names
+    for artifact in job.artifacts:
+        assert artifact.storage_key == artifact_key(first_id, artifact.name)
+        assert env.storage.size(artifact.storage_key) == artifact.size > 0
+        assert len(artifact.sha256) == 64
+        if artifact.name.endswith(".json"):
+            assert artifact.content_type == "application/json"
+    model = torch.jit.load(io.BytesIO(env.storage.read_bytes(artifact_key(first_id, "model.pt"))))
+    assert model(torch.randn(3, 16)).shape == (3, 5)
+    report = json.loads(env.storage.read_bytes(artifact_key(first_id, "report.json")))
+
+    result = job.result
+    assert result is not None
+    assert result["sensitivity"] == {"key": job.sensitivity_key, "reused": False}
+    assert result["budgets"] == report["budgets"]
+    assert result["budgets"][0]["achieved"] <= result["budgets"][0]["asked"] + 1e-9
+    assert set(result["metrics"]) == {"float", "quantized", "finetuned"}
+    assert result["allocation"] == report["allocation"]
+    assert result["sizes"]["packed_checkpoint_bytes"] > 0
+    assert set(result["timings"]) == set(mpq_core.pipeline.STAGES)
+    assert _count(env, SensitivityCache) == 1
+
+    # Same model, data and analysis settings (a different budget): the stored table is used and
+    # the sensitivities are not computed again.
+    def no_recompute(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sensitivity table was recomputed")
+
+    monkeypatch.setattr(mpq_core.pipeline, "compute_sensitivity", no_recompute)
+    spec = {**json.loads(json.dumps(job.spec)), "budgets": ["avg-bits=5"]}
+    second = _run(env, env.create_job(model_id=model_id, dataset_id=dataset_id, spec=spec))
+    assert second.status == "succeeded", second.error_message
+    assert second.sensitivity_key == job.sensitivity_key
+    assert second.result is not None and second.result["sensitivity"]["reused"] is True
+    assert second.result["timings"]["analyze"] < result["timings"]["analyze"]
+    assert _count(env, SensitivityCache) == 1
+
+
+def test_analysis_settings_key_the_cache() -> None:
+    spec = JobSpec(budgets=["avg-bits=4"])
+    base = analysis_settings(spec, has_eval_data=False)
+    assert base == analysis_settings(JobSpec(budgets=["size=1MB"]), has_eval_data=False)
+    assert base != analysis_settings(JobSpec(budgets=["avg-bits=4"], seed=1), has_eval_data=False)
+    assert base != analysis_settings(spec, has_eval_data=True)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "codes"),
+    [
+        (
+            lambda: {"input_0": np.zeros((8, 16), "f4"), "input_1": np.zeros((8, 16), "f4")},
+            {"data_input_count"},
+        ),
+        (lambda: {"input": np.zeros((8, 7), "f4")}, {"data_mismatch", "data_shape"}),
+    ],
+    ids=["two-inputs", "wrong-width"],
+)
+def test_data_that_does_not_fit_fails_with_its_code(
+    env: Env, arrays: Callable[[], dict[str, np.ndarray]], codes: set[str]
+) -> None:
+    job_id = env.create_job(dataset_id=env.upload_data(npz_bytes(arrays())))
+    job = _run(env, job_id)
+    assert job.status == "failed"
+    assert job.error_code in codes
+    assert job.error_message and "input" in job.error_message
+    assert job.artifacts == [] and job.finished_at is not None
+
+
+def test_unexpected_error_fails_with_internal_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("solver exploded\nsecond line")
+
+    monkeypatch.setattr(mpq_core.pipeline, "allocate_bits", boom)
+    job = _run(env, env.create_job())
+    assert (job.status, job.error_code) == ("failed", "internal_error")
+    assert job.error_message == "RuntimeError: solver exploded"
+
+
+def test_missing_upload_fails_with_input_missing(env: Env) -> None:
+    job_id = env.create_job()
+    with env.session_factory() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        env.storage.delete(job.dataset.storage_key)
+    failed = _run(env, job_id)
+    assert (failed.status, failed.error_code) == ("failed", "input_missing")
+
+
+def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]) -> None:
+    env = make_env(job_max_attempts=2)
+    job_id = env.create_job(status="running", attempts=2)
+    job = _run(env, job_id)
+    assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost_repeatedly", 2)
+    assert job.error_message and "2 time(s)" in job.error_message
+    # One attempt left: it runs (and counts).
+    other = _run(env, env.create_job(status="running", attempts=1))
+    assert (other.status, other.attempts) == ("succeeded", 2)
+
+
+def test_final_job_is_left_alone(env: Env) -> None:
+    job_id = env.create_job(status="cancelled")
+    job = _run(env, job_id)
+    assert (job.status, job.attempts, job.started_at) == ("cancelled", 0, None)
+
+
+def test_cancellation_while_running_stops_the_job(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = env.create_job()
+    original = mpq_core.pipeline.allocate_bits
+    calls: list[str] = []
+
+    def cancel_then_allocate(*args: Any, **kwargs: Any) -> Any:
+        with session_scope(env.session_factory) as s:  # what POST /v1/jobs/{id}/cancel does
+            job = s.get(Job, job_id)
+            assert job is not None and job.status == "running"
+            job.status = "cancelled"
+        calls.append("allocate")
+        return original(*args, **kwargs)
+
+    def no_finetune(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the job went on after it was cancelled")
+
+    monkeypatch.setattr(mpq_core.pipeline, "allocate_bits", cancel_then_allocate)
+    monkeypatch.setattr(mpq_core.pipeline, "finetune", no_finetune)
+    job = _run(env, job_id)
+    assert calls == ["allocate"]
+    assert (job.status, job.error_code, job.result) == ("cancelled", None, None)
+    assert job.artifacts == [] and _count(env, Artifact) == 0
+    assert not env.storage.exists(artifact_key(job_id, "model.pt"))
+    assert isinstance(env.storage, LocalStorage)
+    assert not any((env.storage.root / "jobs").rglob("*"))

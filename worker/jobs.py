@@ -1,0 +1,478 @@
+"""One job attempt, from the database row to the stored artifacts: :func:`run_job`.
+
+No broker here: the Celery task in :mod:`worker.tasks` is a thin wrapper, and the tests call
+:func:`run_job` directly. The pipeline (and with it torch) is imported inside :func:`run_job`, so
+importing this module stays cheap.
+
+Life of an attempt:
+
+1. Claim: the job row is locked, ``attempts`` incremented, status ``running``. A job already
+   final (cancelled while queued, or a redelivered message of a finished job) is left alone; a
+   job already started ``job_max_attempts`` times (it killed its worker each time, so the broker
+   re-queued it) is failed with ``worker_lost_repeatedly``.
+2. Inputs are downloaded from storage into a private temporary folder under ``workdir``.
+3. A stored sensitivity table for the same tenant, model, data and analysis settings is reused.
+4. The pipeline runs; progress (stage and overall fraction) is written at most every
+   :data:`PROGRESS_INTERVAL_S` seconds and at every stage change, with a conditional update that
+   also notices a cancellation (status set to ``cancelled`` by the API) or a deleted job and
+   aborts the attempt.
+5. Artifacts go to ``jobs/<job_id>/<name>`` with Artifact rows, the sensitivity table into the
+   cache, and the job is marked ``succeeded`` with a result summary, only if it is still running.
+
+Every failure ends the attempt with a final status: :class:`MpqError` -> ``failed`` with its code
+and message; a soft time limit -> ``time_limit_exceeded``; anything else -> ``internal_error``
+with a one-line message (the traceback goes to the log).
+
+Device: the pipeline has no device option yet, so jobs run on the CPU even where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.db import session_scope
+from api.models import Artifact, Job, JobStatus, SensitivityCache, utcnow
+from api.storage import ObjectNotFound, Storage
+from mpq_core.errors import MpqError
+
+if TYPE_CHECKING:
+    from api.settings import Settings
+    from mpq_core.sensitivity_table import SensitivityTable
+    from mpq_core.spec import JobSpec
+
+__all__ = [
+    "ANALYSIS_FIELDS",
+    "PROGRESS_INTERVAL_S",
+    "STAGE_WEIGHTS",
+    "analysis_settings",
+    "artifact_key",
+    "fail_running_job",
+    "run_job",
+    "sensitivity_cache_storage_key",
+    "time_limit_message",
+]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+#: Share of the overall progress each pipeline stage stands for (stages not listed count 0.02).
+STAGE_WEIGHTS: dict[str, float] = {
+    "intake": 0.03,
+    "profile": 0.04,
+    "analyze": 0.30,
+    "allocate": 0.02,
+    "quantize": 0.08,
+    "finetune": 0.40,
+    "evaluate": 0.08,
+    "export": 0.05,
+}
+#: JobSpec fields that change the sensitivity table (with the model and data digests).
+ANALYSIS_FIELDS = (
+    "method",
+    "bits",
+    "loss",
+    "first_order",
+    "hawq_iterations",
+    "batch_size",
+    "seed",
+)
+_MESSAGE_MAX = 500
+_CONTENT_TYPES = {".json": "application/json"}
+
+
+class _Aborted(Exception):
+    """The job was cancelled (or deleted) while running: stop and leave its status alone."""
+
+
+@dataclass
+class _Inputs:
+    tenant_id: str
+    spec: dict[str, Any]
+    model_key: str
+    model_sha256: str
+    model_format: str
+    data_key: str
+    data_sha256: str
+    data_format: str
+    eval_key: str | None = None
+    eval_format: str | None = None
+
+
+@dataclass
+class _Progress:
+    """The pipeline's progress callback: overall fraction to the database, cancellation back."""
+
+    job_id: str
+    session_factory: sessionmaker[Session]
+    interval_s: float = PROGRESS_INTERVAL_S
+    stage: str | None = None
+    overall: float = 0.0
+    last_write: float = field(default=-1e9)
+    writes: int = 0
+
+    def overall_fraction(self, stage: str, fraction: float) -> float:
+        from mpq_core.pipeline import STAGES
+
+        weights = [STAGE_WEIGHTS.get(s, 0.02) for s in STAGES]
+        total = sum(weights)
+        if stage not in STAGES:
+            return self.overall
+        i = STAGES.index(stage)
+        done = sum(weights[:i]) + weights[i] * min(max(fraction, 0.0), 1.0)
+        # Never 1.0 before the artifacts are stored; never backwards.
+        return max(self.overall, min(done / total, 0.99))
+
+    def __call__(self, stage: str, fraction: float, metrics: dict[str, Any]) -> None:
+        self.overall = self.overall_fraction(stage, fraction)
+        now = time.monotonic()
+        if stage == self.stage and now - self.last_write < self.interval_s:
+            return
+        self.stage = stage
+        self.last_write = now
+        self.write()
+
+    def write(self) -> None:
+        """Store stage and progress if the job is still running, else raise :class:`_Aborted`."""
+        with session_scope(self.session_factory) as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
+                .values(stage=self.stage, progress=round(self.overall, 4), updated_at=utcnow())
+            )
+            rows = cast("CursorResult[Any]", result).rowcount
+        self.writes += 1
+        if rows == 0:
+            raise _Aborted(self.job_id)
+
+
+def analysis_settings(spec: JobSpec, *, has_eval_data: bool) -> dict[str, Any]:
+    """What, beside the model and the data, decides the sensitivity table of a job.
+
+    Without separate evaluation data the table is computed on the data minus the held-out
+    ``eval_fraction`` (split with ``seed``), so that fraction is part of the key too.
+    """
+    doc: dict[str, Any] = {name: getattr(spec, name) for name in ANALYSIS_FIELDS}
+    doc["bits"] = sorted(int(b) for b in spec.bits)
+    doc["calibration"] = "all" if has_eval_data else f"holdout:{spec.eval_fraction!r}"
+    return doc
+
+
+def time_limit_message(limit_s: int) -> str:
+    """The error message of a job stopped by its time limit."""
+    return f"the job ran past its time limit of {limit_s} s and was stopped"
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    """Where artifact ``name`` of a job is stored."""
+    return f"jobs/{job_id}/{name}"
+
+
+def sensitivity_cache_storage_key(tenant_id: str, key: str) -> str:
+    """Where a tenant's cached sensitivity table ``key`` is stored."""
+    return f"sensitivity/{tenant_id}/{key}.json"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text[:_MESSAGE_MAX]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _claim(job_id: str, settings: Settings, factory: sessionmaker[Session]) -> _Inputs | None:
+    """Start an attempt: the job's inputs, or None when this attempt must not run."""
+    with session_scope(factory) as session:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            log.warning("job %s: not found (deleted?), nothing to do", job_id)
+            return None
+        if JobStatus(job.status).is_final:
+            log.info("job %s: already %s, nothing to do", job_id, job.status)
+            return None
+        if job.attempts >= settings.job_max_attempts:
+            job.status = JobStatus.FAILED.value
+            job.error_code = "worker_lost_repeatedly"
+            job.error_message = (
+                f"the job was started {job.attempts} time(s) and its worker stopped each time "
+                f"(crash, out of memory or killed) before it finished; it is not retried again"
+            )
+            job.finished_at = utcnow()
+            log.error("job %s: %s", job_id, job.error_message)
+            return None
+        job.attempts += 1
+        job.status = JobStatus.RUNNING.value
+        job.started_at = utcnow()
+        job.stage = None
+        job.progress = 0.0
+        job.error_code = job.error_message = None
+        inputs = _Inputs(
+            tenant_id=job.tenant_id,
+            spec=dict(job.spec),
+            model_key=job.model.storage_key,
+            model_sha256=job.model.sha256,
+            model_format=job.model.format,
+            data_key=job.dataset.storage_key,
+            data_sha256=job.dataset.sha256,
+            data_format=job.dataset.format,
+        )
+        if job.eval_dataset is not None:
+            inputs.eval_key = job.eval_dataset.storage_key
+            inputs.eval_format = job.eval_dataset.format
+        log.info("job %s: attempt %d started", job_id, job.attempts)
+        return inputs
+
+
+def _finish_failed(factory: sessionmaker[Session], job_id: str, code: str, message: str) -> None:
+    """Mark the job failed, unless it is no longer running (cancelled or deleted meanwhile)."""
+    with session_scope(factory) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+            .values(
+                status=JobStatus.FAILED.value,
+                error_code=code,
+                error_message=message,
+                finished_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+
+
+def fail_running_job(
+    job_id: str, code: str, message: str, *, session_factory: sessionmaker[Session]
+) -> None:
+    """Mark a running job failed from outside its attempt, e.g. by the Celery parent process
+    after the hard time limit killed the child that ran it (the attempt could record nothing)."""
+    _finish_failed(session_factory, job_id, code, message)
+
+
+def _cached_table(
+    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, tmp: Path
+) -> SensitivityTable | None:
+    from mpq_core.sensitivity_table import SensitivityTable
+
+    with session_scope(factory) as session:
+        row = session.scalars(
+            select(SensitivityCache).where(
+                SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
+            )
+        ).first()
+        storage_key = row.storage_key if row is not None else None
+    if storage_key is None:
+        return None
+    path = tmp / "sensitivity.cached.json"
+    try:
+        storage.get_file(storage_key, path)
+        return SensitivityTable.load(path)
+    except (ObjectNotFound, MpqError) as exc:
+        log.warning("sensitivity cache %s unusable (%s); recomputing", key, exc)
+        return None
+
+
+def _store_table(
+    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, path: Path
+) -> None:
+    storage_key = sensitivity_cache_storage_key(tenant_id, key)
+    storage.put_file(storage_key, path)
+    try:
+        with session_scope(factory) as session:
+            row = session.scalars(
+                select(SensitivityCache).where(
+                    SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
+                )
+            ).first()
+            if row is None:
+                session.add(SensitivityCache(tenant_id=tenant_id, key=key, storage_key=storage_key))
+            else:
+                row.storage_key = storage_key
+    except IntegrityError:
+        # Another job stored the same table at the same moment: theirs is as good as ours.
+        log.info("sensitivity cache %s: stored concurrently by another job", key)
+
+
+def _summary(
+    report: Mapping[str, Any], *, reused: bool, key: str, seconds: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "budgets": report.get("budgets"),
+        "predicted_loss_increase": report.get("predicted_loss_increase"),
+        "measured_loss_increase": report.get("measured_loss_increase"),
+        "metrics": report.get("metrics"),
+        "sizes": report.get("sizes"),
+        "timings": report.get("timings"),
+        "worker_timings": seconds,
+        "allocation": report.get("allocation"),
+        "model": report.get("model"),
+        "data": report.get("data"),
+        "sensitivity": {"key": key, "reused": reused},
+        "device": "cpu",
+        "artifacts": report.get("artifacts"),
+    }
+
+
+def run_job(
+    job_id: str,
+    *,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    storage: Storage,
+    workdir: str | Path,
+) -> None:
+    """Run one attempt of job ``job_id`` and leave it in a final state (or untouched when it is
+    final already). Never raises for a problem of the job itself: those are recorded on the job.
+
+    Args:
+        job_id: the Job row's id.
+        settings: the service settings (``job_max_attempts`` is read).
+        session_factory: sessions on the service database.
+        storage: where uploads are read from and artifacts written to.
+        workdir: a folder for the attempt's temporary files (removed afterwards).
+    """
+    inputs = _claim(job_id, settings, session_factory)
+    if inputs is None:
+        return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    uploaded: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir, prefix=f"job-{job_id}-") as tmp_name:
+            _attempt(job_id, inputs, session_factory, storage, Path(tmp_name), uploaded)
+    except _Aborted:
+        log.info("job %s: cancelled or deleted while running; stopped", job_id)
+        _delete(storage, uploaded)
+    except MpqError as exc:
+        log.info("job %s: failed: %s", job_id, exc)
+        _delete(storage, uploaded)
+        _finish_failed(session_factory, job_id, exc.code, exc.message)
+    except Exception as exc:
+        _delete(storage, uploaded)
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            log.error("job %s: time limit exceeded", job_id)
+            code, message = "time_limit_exceeded", time_limit_message(settings.job_time_limit_s)
+        else:
+            log.exception("job %s: internal error", job_id)
+            code, message = "internal_error", _one_line(exc)
+        _finish_failed(session_factory, job_id, code, message)
+
+
+def _delete(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception:  # best effort: the job's outcome is already decided
+            log.warning("could not delete %s", key, exc_info=True)
+
+
+def _download(storage: Storage, key: str, dest: Path, what: str) -> None:
+    try:
+        storage.get_file(key, dest)
+    except ObjectNotFound:
+        raise MpqError(
+            f"the job's {what} is no longer in storage (deleted?); upload it again",
+            code="input_missing",
+        ) from None
+
+
+def _attempt(
+    job_id: str,
+    inputs: _Inputs,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    tmp: Path,
+    uploaded: list[str],
+) -> None:
+    from mpq_core.pipeline import quantize_model
+    from mpq_core.spec import JobSpec
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    spec = JobSpec.from_dict(inputs.spec)
+    progress = _Progress(job_id, factory)
+    progress("intake", 0.0, {})  # also notices a cancellation that came in meanwhile
+
+    model_path = tmp / "input" / "model.bin"
+    data_path = tmp / "input" / f"data.{inputs.data_format}"
+    _download(storage, inputs.model_key, model_path, "model")
+    _download(storage, inputs.data_key, data_path, "data set")
+    eval_path: Path | None = None
+    if inputs.eval_key is not None:
+        eval_path = tmp / "input" / f"eval.{inputs.eval_format}"
+        _download(storage, inputs.eval_key, eval_path, "evaluation data set")
+
+    key = SensitivityCache.make_key(
+        inputs.model_sha256,
+        inputs.data_sha256,
+        analysis_settings(spec, has_eval_data=eval_path is not None),
+    )
+    cached = _cached_table(factory, storage, inputs.tenant_id, key, tmp)
+    seconds["download"] = round(time.perf_counter() - start, 4)
+
+    t0 = time.perf_counter()
+    result = quantize_model(
+        model_path,
+        data_path,
+        spec,
+        tmp / "out",
+        eval_source=eval_path,
+        sensitivity=cached,
+        progress=progress,
+    )
+    seconds["pipeline"] = round(time.perf_counter() - t0, 4)
+    progress.write()  # cancelled during the last stage? then nothing is uploaded
+
+    t0 = time.perf_counter()
+    rows: list[Artifact] = []
+    for name, path in sorted(result.artifacts.items()):
+        object_key = artifact_key(job_id, name)
+        size = storage.put_file(object_key, path)
+        uploaded.append(object_key)
+        rows.append(
+            Artifact(
+                job_id=job_id,
+                tenant_id=inputs.tenant_id,
+                name=name,
+                size=size,
+                sha256=_sha256(path),
+                storage_key=object_key,
+                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+            )
+        )
+    if cached is None:
+        table_path = tmp / "sensitivity.store.json"
+        result.sensitivity.save(table_path)
+        _store_table(factory, storage, inputs.tenant_id, key, table_path)
+    seconds["upload"] = round(time.perf_counter() - t0, 4)
+    seconds["total"] = round(time.perf_counter() - start, 4)
+
+    with session_scope(factory) as session:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.status != JobStatus.RUNNING.value:
+            raise _Aborted(job_id)
+        for old in list(job.artifacts):  # none unless an earlier attempt got this far
+            session.delete(old)
+        session.flush()
+        session.add_all(rows)
+        job.result = _summary(result.report, reused=cached is not None, key=key, seconds=seconds)
+        job.sensitivity_key = key
+        job.progress = 1.0
+        job.status = JobStatus.SUCCEEDED.value
+        job.finished_at = utcnow()
+    log.info("job %s: succeeded in %.1f s", job_id, seconds["total"])
