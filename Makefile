@@ -38,7 +38,8 @@ bench: install
 
 # The main job end to end: train a small digits CNN (scikit-learn data, offline), save it as
 # TorchScript, profile it, score its layers, allocate bits, then run the whole job (allocation,
-# fine-tuning, evaluation, export) with `mpq quantize`.
+# fine-tuning, evaluation, export) with `mpq quantize`. Then the same job through the service:
+# `mpq serve` (API + worker, SQLite, files under bench/work/service) and its REST API.
 demo: install
 	$(BIN)/python -m bench.digits
 	$(BIN)/mpq inspect $(DEMO_MODEL) --data $(DEMO_DATA)
@@ -47,6 +48,7 @@ demo: install
 		--out $(DEMO)/allocation.json
 	$(BIN)/mpq quantize $(DEMO_MODEL) --data $(DEMO_DATA) --eval-data $(DEMO)/digits_cnn_test.npz \
 		--budget avg-bits=2.5 --pin 'conv1\.weight=8' --finetune-epochs 10 --out-dir $(DEMO)/quantized
+	$(BIN)/python -m bench.demo_client
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,230 @@
+"""The ``mpq`` entry point's service commands, run as real processes (no mocks).
+
+``mpq keys create`` prints a key that authenticates; ``mpq serve`` answers health checks, takes an
+upload and a job that its embedded worker runs to the end, and on SIGTERM leaves neither itself
+nor its worker behind; the engine's commands still work through the same entry point.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from api.auth import authenticate
+from api.db import make_engine, make_sessionmaker
+from api.settings import Settings
+from tests.worker.conftest import SPEC, mlp_npz
+
+MPQ = Path(sys.executable).parent / "mpq"
+JOB_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _entry_point() -> None:
+    assert MPQ.exists(), (
+        f"{MPQ} not found: run .venv/bin/pip install -q -c constraints.txt -e '.[dev,service]'"
+    )
+    head = MPQ.read_text(errors="replace")
+    assert "api.cli" in head, f"{MPQ} does not run api.cli:main: re-run pip install -e ."
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPQ_")}
+    env["MPQ_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _mpq(
+    *args: str, data_dir: Path, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(MPQ), *args],
+        env=_env(data_dir),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _create_key(data_dir: Path, cwd: Path, name: str = "ci", tenant: str = "acme") -> str:
+    done = _mpq("keys", "create", name, "--tenant", tenant, data_dir=data_dir, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must hold only the key, got {done.stdout!r}"
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_keys_create_prints_only_a_key_that_authenticates(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    key = _create_key(data_dir, tmp_path)
+    again = _create_key(data_dir, tmp_path, name="second")  # migrated already: no-op, new key
+    assert key.startswith("mpq_") and again.startswith("mpq_") and key != again
+
+    settings = Settings(data_dir=data_dir)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            pepper = settings.api_key_pepper.get_secret_value()
+            tenant = authenticate(session, key, pepper)
+            assert tenant is not None and tenant.name == "acme"
+            other = authenticate(session, again, pepper)
+            assert other is not None and other.id == tenant.id
+            wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+            assert authenticate(session, wrong, pepper) is None
+    finally:
+        engine.dispose()
+
+
+def test_entry_point_keeps_the_engine_commands(
+    tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]
+) -> None:
+    model = tmp_path / "mlp.pt"
+    model.write_bytes(zoo_bytes("mlp", "script"))
+    data = tmp_path / "mlp.npz"
+    data.write_bytes(mlp_npz(16))
+    done = _mpq("inspect", str(model), "--data", str(data), data_dir=tmp_path / "d", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "torchscript model, 3 quantizable layers" in done.stdout
+
+    done = _mpq("inspect", str(tmp_path / "missing.pt"), "--data", str(data),
+                data_dir=tmp_path / "d", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith("mpq: error [")
+
+    # The entry point and the service package load neither torch nor the service's libraries.
+    probe = "import sys, api.cli; print(sorted({'torch', 'fastapi', 'celery'} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """``mpq serve`` on a free port with MPQ_DATA_DIR=tmp; (process, base URL, log path)."""
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(MPQ), "serve", "--port", str(port)],
+            env=_env(tmp_path / "data"),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        match = re.search(r"worker started \(pid (\d+)", log_path.read_text(errors="replace"))
+        if match and _alive(int(match.group(1))):
+            os.kill(int(match.group(1)), signal.SIGKILL)
+
+
+def test_serve_runs_a_job_with_its_worker_and_stops_both(
+    tmp_path: Path,
+    zoo_bytes: Callable[[str, str], bytes],
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    proc, base, log_path = served
+    key = _create_key(tmp_path / "data", tmp_path)
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-6000:]
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, f"mpq serve exited with {proc.returncode}:\n{log_tail()}"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s:\n{log_tail()}"
+        time.sleep(0.1)
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+
+    match = re.search(r"worker started \(pid (\d+)", log_tail())
+    assert match, log_tail()
+    worker_pid = int(match.group(1))
+    assert _alive(worker_pid)
+
+    model_bytes = zoo_bytes("mlp", "script")
+    assert httpx.post(f"{base}/v1/models", content=model_bytes).status_code == 401
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as client:
+        response = client.post("/v1/models", params={"filename": "mlp.pt"}, content=model_bytes)
+        assert response.status_code == 201, response.text
+        model_id = response.json()["id"]
+        response = client.post("/v1/datasets", params={"filename": "d.npz"}, content=mlp_npz())
+        assert response.status_code == 201, response.text
+        dataset_id = response.json()["id"]
+        response = client.post(
+            "/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "spec": SPEC}
+        )
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            assert _alive(worker_pid), f"the worker died:\n{log_tail()}"
+            assert time.monotonic() < deadline, f"job still {job['status']}:\n{log_tail()}"
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", f"{job['error']}\n{log_tail()}"
+        assert job["progress"] == 1.0
+
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
+        assert {"model.pt", "report.json"} <= names
+        response = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt")
+        assert response.status_code == 200
+        quantized = torch.jit.load(io.BytesIO(response.content))
+        assert quantized(torch.randn(3, 16)).shape == (3, 5)
+        report = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()
+        assert report["metrics"]["finetuned"] is not None
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log_tail()
+    assert _wait_gone(worker_pid, 5), f"worker {worker_pid} still running:\n{log_tail()}"
+    assert "worker stopped" in log_tail()
