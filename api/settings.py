@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         s3_access_key: S3 access key id; empty uses boto3's usual credential chain.
         s3_secret_key: S3 secret access key.
         s3_region: S3 region name.
+        s3_public_endpoint_url: where clients reach the S3 server, when that differs from
+            ``s3_endpoint_url`` (e.g. ``http://localhost:8333`` outside docker-compose's
+            network); presigned download URLs are signed for it.
         broker_url: Celery broker URL, e.g. ``redis://redis:6379/0``. Empty means a filesystem
             broker under ``data_dir/broker`` that needs no server (embedded default).
         result_backend: Celery result backend URL. Job state lives in the database, so this is
@@ -57,6 +60,7 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: SecretStr | None = None
     s3_region: str = "us-east-1"
+    s3_public_endpoint_url: str | None = None
     broker_url: str = ""
     result_backend: str | None = None
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
