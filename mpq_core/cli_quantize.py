@@ -46,6 +46,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     p.set_defaults(func=run)
@@ -86,6 +87,7 @@ def _spec(args: argparse.Namespace) -> Any:
         patience=args.patience,
         eval_fraction=args.eval_fraction,
         seed=args.seed,
+        device=args.device,
     )
 
 

@@ -105,7 +105,8 @@ class _Quantized:
         weights = model.named_weights()
         self.params = {n: weights[n] for n in bits}
         self.bits = bits
-        self.scales = scales
+        # Scales live where the weights do (quantize_weights computes them on the CPU).
+        self.scales = {n: s.to(weights[n].device) for n, s in scales.items()}
         self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
 
     @torch.no_grad()

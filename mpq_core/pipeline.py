@@ -18,6 +18,7 @@ import torch
 from mpq_core.actquant import ActEncoding, ActivationQuantizer, calibrate_activations
 from mpq_core.allocation import Allocation, allocate_bits
 from mpq_core.budgets import Budget, achieved
+from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData, load_data
 from mpq_core.errors import SpecError
 from mpq_core.evaluate import Metrics, evaluate, model_outputs
@@ -148,6 +149,15 @@ def quantize_model(
         else:
             work, test, eval_from = data, data, "the calibration data itself (nothing held out)"
 
+        device = resolve_device(spec.device)
+        device_note = None
+        if device.type != "cpu":
+            device_note = _move_if_it_runs(model, work, device)
+            if device_note is None:
+                data, work, test = (_on(d, device) for d in (data, work, test))
+            else:
+                device = torch.device("cpu")
+
     with stages.stage("profile"):
         profile = profile_model(model, work, batch_size=spec.batch_size)
 
@@ -247,6 +257,8 @@ def quantize_model(
         )
 
     with stages.stage("export"):
+        # Artefacts hold CPU tensors, whatever device the job ran on.
+        model.module.to("cpu")
         artifacts: dict[str, Path] = {}
         quantized_model = out / ("model" + model.suffix)
         save_quantized_model(model, layers, quantized_model)
@@ -316,6 +328,8 @@ def quantize_model(
             "packed_checkpoint_bytes": packed_bytes,
         },
         "timings": dict(stages.seconds),
+        "device": str(device),
+        "device_note": device_note,
         "artifacts": sorted([*artifacts, "report.json"]),
     }
     report = _finite(report)
@@ -323,6 +337,37 @@ def quantize_model(
     return PipelineResult(
         out_dir=out, allocation=allocation, sensitivity=table, report=report, artifacts=artifacts
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device 'cuda' was asked for but no CUDA device is available")
+    return device
+
+
+def _move_if_it_runs(model: LoadedModel, data: CalibrationData, device: torch.device) -> str | None:
+    """Move the model to ``device`` if a probe batch runs there; else leave it on the CPU and
+    say why. A torch.export program traced on the CPU can hold stride-dependent views that
+    fail on CUDA (seen with attention), so the job runs on the CPU instead of failing."""
+    model.module.to(device)
+    probe = _on(data.subset(slice(0, 2)), device)
+    try:
+        with capture_context(grad=False):  # the path the job itself takes
+            model(*probe.inputs)
+    except RuntimeError as exc:
+        model.module.to("cpu")
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return f"the model does not run on {device} ({first}); ran on cpu"
+    return None
+
+
+def _on(data: CalibrationData, device: torch.device) -> CalibrationData:
+    labels = data.labels.to(device) if data.labels is not None else None
+    return CalibrationData([t.to(device) for t in data.inputs], labels)
 
 
 def _restore(model: LoadedModel, weights: dict[str, torch.Tensor]) -> None:

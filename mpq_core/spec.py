@@ -44,6 +44,7 @@ class JobSpec:
         eval_fraction: share of the data held out for evaluation when no eval data is given.
         output_key: which element of a tuple/dict model output to score.
         seed: every random choice (splits, sampled labels, probes).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda`` (``cuda:N``).
     """
 
     budgets: list[str]
@@ -68,6 +69,7 @@ class JobSpec:
     eval_fraction: float = 0.2
     output_key: str | int | None = None
     seed: int = 0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +85,8 @@ class JobSpec:
         _choice("method", self.method, _METHODS)
         _choice("solver", self.solver, _SOLVERS)
         _choice("loss", self.loss, _LOSSES)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise SpecError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for pattern, b in self.pins.items():
             _regex("pin", pattern)
             if int(b) not in self.bits:

@@ -323,7 +323,7 @@ def _summary(
         "model": report.get("model"),
         "data": report.get("data"),
         "sensitivity": {"key": key, "reused": reused},
-        "device": "cpu",
+        "device": report.get("device", "cpu"),
         "artifacts": report.get("artifacts"),
     }
 
