@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from bench import bench_allocation, bench_pipeline, bench_sensitivity
+from bench import bench_allocation, bench_api, bench_pipeline, bench_sensitivity
 
 
 def main() -> None:
     bench_sensitivity.main([])
     bench_allocation.main()
     bench_pipeline.main([])
+    bench_api.main([])
 
 
 if __name__ == "__main__":
