@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 
 from mpq_core.cli import build_parser as build_core_parser
-from mpq_core.errors import MpqError
+from mpq_core.cli import run
 
 __all__ = ["DEFAULT_TENANT", "build_parser", "main"]
 
@@ -125,26 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mpq`` console script."""
-    warnings.filterwarnings("ignore", message=".*torch.jit.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except MpqError as exc:
-        print(f"mpq: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"mpq: error [file_not_found]: {exc.filename}: no such file", file=sys.stderr)
-        return 2
-    except _settings_errors() as exc:
-        print(f"mpq: error [bad_settings]: {exc}", file=sys.stderr)
-        return 2
+    """Entry point of the ``mpq`` console script: the engine's commands plus the service's."""
+    return run(
+        build_parser(), argv, more_errors={error: "bad_settings" for error in _settings_errors()}
+    )
 
 
 def _settings_errors() -> tuple[type[Exception], ...]:
-    # pydantic is imported only once an error has to be matched (it is loaded by then anyway).
     try:
         from pydantic import ValidationError
     except ImportError:  # the service extra is not installed

@@ -169,20 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mpq`` console script."""
+def run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    *,
+    more_errors: dict[type[Exception], str] | None = None,
+) -> int:
+    """Parse ``argv`` with ``parser``, run the chosen command, and turn the errors a user can
+    cause into ``mpq: error [code]: message`` and exit status 2 (never a traceback)."""
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except MpqError as exc:
         print(f"mpq: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
     except FileNotFoundError as exc:
         print(f"mpq: error [file_not_found]: {exc.filename}: no such file", file=sys.stderr)
-        return 2
+    except tuple(more_errors or {}) as exc:
+        code = next(c for t, c in (more_errors or {}).items() if isinstance(exc, t))
+        print(f"mpq: error [{code}]: {exc}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the engine-only ``mpq`` command (``api.cli`` adds the service)."""
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
