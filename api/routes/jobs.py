@@ -1,19 +1,31 @@
-"""``/v1/jobs``: create (202, then handed to the workers), poll, list, cancel, delete."""
+"""``/v1/jobs``: create (202, then handed to the workers) from JSON or from a multipart form
+carrying the files too, poll, list, cancel, delete."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTenant, EnqueueDep, SessionDep, StorageDep
+from api.deps import CurrentTenant, EnqueueDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError, Conflict, NotFound
-from api.models import Artifact, Dataset, Job, JobStatus, ModelFile, Tenant, utcnow
+from api.models import Artifact, Dataset, Job, JobStatus, ModelFile, Tenant, new_id, utcnow
+from api.queue import Enqueue
 from api.routes._paging import CursorQuery, LimitQuery, page
+from api.routes._upload import MultipartStream, clean_filename, store_stream
 from api.schemas import JobCreate, JobList, JobPublic
+from api.settings import Settings
+from api.storage import Storage
+from api.uploads import UploadTooLarge, sniff_data_format, sniff_model_format
+from mpq_core.spec import JobSpec
 
 __all__ = ["RETRY_AFTER_S", "get_owned_job", "router"]
 
@@ -49,16 +61,48 @@ def _retry_after(response: Response, job: Job) -> None:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
 
 
-@router.post("", status_code=202, response_model=JobPublic)
-def create_job(
-    body: JobCreate,
-    response: Response,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    enqueue: EnqueueDep,
-) -> JobPublic:
-    """Queue a job on an uploaded model and dataset; poll ``Location`` for its progress."""
-    spec = body.job_spec()
+# OpenAPI: the route reads its body itself (JSON, or a multipart form streamed part by part).
+_FILE = {"type": "string", "format": "binary"}
+_JOB_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": JobCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "data", "spec"],
+                    "properties": {
+                        "model": {**_FILE, "description": "the model file, as POST /v1/models"},
+                        "data": {**_FILE, "description": "calibration data, as POST /v1/datasets"},
+                        "eval_data": {**_FILE, "description": "optional evaluation data"},
+                        "spec": {"type": "string", "description": "the job spec as JSON"},
+                    },
+                },
+                "encoding": {"spec": {"contentType": "application/json"}},
+            },
+        },
+    }
+}
+_FILE_PARTS = ("model", "data", "eval_data")
+_SPEC_MAX_BYTES = 1024 * 1024
+_FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message)
+
+
+def _parse_json_body(raw: bytes) -> JobCreate:
+    """The JSON body as :class:`JobCreate`, invalid ones answered like FastAPI's own bodies."""
+    try:
+        return JobCreate.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec) -> Job:
     _check_model(session, tenant, body.model_id)
     _check_dataset(session, tenant, body.dataset_id)
     if body.eval_dataset_id is not None:
@@ -73,6 +117,10 @@ def create_job(
     )
     session.add(job)
     session.commit()  # the row exists before any worker can pick the id up
+    return job
+
+
+def _enqueue(session: Session, job: Job, enqueue: Enqueue) -> None:
     try:
         enqueue(job.id)
     except Exception:
@@ -85,6 +133,145 @@ def create_job(
         raise ApiError(
             503, "queue_unavailable", "the job queue is unavailable; try again later"
         ) from None
+
+
+async def _create_from_form(
+    request: Request,
+    boundary: bytes,
+    session: Session,
+    tenant: Tenant,
+    storage: Storage,
+    settings: Settings,
+) -> Job:
+    """Store the form's files as a model and datasets and insert them with the job, in one
+    transaction. Each file goes through the upload routes' path (same keys, sha256, size limit,
+    sniffing and codes); on any failure every object stored so far is deleted again."""
+    limit = settings.max_upload_bytes
+    most = len(_FILE_PARTS) * limit + _SPEC_MAX_BYTES + _FORM_OVERHEAD_BYTES
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > most:
+        raise UploadTooLarge(limit)  # refuse before reading a byte
+    ids = {name: new_id() for name in _FILE_PARTS}
+    keys = {
+        "model": f"tenants/{tenant.id}/models/{ids['model']}",
+        "data": f"tenants/{tenant.id}/datasets/{ids['data']}",
+        "eval_data": f"tenants/{tenant.id}/datasets/{ids['eval_data']}",
+    }
+    rows: dict[str, ModelFile | Dataset] = {}
+    spec: JobSpec | None = None
+    seen: set[str] = set()
+    try:
+        form = MultipartStream(request.stream(), boundary)
+        while (part := await form.next_part()) is not None:
+            name = part.name
+            if name not in (*_FILE_PARTS, "spec"):
+                raise _invalid(f"unknown form part {name!r}: send model, data, eval_data, spec")
+            if name in seen:
+                raise _invalid(f"the form part {name!r} was sent twice")
+            seen.add(name)
+            if name == "spec":
+                raw = await form.read_field(_SPEC_MAX_BYTES, name)
+                try:
+                    spec_dict = json.loads(raw)
+                except ValueError:
+                    raise _invalid("spec: not valid JSON") from None
+                if not isinstance(spec_dict, dict):
+                    raise _invalid("spec: must be a JSON object (the job spec)")
+                spec = JobCreate(
+                    model_id=ids["model"], dataset_id=ids["data"], spec=spec_dict
+                ).job_spec()
+                continue
+            key = keys[name]
+            if name == "model":
+                result, fmt = await store_stream(
+                    form.read(), storage, settings, key, lambda r: sniff_model_format(r.head)
+                )
+                rows[name] = ModelFile(
+                    id=ids[name],
+                    tenant_id=tenant.id,
+                    filename=clean_filename(part.filename, "model.pt"),
+                    format=fmt,
+                    size=result.size,
+                    sha256=result.sha256,
+                    storage_key=key,
+                )
+            else:
+                result, fmt = await store_stream(
+                    form.read(), storage, settings, key, lambda r: sniff_data_format(r.head, r.size)
+                )
+                rows[name] = Dataset(
+                    id=ids[name],
+                    tenant_id=tenant.id,
+                    filename=clean_filename(part.filename, "data.npz"),
+                    format=fmt,
+                    size=result.size,
+                    sha256=result.sha256,
+                    storage_key=key,
+                )
+        missing = [n for n in ("model", "data", "spec") if n not in seen]
+        if missing or spec is None:
+            raise _invalid(f"missing form part(s): {', '.join(missing)}")
+        job = Job(
+            tenant_id=tenant.id,
+            model_id=ids["model"],
+            dataset_id=ids["data"],
+            eval_dataset_id=ids["eval_data"] if "eval_data" in rows else None,
+            spec=spec.to_dict(),
+            status=JobStatus.QUEUED.value,
+        )
+
+        def save() -> None:
+            session.add_all(rows.values())
+            session.flush()  # the uploads before the job that references them
+            session.add(job)
+            session.commit()
+
+        await run_in_threadpool(save)
+    except BaseException:
+        for name in rows:
+            try:
+                storage.delete(keys[name])
+            except Exception:
+                log.exception("could not delete upload %s of a refused job form", keys[name])
+        raise
+    return job
+
+
+@router.post("", status_code=202, response_model=JobPublic, openapi_extra=_JOB_BODY)
+async def create_job(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    storage: StorageDep,
+    settings: SettingsDep,
+    enqueue: EnqueueDep,
+) -> JobPublic:
+    """Queue a job; poll ``Location`` for its progress.
+
+    Either a JSON :class:`JobCreate` naming an uploaded model and dataset, or a
+    ``multipart/form-data`` form with the files (``model``, ``data``, optional ``eval_data``)
+    and ``spec`` (the job spec as JSON): the files are stored as a model and datasets, exactly
+    as ``POST /v1/models`` and ``POST /v1/datasets`` would (the job names their ids), and
+    nothing is kept when any part is refused.
+    """
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype == b"multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise _invalid("malformed multipart body: no boundary in Content-Type")
+        job = await _create_from_form(request, boundary, session, tenant, storage, settings)
+    elif ctype in (b"", b"application/json") or ctype.endswith(b"+json"):
+        body = _parse_json_body(await request.body())
+        spec = body.job_spec()
+        job = await run_in_threadpool(_insert_job, session, tenant, body, spec)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the job as application/json, or as multipart/form-data with the files",
+        )
+    await run_in_threadpool(_enqueue, session, job, enqueue)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     _retry_after(response, job)
     return JobPublic.of(job)
