@@ -147,7 +147,8 @@ def _target(path: str | Path, default_name: str) -> Path:
 
 def _write_atomic(target: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then move the file into place, so no half file is left."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # The temporary name keeps the target's suffix: torch.export.save warns about other names.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
     os.close(fd)
     try:
         write(tmp)
