@@ -155,7 +155,22 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 
 
-class ModelFile(Base):
+class _UploadColumns:
+    """The columns every uploaded file has (models and datasets alike)."""
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    filename: Mapped[str] = mapped_column(sa.String(255))
+    format: Mapped[str] = mapped_column(sa.String(16))
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    storage_key: Mapped[str] = mapped_column(sa.String(512))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelFile(_UploadColumns, Base):
     """An uploaded model archive (TorchScript or torch.export), as detected from its content."""
 
     __tablename__ = "model_files"
@@ -164,17 +179,8 @@ class ModelFile(Base):
         sa.Index("ix_model_files_tenant_created", "tenant_id", "created_at"),
     )
 
-    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = _tenant_fk()
-    filename: Mapped[str] = mapped_column(sa.String(255))
-    format: Mapped[str] = mapped_column(sa.String(16))
-    size: Mapped[int] = mapped_column(sa.BigInteger)
-    sha256: Mapped[str] = mapped_column(sa.String(64))
-    storage_key: Mapped[str] = mapped_column(sa.String(512))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-
-class Dataset(Base):
+class Dataset(_UploadColumns, Base):
     """An uploaded calibration or evaluation data file (``.npz`` or ``.safetensors``)."""
 
     __tablename__ = "datasets"
@@ -182,15 +188,6 @@ class Dataset(Base):
         sa.CheckConstraint(_in_list("format", DATASET_FORMATS), name="format"),
         sa.Index("ix_datasets_tenant_created", "tenant_id", "created_at"),
     )
-
-    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = _tenant_fk()
-    filename: Mapped[str] = mapped_column(sa.String(255))
-    format: Mapped[str] = mapped_column(sa.String(16))
-    size: Mapped[int] = mapped_column(sa.BigInteger)
-    sha256: Mapped[str] = mapped_column(sa.String(64))
-    storage_key: Mapped[str] = mapped_column(sa.String(512))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):

@@ -34,8 +34,10 @@ class ErrorInfo(BaseModel):
     message: str
 
 
-class ModelPublic(BaseModel):
-    """An uploaded model; ``format`` is what the API detected (``torchscript`` or ``export``)."""
+class _UploadPublic(BaseModel):
+    """What the API says about an uploaded file; read straight off its ORM row."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     id: str
     filename: str
@@ -43,39 +45,22 @@ class ModelPublic(BaseModel):
     size: int
     sha256: str
     created_at: datetime
+
+
+class ModelPublic(_UploadPublic):
+    """An uploaded model; ``format`` is what the API detected (``torchscript`` or ``export``)."""
 
     @classmethod
     def of(cls, row: ModelFile) -> ModelPublic:
-        return cls(
-            id=row.id,
-            filename=row.filename,
-            format=row.format,
-            size=row.size,
-            sha256=row.sha256,
-            created_at=row.created_at,
-        )
+        return cls.model_validate(row)
 
 
-class DatasetPublic(BaseModel):
+class DatasetPublic(_UploadPublic):
     """An uploaded data file (``npz`` or ``safetensors``)."""
-
-    id: str
-    filename: str
-    format: str
-    size: int
-    sha256: str
-    created_at: datetime
 
     @classmethod
     def of(cls, row: Dataset) -> DatasetPublic:
-        return cls(
-            id=row.id,
-            filename=row.filename,
-            format=row.format,
-            size=row.size,
-            sha256=row.sha256,
-            created_at=row.created_at,
-        )
+        return cls.model_validate(row)
 
 
 class ModelList(BaseModel):
