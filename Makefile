@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest bench demo clean
+.PHONY: install test test-local lint typecheck pytest bench demo clean
 
 DEMO := bench/work
 DEMO_MODEL := $(DEMO)/digits_cnn.pt
@@ -32,6 +32,10 @@ pytest: install
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# Only the tests that need no server (no Postgres, Redis, S3 or browser): engine work on a laptop.
+test-local: install
+	$(BIN)/pytest -q -m "not postgres and not redis and not s3 and not browser"
 
 bench: install
 	$(BIN)/python -m bench.run_all

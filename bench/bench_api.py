@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from tests.support.processes import ServiceProcess, start_http_service
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,14 +82,6 @@ ENDPOINT_LABELS = {
 # --- the API subprocess ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def service_env(data_dir: Path, max_upload_bytes: int) -> dict[str, str]:
     """The process environment of the embedded default under ``data_dir`` (no inherited MPQ_*)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPQ_")}
@@ -106,28 +99,21 @@ def service_env(data_dir: Path, max_upload_bytes: int) -> dict[str, str]:
 class Server:
     """A running ``uvicorn`` API process."""
 
-    proc: subprocess.Popen[bytes]
-    port: int
+    proc: ServiceProcess
+    base_url: str
     data_dir: Path
-    log_path: Path
     api_key: str = ""
 
     @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self.proc.stop()
 
 
 def create_api_key(data_dir: Path) -> str:
@@ -155,42 +141,19 @@ def start_server(data_dir: Path, max_upload_bytes: int, timeout_s: float = 30.0)
         timeout=60,
     )
     api_key = create_api_key(data_dir)
-    port = free_port()
-    log_path = data_dir.parent / f"uvicorn-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "api.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(proc, port, data_dir, log_path, api_key)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited ({proc.returncode}):\n{log_path.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.base_url + "/healthz", timeout=1.0).status_code == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"uvicorn did not answer /healthz in {timeout_s} s:\n{log_path.read_text()}")
+
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--log-level", "warning", "--no-access-log",
+        ]  # fmt: skip
+
+    proc, base_url = start_http_service(
+        "uvicorn", command, env=env, cwd=ROOT, log_path=data_dir.parent / "uvicorn.log",
+        ready_path="/healthz", timeout_s=timeout_s,
+    )  # fmt: skip
+    return Server(proc, base_url, data_dir, api_key)
 
 
 def proc_memory_kib(pid: int) -> tuple[int, int]:

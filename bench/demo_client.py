@@ -22,11 +22,8 @@ import argparse
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +34,8 @@ import numpy as np
 import torch
 
 from bench.digits import WORK, prepare
+from tests.support.jobs import JobWaitError, wait_for_job
+from tests.support.processes import ServiceNotReady, start_http_service
 
 __all__ = ["DemoError", "main", "run_demo"]
 
@@ -48,7 +47,7 @@ JOB_SPEC: dict[str, Any] = {
 }
 READY_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 600.0
-FINAL = ("succeeded", "failed", "cancelled")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DemoError(Exception):
@@ -57,12 +56,6 @@ class DemoError(Exception):
 
 def _say(message: str) -> None:
     print(message, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _service_env(data_dir: Path) -> dict[str, str]:
@@ -95,43 +88,20 @@ def create_key(data_dir: Path) -> str:
 @contextmanager
 def running_server(data_dir: Path, log_path: Path) -> Iterator[str]:
     """``mpq serve`` on a free port until the block ends; yields its base URL once ready."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            _mpq("serve", "--port", str(port)),
-            env=_service_env(data_dir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc, base = start_http_service(
+        "mpq serve",
+        lambda port: _mpq("serve", "--port", str(port)),
+        env=_service_env(data_dir),
+        cwd=ROOT,
+        log_path=log_path,
+        timeout_s=READY_TIMEOUT_S,
+    )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise DemoError(
-                    f"mpq serve exited with {proc.returncode} before it was ready; "
-                    f"its log:\n{_tail(log_path)}"
-                )
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise DemoError(f"mpq serve not ready after {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)
         _say(f"mpq serve is ready at {base} (pid {proc.pid}, log {log_path})")
         yield base
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _say(f"mpq serve stopped (exit code {proc.returncode})")
+        code = proc.stop(timeout_s=30)
+        _say(f"mpq serve stopped (exit code {code})")
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -163,20 +133,18 @@ def _upload(client: httpx.Client, route: str, path: Path) -> str:
 
 
 def _poll(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    last: tuple[str, str | None, float] | None = None
-    while True:
-        job: dict[str, Any] = _check(client.get(f"/v1/jobs/{job_id}"), "job status")
+    """Wait for the job, printing every change of status, stage or progress."""
+    last: list[tuple[str, str | None, float]] = []
+
+    def show(job: dict[str, Any]) -> None:
         now = (job["status"], job["stage"], job["progress"])
-        if now != last:
-            stage = job["stage"] or "-"
-            _say(f"  {job['status']:<10} stage {stage:<10} progress {job['progress']:6.1%}")
-            last = now
-        if job["status"] in FINAL:
-            return job
-        if time.monotonic() > deadline:
-            raise DemoError(f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s")
-        time.sleep(0.25)
+        if not last or now != last[-1]:
+            _say(
+                f"  {job['status']:<10} stage {job['stage'] or '-':<10} progress {job['progress']:6.1%}"
+            )
+            last.append(now)
+
+    return wait_for_job(client, job_id, timeout_s=JOB_TIMEOUT_S, interval_s=0.25, on_update=show)
 
 
 def _accuracy(model: torch.jit.ScriptModule, npz: Path) -> float:
@@ -288,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         run_demo(args.data_dir)
-    except DemoError as exc:
+    except (DemoError, ServiceNotReady, JobWaitError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:

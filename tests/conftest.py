@@ -1,4 +1,15 @@
-"""Shared fixtures: the tests/zoo.py models, seeded, with their saved archives built once."""
+"""Shared fixtures (the tests/zoo.py models, seeded, with their saved archives built once; the
+external services from tests/support/fixtures.py) and the markers of tests that need a service.
+
+Markers are set here from the fixtures a test uses, so no test can forget one:
+
+- ``postgres``, ``redis``, ``s3``: the test talks to that real server (a parametrized test only in
+  the variants that do, e.g. ``engine[postgres]`` or ``storage[s3]``);
+- ``browser``: a headless Chromium; ``slow``: a long end-to-end check (set by hand).
+
+``make test`` runs everything; ``pytest -m "not postgres and not redis and not s3 and not
+browser"`` runs what needs no server (README: "Tests").
+"""
 
 from __future__ import annotations
 
@@ -18,6 +29,37 @@ from tests.zoo import (
     export_bytes,
     torchscript_bytes,
 )
+
+pytest_plugins = ["tests.support.fixtures"]
+
+#: Fixtures whose use means a test needs that service.
+SERVICE_FIXTURES: dict[str, frozenset[str]] = {
+    "postgres": frozenset({"pg_admin", "pg_url", "new_pg_url", "migrated_pg_engine"}),
+    "redis": frozenset({"redis_url"}),
+    "s3": frozenset({"s3_server", "module_s3_storage"}),
+    "browser": frozenset({"browser", "page"}),
+}
+#: Parameter values of backend-parametrized fixtures (``engine``, ``fresh_url``, ``storage``)
+#: that reach a service through ``request.getfixturevalue``, invisible in ``fixturenames``.
+SERVICE_PARAMS: dict[str, str] = {"postgres": "postgres", "s3": "s3"}
+
+
+def service_markers(item: pytest.Item) -> set[str]:
+    """The service markers ``item`` needs, from its fixtures and backend parameters."""
+    names = set(getattr(item, "fixturenames", ()))
+    found = {marker for marker, fixtures in SERVICE_FIXTURES.items() if names & fixtures}
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        values = {v for v in callspec.params.values() if isinstance(v, str)}
+        found |= {marker for value, marker in SERVICE_PARAMS.items() if value in values}
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker in sorted(service_markers(item)):
+            item.add_marker(marker)
+
 
 # The test models are tiny: intra-op threads only add overhead (and spin-wait on a busy machine).
 torch.set_num_threads(1)

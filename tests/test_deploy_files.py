@@ -7,20 +7,19 @@ import json
 import os
 import re
 import shlex
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from api.settings import Settings
+from tests.support.net import free_port
+from tests.support.processes import start_http_service
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -189,7 +188,7 @@ def test_seaweedfs_identity_matches_the_services_keys(compose: dict[str, Any]) -
 
 
 def test_seaweedfs_flags_exist_in_weed() -> None:
-    from tests.s3server import weed_binary
+    from tests.support.s3server import weed_binary
 
     doc = yaml.safe_load(COMPOSE.read_text())
     flags = {a.split("=", 1)[0] for a in command(doc, "seaweedfs")[1:]}
@@ -255,12 +254,6 @@ def test_migrate_command_upgrades_a_database(compose: dict[str, Any], tmp_path: 
     assert version and {"jobs", "api_keys"} <= tables, tables
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served_api(compose: dict[str, Any], tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """The api service's command (host and port changed) on SQLite and local storage."""
@@ -274,32 +267,20 @@ def served_api(compose: dict[str, Any], tmp_path: Path) -> Iterator[tuple[int, d
         as_local(command(compose, "migrate")), cwd=tmp_path, env=env, capture_output=True
     )
     assert migrated.returncode == 0, migrated.stderr
-    port = _free_port()
-    cmd = as_local(command(compose, "api"))
-    cmd[cmd.index("--port") + 1] = str(port)
-    cmd[cmd.index("--host") + 1] = "127.0.0.1"
-    log = tmp_path / "api.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def api_command(port: int) -> list[str]:
+        cmd = as_local(command(compose, "api"))
+        cmd[cmd.index("--port") + 1] = str(port)
+        cmd[cmd.index("--host") + 1] = "127.0.0.1"
+        return cmd
+
+    proc, base_url = start_http_service(
+        "api", api_command, env=env, cwd=tmp_path, log_path=tmp_path / "api.log"
+    )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"api not ready:\n{log.read_text(errors='replace')[-3000:]}")
-        yield port, env
+        yield int(base_url.rsplit(":", 1)[1]), env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        proc.stop()
 
 
 def test_api_command_serves_and_its_healthcheck_passes(
@@ -312,7 +293,7 @@ def test_api_command_serves_and_its_healthcheck_passes(
     ok = subprocess.run(as_local(check), env=env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
     # ...and it fails when the API is not there.
-    dead = [a.replace("127.0.0.1:8000", f"127.0.0.1:{_free_port()}") for a in test[1:]]
+    dead = [a.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}") for a in test[1:]]
     bad = subprocess.run(as_local(dead), env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0
 

@@ -1,79 +1,20 @@
-"""Real databases for the api tests: a fresh SQLite file per test and fresh Postgres databases.
-
-Postgres is reached at ``MPQ_TEST_POSTGRES_URL`` (default the local server, database ``test``);
-each fresh database is created there and dropped (WITH (FORCE)) afterwards. An unreachable
-server fails the tests that need it (it is part of the test environment, never skipped).
+"""Real databases for the api tests: a fresh SQLite file per test and fresh Postgres databases
+(from tests/support/fixtures.py: ``pg_url``, ``new_pg_url``), migrated where asked.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.db import make_engine, make_sessionmaker
 from api.migrate import upgrade
 
-ADMIN_URL = os.environ.get(
-    "MPQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 BACKENDS = ("sqlite", "postgres")
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[Engine]:
-    """An AUTOCOMMIT engine on the admin database, for CREATE/DROP DATABASE."""
-    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        engine.dispose()
-        pytest.fail(f"Postgres not reachable at {ADMIN_URL}: {exc.orig}; start it (see README)")
-    yield engine
-    engine.dispose()
-
-
-def _create_database(admin: Engine) -> str:
-    name = f"mpq_test_{secrets.token_hex(6)}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    return make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_database(admin: Engine, url: str) -> None:
-    name = make_url(url).database
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture
-def new_pg_url(pg_admin: Engine) -> Iterator[Callable[[], str]]:
-    """A factory of fresh, empty Postgres databases (URLs), all dropped after the test."""
-    made: list[str] = []
-
-    def make() -> str:
-        made.append(_create_database(pg_admin))
-        return made[-1]
-
-    yield make
-    for url in made:
-        _drop_database(pg_admin, url)
-
-
-@pytest.fixture(scope="module")
-def pg_url(pg_admin: Engine) -> Iterator[str]:
-    """A fresh, empty Postgres database shared by one test module."""
-    url = _create_database(pg_admin)
-    yield url
-    _drop_database(pg_admin, url)
 
 
 @pytest.fixture

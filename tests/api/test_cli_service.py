@@ -11,10 +11,8 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import torch
 from api.auth import authenticate
 from api.db import make_engine, make_sessionmaker
 from api.settings import Settings
+from tests.support.jobs import wait_for_job
+from tests.support.processes import ServiceProcess, pid_alive, start_http_service, wait_pid_gone
 from tests.worker.conftest import SPEC, mlp_npz
 
 MPQ = Path(sys.executable).parent / "mpq"
@@ -66,29 +66,6 @@ def _create_key(data_dir: Path, cwd: Path, name: str = "ci", tenant: str = "acme
     lines = done.stdout.splitlines()
     assert len(lines) == 1, f"stdout must hold only the key, got {done.stdout!r}"
     return lines[0]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-
-
-def _wait_gone(pid: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_keys_create_prints_only_a_key_that_authenticates(tmp_path: Path) -> None:
@@ -136,56 +113,42 @@ def test_entry_point_keeps_the_engine_commands(
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """``mpq serve`` on a free port with MPQ_DATA_DIR=tmp; (process, base URL, log path)."""
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(MPQ), "serve", "--port", str(port)],
-            env=_env(tmp_path / "data"),
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+def served(tmp_path: Path) -> Iterator[tuple[ServiceProcess, str]]:
+    """``mpq serve`` on a free port with MPQ_DATA_DIR=tmp, ready; (process, base URL)."""
+    proc, base = start_http_service(
+        "mpq serve",
+        lambda port: [str(MPQ), "serve", "--port", str(port)],
+        env=_env(tmp_path / "data"),
+        cwd=tmp_path,
+        log_path=tmp_path / "serve.log",
+        timeout_s=READY_TIMEOUT_S,
+    )
     try:
-        yield proc, f"http://127.0.0.1:{port}", log_path
+        yield proc, base
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        match = re.search(r"worker started \(pid (\d+)", log_path.read_text(errors="replace"))
-        if match and _alive(int(match.group(1))):
+        proc.stop()
+        match = re.search(r"worker started \(pid (\d+)", proc.tail(10_000))
+        if match and pid_alive(int(match.group(1))):
             os.kill(int(match.group(1)), signal.SIGKILL)
 
 
 def test_serve_runs_a_job_with_its_worker_and_stops_both(
     tmp_path: Path,
     zoo_bytes: Callable[[str, str], bytes],
-    served: tuple[subprocess.Popen[bytes], str, Path],
+    served: tuple[ServiceProcess, str],
 ) -> None:
-    proc, base, log_path = served
+    proc, base = served
     key = _create_key(tmp_path / "data", tmp_path)
 
     def log_tail() -> str:
-        return log_path.read_text(errors="replace")[-6000:]
+        return proc.tail(100)
 
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        assert proc.poll() is None, f"mpq serve exited with {proc.returncode}:\n{log_tail()}"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s:\n{log_tail()}"
-        time.sleep(0.1)
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
 
     match = re.search(r"worker started \(pid (\d+)", log_tail())
     assert match, log_tail()
     worker_pid = int(match.group(1))
-    assert _alive(worker_pid)
+    assert pid_alive(worker_pid)
 
     model_bytes = zoo_bytes("mlp", "script")
     assert httpx.post(f"{base}/v1/models", content=model_bytes).status_code == 401
@@ -204,14 +167,13 @@ def test_serve_runs_a_job_with_its_worker_and_stops_both(
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
 
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while True:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            assert _alive(worker_pid), f"the worker died:\n{log_tail()}"
-            assert time.monotonic() < deadline, f"job still {job['status']}:\n{log_tail()}"
-            time.sleep(0.2)
+        job = wait_for_job(
+            client,
+            job_id,
+            timeout_s=JOB_TIMEOUT_S,
+            check=lambda: None if pid_alive(worker_pid) else "the worker died",
+            describe=log_tail,
+        )
         assert job["status"] == "succeeded", f"{job['error']}\n{log_tail()}"
         assert job["progress"] == 1.0
 
@@ -224,7 +186,7 @@ def test_serve_runs_a_job_with_its_worker_and_stops_both(
         report = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()
         assert report["metrics"]["finetuned"] is not None
 
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0, log_tail()
-    assert _wait_gone(worker_pid, 5), f"worker {worker_pid} still running:\n{log_tail()}"
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(timeout=30) == 0, log_tail()
+    assert wait_pid_gone(worker_pid, 5), f"worker {worker_pid} still running:\n{log_tail()}"
     assert "worker stopped" in log_tail()

@@ -24,7 +24,7 @@ from api.storage import (
     make_storage,
     validate_key,
 )
-from tests.s3server import S3Server, s3_server  # noqa: F401  (registers the fixture)
+from tests.support.s3server import S3Server
 
 MiB = 1024 * 1024
 
@@ -43,7 +43,7 @@ def s3_storage(server: S3Server, bucket: str) -> S3Storage:
 
 
 @pytest.fixture(scope="module")
-def module_s3_storage(s3_server: S3Server) -> S3Storage:  # noqa: F811
+def module_s3_storage(s3_server: S3Server) -> S3Storage:
     """One bucket (and one client: building a boto3 client takes ~0.2 s) per module."""
     return s3_storage(s3_server, f"mpq-storage-{uuid.uuid4().hex[:8]}")
 
@@ -271,7 +271,7 @@ def test_content_disposition() -> None:
     assert content_disposition("../../etc/passwd").startswith('attachment; filename=".._.._etc')
 
 
-def test_ensure_bucket_is_idempotent(s3_server: S3Server) -> None:  # noqa: F811
+def test_ensure_bucket_is_idempotent(s3_server: S3Server) -> None:
     bucket = f"mpq-new-{uuid.uuid4().hex[:8]}"
     client = s3_server.client()
     names = {b["Name"] for b in client.list_buckets()["Buckets"]}
@@ -284,7 +284,7 @@ def test_ensure_bucket_is_idempotent(s3_server: S3Server) -> None:  # noqa: F811
     assert storage.read_bytes("k") == b"v"
 
 
-def test_wrong_credentials_are_refused(s3_server: S3Server) -> None:  # noqa: F811
+def test_wrong_credentials_are_refused(s3_server: S3Server) -> None:
     storage = S3Storage(
         bucket="mpq-any-bucket",
         endpoint_url=s3_server.endpoint_url,
@@ -318,7 +318,7 @@ def test_make_storage_local(tmp_path: Path) -> None:
     assert (tmp_path / "objects" / "a" / "b").read_bytes() == b"x"
 
 
-def test_make_storage_s3(s3_server: S3Server) -> None:  # noqa: F811
+def test_make_storage_s3(s3_server: S3Server) -> None:
     bucket = f"mpq-made-{uuid.uuid4().hex[:8]}"
     storage = make_storage(
         settings(
@@ -343,7 +343,7 @@ def test_make_storage_rejects_bad_settings() -> None:
         make_storage(settings(storage="s3"))
 
 
-def test_presigned_url_for_public_endpoint(s3_server: S3Server) -> None:  # noqa: F811
+def test_presigned_url_for_public_endpoint(s3_server: S3Server) -> None:
     storage = S3Storage(
         bucket="mpq-public",
         endpoint_url=s3_server.endpoint_url,
@@ -357,7 +357,7 @@ def test_presigned_url_for_public_endpoint(s3_server: S3Server) -> None:  # noqa
     )
 
 
-def test_s3_server_listens_on_loopback_only(s3_server: S3Server) -> None:  # noqa: F811
+def test_s3_server_listens_on_loopback_only(s3_server: S3Server) -> None:
     assert s3_server.endpoint_url.startswith("http://127.0.0.1:")
     pid = s3_server.proc.pid
     inodes = set()

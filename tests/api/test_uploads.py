@@ -30,7 +30,7 @@ from api.uploads import (
 from mpq_core.data import load_data
 from mpq_core.errors import DataError, ModelFormatError
 from mpq_core.intake import detect_format
-from tests.s3server import S3Server, s3_server  # noqa: F401  (registers the fixture)
+from tests.support.s3server import S3Server
 from tests.zoo import SmallMLP, export_bytes, torchscript_bytes
 
 MiB = 1024 * 1024
@@ -38,7 +38,7 @@ CHUNK = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def module_s3_storage(s3_server: S3Server) -> S3Storage:  # noqa: F811
+def module_s3_storage(s3_server: S3Server) -> S3Storage:
     storage = S3Storage(
         bucket=f"mpq-uploads-{uuid.uuid4().hex[:8]}",
         endpoint_url=s3_server.endpoint_url,
@@ -240,7 +240,7 @@ def test_storage_failure_surfaces_without_hanging(tmp_path: Path) -> None:
     assert body.consumed < 30 * MiB  # gave up early instead of draining the client
 
 
-def test_storage_failure_on_s3_surfaces(s3_server: S3Server) -> None:  # noqa: F811
+def test_storage_failure_on_s3_surfaces(s3_server: S3Server) -> None:
     storage = S3Storage(
         bucket="mpq-no-such-bucket",
         endpoint_url=s3_server.endpoint_url,

