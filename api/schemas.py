@@ -1,5 +1,5 @@
 """Request and response bodies. Inputs (``JobCreate``) and outputs (``*Public``) are separate
-from each other and from the ORM classes in :mod:`api.models`."""
+from each other and from the ORM classes in :mod:`mpq_service.tables`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import Artifact, Dataset, Job, ModelFile
 from mpq_core.errors import SpecError
 from mpq_core.spec import JobSpec
+from mpq_service.tables import Artifact, Dataset, Job, ModelFile
 
 __all__ = [
     "ArtifactList",

@@ -30,8 +30,8 @@ from collections.abc import AsyncIterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from api.storage import Storage
 from mpq_core.errors import DataError, ModelFormatError, MpqError
+from mpq_service.storage import Storage
 
 __all__ = [
     "HEAD_BYTES",

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from api.settings import Settings
+from mpq_service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -106,7 +106,7 @@ def test_compose_has_the_production_services(compose: dict[str, Any]) -> None:
 
 def test_migrate_runs_once_before_api_and_worker(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert command(compose, "migrate") == ["python", "-m", "api.migrate", "upgrade"]
+    assert command(compose, "migrate") == ["python", "-m", "mpq_service.migrate", "upgrade"]
     assert services["migrate"].get("restart", "no") == "no"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
@@ -377,7 +377,9 @@ def test_dockerfile_copies_what_exists_and_no_secrets() -> None:
         if kind == "COPY":
             *sources, _dest = args.split()
             copied += [s for s in sources if not s.startswith("--")]
-    assert {"pyproject.toml", "mpq_core", "api", "worker", "migrations"} <= set(copied)
+    assert {"pyproject.toml", "mpq_core", "mpq_service", "api", "worker", "migrations"} <= set(
+        copied
+    )
     for source in copied:
         assert (REPO / source).exists(), source
         assert source not in ignored, source

@@ -41,15 +41,16 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import session_scope
-from api.models import Artifact, Job, JobStatus, SensitivityCache, utcnow
-from api.storage import ObjectNotFound, Storage
 from mpq_core.errors import MpqError
+from mpq_service.db import session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.storage import ObjectNotFound, Storage
+from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 
 if TYPE_CHECKING:
-    from api.settings import Settings
     from mpq_core.sensitivity_table import SensitivityTable
     from mpq_core.spec import JobSpec
+    from mpq_service.settings import Settings
 
 __all__ = [
     "ANALYSIS_FIELDS",

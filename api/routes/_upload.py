@@ -13,9 +13,9 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
-from api.settings import Settings
-from api.storage import Storage
 from api.uploads import UploadResult, UploadTooLarge, receive_upload
+from mpq_service.settings import Settings
+from mpq_service.storage import Storage
 
 __all__ = [
     "RAW_BODY",

@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep, StorageDep
 from api.errors import NotFound
-from api.models import Artifact
 from api.routes.jobs import get_owned_job
 from api.schemas import ArtifactList, ArtifactPublic
-from api.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
+from mpq_service.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
+from mpq_service.tables import Artifact
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 

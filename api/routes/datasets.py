@@ -8,11 +8,11 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from api.errors import NotFound
-from api.models import Dataset, new_id
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload import RAW_BODY, FilenameQuery, clean_filename, store_upload
 from api.schemas import DatasetList, DatasetPublic
 from api.uploads import sniff_data_format
+from mpq_service.tables import Dataset, new_id
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

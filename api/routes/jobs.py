@@ -17,15 +17,16 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, EnqueueDep, SessionDep, SettingsDep, StorageDep
 from api.errors import ApiError, Conflict, NotFound
-from api.models import Artifact, Dataset, Job, JobStatus, ModelFile, Tenant, new_id, utcnow
 from api.queue import Enqueue
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload import MultipartStream, clean_filename, store_stream
 from api.schemas import JobCreate, JobList, JobPublic
-from api.settings import Settings
-from api.storage import Storage
 from api.uploads import UploadTooLarge, sniff_data_format, sniff_model_format
 from mpq_core.spec import JobSpec
+from mpq_service.job_status import JobStatus
+from mpq_service.settings import Settings
+from mpq_service.storage import Storage
+from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, new_id, utcnow
 
 __all__ = ["RETRY_AFTER_S", "get_owned_job", "router"]
 

@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, make_sessionmaker
-from api.migrate import upgrade
+from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.migrate import upgrade
 
 ADMIN_URL = os.environ.get(
     "MPQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

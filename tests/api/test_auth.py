@@ -19,8 +19,8 @@ from api.auth import (
     revoke_key,
     verify,
 )
-from api.db import session_scope
-from api.models import ApiKey, Tenant
+from mpq_service.db import session_scope
+from mpq_service.tables import ApiKey, Tenant
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_tenants_are_kept_apart(session_factory: sessionmaker[Session]) -> None:
 def test_api_modules_do_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import api, api.models, api.db, api.auth, api.migrate, api.settings\n"
+        "import api, mpq_service.tables, mpq_service.db, api.auth, mpq_service.migrate, mpq_service.settings\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy'))\n"
         "print(','.join(heavy))\n"
     )

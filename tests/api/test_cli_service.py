@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from api.auth import authenticate
-from api.db import make_engine, make_sessionmaker
-from api.settings import Settings
+from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.settings import Settings
 from tests.worker.conftest import SPEC, mlp_npz
 
 MPQ = Path(sys.executable).parent / "mpq"

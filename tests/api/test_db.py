@@ -12,20 +12,20 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, normalize_url, session_scope
-from api.models import (
+from mpq_core.spec import JobSpec
+from mpq_service.db import make_engine, normalize_url, session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.tables import (
     ApiKey,
     Artifact,
     Base,
     Dataset,
     Job,
-    JobStatus,
     ModelFile,
     SensitivityCache,
     Tenant,
     utcnow,
 )
-from mpq_core.spec import JobSpec
 
 
 def _tenant(session: Session) -> Tenant:

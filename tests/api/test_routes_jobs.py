@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from api.db import session_scope
-from api.models import Artifact, Job, JobStatus, utcnow
+from mpq_service.db import session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.tables import Artifact, Job, utcnow
 from tests.api.apptools import SPEC, Service, model_and_dataset, running_service
 
 
@@ -252,7 +253,7 @@ def test_importing_the_app_does_not_import_torch() -> None:
 
 def test_celery_enqueue_writes_to_the_filesystem_broker(tmp_path: Path) -> None:
     from api.queue import celery_enqueue
-    from api.settings import Settings
+    from mpq_service.settings import Settings
 
     settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
     celery_enqueue(settings)("job-123")

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from api.db import session_scope
-from api.models import Dataset, Job, ModelFile
+from mpq_service.db import session_scope
+from mpq_service.tables import Dataset, Job, ModelFile
 from tests.api.apptools import (
     SPEC,
     Service,

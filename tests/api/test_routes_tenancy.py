@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.db import session_scope
-from api.models import Artifact, Job, JobStatus
+from mpq_service.db import session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.tables import Artifact, Job
 from tests.api.apptools import SPEC, Service, model_and_dataset, running_service
 
 

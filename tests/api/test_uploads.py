@@ -18,7 +18,6 @@ import torch
 from safetensors.numpy import save as save_safetensors
 from torch import nn
 
-from api.storage import LocalStorage, S3Storage, Storage
 from api.uploads import (
     HEAD_BYTES,
     UploadResult,
@@ -30,6 +29,7 @@ from api.uploads import (
 from mpq_core.data import load_data
 from mpq_core.errors import DataError, ModelFormatError
 from mpq_core.intake import detect_format
+from mpq_service.storage import LocalStorage, S3Storage, Storage
 from tests.s3server import S3Server, s3_server  # noqa: F401  (registers the fixture)
 from tests.zoo import SmallMLP, export_bytes, torchscript_bytes
 

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, make_sessionmaker, session_scope
-from api.migrate import upgrade
-from api.models import Dataset, Job, ModelFile, Tenant
-from api.settings import Settings
-from api.storage import LocalStorage, Storage, make_storage
+from mpq_service.db import make_engine, make_sessionmaker, session_scope
+from mpq_service.migrate import upgrade
+from mpq_service.settings import Settings
+from mpq_service.storage import LocalStorage, Storage, make_storage
+from mpq_service.tables import Dataset, Job, ModelFile, Tenant
 from tests.conftest import zoo_data
 
 # Small and quick: the MLP of tests/zoo.py, 48 samples, one fine-tuning epoch.

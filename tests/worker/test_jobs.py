@@ -14,10 +14,10 @@ import torch
 from sqlalchemy import func, select
 
 import mpq_core.pipeline
-from api.db import session_scope
-from api.models import Artifact, Job, SensitivityCache
-from api.storage import LocalStorage
 from mpq_core.spec import JobSpec
+from mpq_service.db import session_scope
+from mpq_service.storage import LocalStorage
+from mpq_service.tables import Artifact, Job, SensitivityCache
 from tests.worker.conftest import Env, mlp_npz, npz_bytes
 from worker.jobs import analysis_settings, artifact_key, run_job
 

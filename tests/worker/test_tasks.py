@@ -10,9 +10,9 @@ import pytest
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 
 import worker.tasks
-from api.settings import Settings
+from mpq_service.celery_config import DEFAULT_QUEUE, TASK_RUN_JOB, make_celery
+from mpq_service.settings import Settings
 from tests.worker.conftest import Env
-from worker.celery_app import DEFAULT_QUEUE, TASK_RUN_JOB, make_celery
 
 REPO = Path(__file__).resolve().parents[2]
 

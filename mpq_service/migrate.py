@@ -9,9 +9,9 @@ together, one migrates and the other waits, then finds the schema at head and do
 
 Command line (uses ``MPQ_DATABASE_URL``)::
 
-    python -m api.migrate                 # upgrade to head
-    python -m api.migrate upgrade [REV]
-    python -m api.migrate downgrade REV   # e.g. base
+    python -m mpq_service.migrate                 # upgrade to head
+    python -m mpq_service.migrate upgrade [REV]
+    python -m mpq_service.migrate downgrade REV   # e.g. base
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
-from api.db import make_engine, normalize_url
+from mpq_service.db import make_engine, normalize_url
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -147,11 +147,11 @@ def downgrade(url: str | URL, revision: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m api.migrate [upgrade [REV] | downgrade REV]`` against ``MPQ_DATABASE_URL``."""
-    from api.settings import get_settings
+    """``python -m mpq_service.migrate [upgrade [REV] | downgrade REV]`` against ``MPQ_DATABASE_URL``."""
+    from mpq_service.settings import get_settings
 
     parser = argparse.ArgumentParser(
-        prog="python -m api.migrate", description=__doc__.split("\n")[0]
+        prog="python -m mpq_service.migrate", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="action")
     up = sub.add_parser("upgrade", help="migrate up (default: head)")

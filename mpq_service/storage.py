@@ -531,7 +531,7 @@ class S3Storage(Storage):
 
 
 class StorageSettings(Protocol):
-    """The settings :func:`make_storage` reads (``api.settings.Settings`` has them all).
+    """The settings :func:`make_storage` reads (``mpq_service.settings.Settings`` has them all).
 
     Read-only properties, so narrower field types (``Literal``, ``SecretStr``) still match.
     """
