@@ -14,6 +14,7 @@ import pytest
 
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.storage_keys import artifact_key
 from mpq_service.tables import Artifact, Job, utcnow
 from tests.api.apptools import SPEC, Service, model_and_dataset, running_service
 
@@ -42,7 +43,7 @@ def _finish(svc: Service, job_id: str, artifacts: dict[str, bytes] | None = None
         job = session.get(Job, job_id)
         assert job is not None
         for name, body in (artifacts or {}).items():
-            key = f"tenants/{job.tenant_id}/jobs/{job.id}/{name}"
+            key = artifact_key(job.tenant_id, job.id, name)
             svc.storage.put_bytes(key, body)
             session.add(
                 Artifact(
