@@ -24,6 +24,7 @@ __all__ = [
     "JobPublic",
     "ModelList",
     "ModelPublic",
+    "parse_job_spec",
 ]
 
 
@@ -100,12 +101,21 @@ class JobCreate(BaseModel):
         Raises:
             SpecError: (or BudgetError) naming the first bad field.
         """
-        try:
-            return JobSpec.from_dict(self.spec)
-        except SpecError:
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise SpecError(f"bad job spec: {exc}") from exc
+        return parse_job_spec(self.spec)
+
+
+def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
+    """``spec`` (a job spec as JSON) validated as a :class:`JobSpec`.
+
+    Raises:
+        SpecError: (or BudgetError) naming the first bad field.
+    """
+    try:
+        return JobSpec.from_dict(spec)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise SpecError(f"bad job spec: {exc}") from exc
 
 
 class JobPublic(BaseModel):
