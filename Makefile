@@ -24,6 +24,7 @@ SOURCES := $(PACKAGES) tests bench migrations
 lint: install
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy $(PACKAGES)

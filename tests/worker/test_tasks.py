@@ -33,12 +33,9 @@ def test_config_for_long_jobs(tmp_path: Path) -> None:
         assert folder.is_dir() and folder.is_relative_to(settings.broker_dir)
 
 
-def test_import_is_cheap_and_the_task_is_registered(tmp_path: Path) -> None:
-    code = (
-        "import sys, worker.celery_app as m, worker.tasks;"
-        "assert 'torch' not in sys.modules, 'torch imported';"
-        f"assert {TASK_RUN_JOB!r} in m.app.tasks"
-    )
+def test_the_workers_app_registers_the_task(tmp_path: Path) -> None:
+    # What `celery -A worker.celery_app worker` finds, in a process with only MPQ_DATA_DIR set.
+    code = f"import worker.celery_app as m, worker.tasks; assert {TASK_RUN_JOB!r} in m.app.tasks"
     env = {"MPQ_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
