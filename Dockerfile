@@ -1,9 +1,9 @@
 # The mpq service image. One image for every role of docker-compose.yml, which picks the command:
 #   api      python -m uvicorn --factory api.app:create_app --host 0.0.0.0 --port 8000 (default)
 #   worker   celery -A worker.celery_app worker --pool prefork --concurrency 1
-#   migrate  python -m api.migrate upgrade
-# Configuration is by MPQ_* environment variables only (api/settings.py); nothing secret is baked
-# in (.dockerignore keeps .env, .git and local data out of the build context).
+#   migrate  python -m mpq_service.migrate upgrade
+# Configuration is by MPQ_* environment variables only (mpq_service/settings.py); nothing secret
+# is baked in (.dockerignore keeps .env, .git and local data out of the build context).
 #
 # torch is installed first, in its own layer, from TORCH_SPEC (a pip requirement):
 #   docker build -t mpq .
@@ -34,11 +34,12 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 
 COPY pyproject.toml README.md ./
 COPY mpq_core ./mpq_core
+COPY mpq_service ./mpq_service
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
-# Editable, so api.migrate finds migrations/ beside the packages in /app; the torch installed
-# above already satisfies the package's torch requirement and is kept.
+# Editable, so mpq_service.migrate finds migrations/ beside the packages in /app; the torch
+# installed above already satisfies the package's torch requirement and is kept.
 RUN pip install -e ".[service]"
 
 USER mpq

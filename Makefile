@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,service]'
 	touch $(STAMP)
 
-PACKAGES := mpq_core api $(wildcard worker)
+PACKAGES := mpq_core mpq_service api $(wildcard worker)
 SOURCES := $(PACKAGES) tests bench migrations
 
 lint: install
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy $(PACKAGES)

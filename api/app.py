@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.db import make_engine, make_sessionmaker
 from api.errors import error_response, install_error_handlers
 from api.queue import Enqueue, celery_enqueue
 from api.routes import api_router
-from api.settings import Settings, get_settings
-from api.storage import make_storage
+from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.settings import Settings, get_settings
+from mpq_service.storage import make_storage
 
 __all__ = ["create_app"]
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
 
     Args:
         settings: the service's settings; the database must already be migrated
-            (``python -m api.migrate``).
+            (``python -m mpq_service.migrate``).
         enqueue: hands a new job's id to the workers; default sends the Celery task
             ``mpq.run_job`` through ``settings.broker_url``.
 

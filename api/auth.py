@@ -15,7 +15,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.models import ApiKey, Tenant, utcnow
+from mpq_service.tables import ApiKey, Tenant, utcnow
 
 __all__ = [
     "KEY_PREFIX",

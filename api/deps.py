@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import authenticate
 from api.errors import Unauthorized
-from api.models import Tenant
 from api.queue import Enqueue
-from api.settings import Settings
-from api.storage import Storage
+from mpq_service.settings import Settings
+from mpq_service.storage import Storage
+from mpq_service.tables import Tenant
 
 __all__ = ["CurrentTenant", "EnqueueDep", "SessionDep", "SettingsDep", "StorageDep"]
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.uploads import UploadTooLarge
+from api.upload_stream import UploadTooLarge
 from mpq_core.errors import (
     BudgetInfeasible,
     DataError,

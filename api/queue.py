@@ -1,8 +1,9 @@
 """Handing jobs to the workers: :func:`celery_enqueue` sends ``mpq.run_job`` with the job's id.
 
-The Celery app comes from :func:`worker.celery_app.make_celery` (imported lazily, torch-free), so
-the API and the workers agree on the broker, the default queue and the filesystem broker's
-folders under ``settings.broker_dir``. Importing this module imports neither celery nor torch.
+The task name and the Celery app come from :mod:`mpq_service.celery_config` (imported lazily,
+torch-free), the configuration the workers run with, so the API and the workers agree on the
+broker, the default queue and the filesystem broker's folders under ``settings.broker_dir``.
+Importing this module imports neither celery nor torch.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from mpq_service.settings import Settings
 
-__all__ = ["TASK_RUN_JOB", "Enqueue", "celery_enqueue"]
-
-TASK_RUN_JOB = "mpq.run_job"
+__all__ = ["Enqueue", "celery_enqueue"]
 
 Enqueue = Callable[[str], None]
 """Hands a job id to the workers; raises if the broker cannot take it."""
@@ -32,13 +31,13 @@ def celery_enqueue(settings: Settings) -> Enqueue:
     """
     from celery import Celery
 
+    from mpq_service.celery_config import TASK_RUN_JOB, make_celery
+
     app: Celery | None = None
 
     def enqueue(job_id: str) -> None:
         nonlocal app
         if app is None:
-            from worker.celery_app import make_celery
-
             app = make_celery(settings)
         app.send_task(TASK_RUN_JOB, args=[job_id])
 

@@ -1,5 +1,5 @@
 """Request and response bodies. Inputs (``JobCreate``) and outputs (``*Public``) are separate
-from each other and from the ORM classes in :mod:`api.models`."""
+from each other and from the ORM classes in :mod:`mpq_service.tables`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import Artifact, Dataset, Job, ModelFile
 from mpq_core.errors import SpecError
 from mpq_core.spec import JobSpec
+from mpq_service.tables import Artifact, Dataset, Job, ModelFile
 
 __all__ = [
     "ArtifactList",
@@ -24,6 +24,7 @@ __all__ = [
     "JobPublic",
     "ModelList",
     "ModelPublic",
+    "parse_job_spec",
 ]
 
 
@@ -100,12 +101,21 @@ class JobCreate(BaseModel):
         Raises:
             SpecError: (or BudgetError) naming the first bad field.
         """
-        try:
-            return JobSpec.from_dict(self.spec)
-        except SpecError:
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise SpecError(f"bad job spec: {exc}") from exc
+        return parse_job_spec(self.spec)
+
+
+def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
+    """``spec`` (a job spec as JSON) validated as a :class:`JobSpec`.
+
+    Raises:
+        SpecError: (or BudgetError) naming the first bad field.
+    """
+    try:
+        return JobSpec.from_dict(spec)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise SpecError(f"bad job spec: {exc}") from exc
 
 
 class JobPublic(BaseModel):

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from api.db import normalize_url
-from api.settings import Settings
+from mpq_service.db import normalize_url
+from mpq_service.settings import Settings
 
 __all__ = ["WORKER_STOP_TIMEOUT_S", "serve", "start_worker", "stop_worker", "worker_command"]
 
@@ -124,7 +124,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
-    from api.migrate import upgrade
+    from mpq_service.migrate import upgrade
 
     # SIGTERM before or after uvicorn's own handling (uvicorn re-raises it once it has shut down)
     # unwinds through the finally below, which stops the worker.

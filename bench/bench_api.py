@@ -4,7 +4,7 @@ Run: ``python -m bench.bench_api``. Writes ``bench/results/api.{json,md}``.
 
 Everything runs on 127.0.0.1 against real ``uvicorn --factory api.app:create_app`` subprocesses
 (one worker) on the embedded default: a fresh SQLite database migrated with
-``python -m api.migrate upgrade``, local storage and the filesystem broker under a temporary
+``python -m mpq_service.migrate upgrade``, local storage and the filesystem broker under a temporary
 ``MPQ_DATA_DIR``. No Celery worker runs, so created jobs stay queued; ``POST /v1/jobs`` still
 sends the Celery task to the filesystem broker. The benchmark process makes the API key
 (:func:`api.auth.create_key` on the same database), a tiny TorchScript model (torch, here only)
@@ -119,7 +119,7 @@ class Server:
 def create_api_key(data_dir: Path) -> str:
     """A fresh API key of tenant ``bench`` in the service's database."""
     from api.auth import create_key
-    from api.db import make_engine, make_sessionmaker, session_scope
+    from mpq_service.db import make_engine, make_sessionmaker, session_scope
 
     engine = make_engine(f"sqlite:///{data_dir / 'mpq.db'}")
     try:
@@ -133,7 +133,7 @@ def start_server(data_dir: Path, max_upload_bytes: int, timeout_s: float = 30.0)
     """Migrate a fresh database under ``data_dir``, make a key, start uvicorn, wait for healthz."""
     env = service_env(data_dir, max_upload_bytes)
     subprocess.run(
-        [sys.executable, "-m", "api.migrate", "upgrade"],
+        [sys.executable, "-m", "mpq_service.migrate", "upgrade"],
         cwd=ROOT,
         env=env,
         check=True,

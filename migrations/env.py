@@ -1,6 +1,6 @@
 """Alembic environment for the mpq service.
 
-Run through :mod:`api.migrate` (which builds the Config in code and holds the migration lock),
+Run through :mod:`mpq_service.migrate` (which builds the Config in code and holds the migration lock),
 or with the ``alembic`` command given ``-x url=...`` or ``MPQ_DATABASE_URL``. The URL can also
 come in as ``config.attributes["connection"]`` (an open Connection) from code.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from api.db import make_engine, normalize_url
-from api.models import Base
+from mpq_service.db import make_engine, normalize_url
+from mpq_service.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -22,7 +22,7 @@ def _url() -> str:
         "sqlalchemy.url"
     )
     if not url:
-        from api.settings import get_settings
+        from mpq_service.settings import get_settings
 
         url = get_settings().database_url
     return normalize_url(url).render_as_string(hide_password=False)

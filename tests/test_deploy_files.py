@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from api.settings import Settings
+from mpq_service.settings import Settings
 from tests.support.net import free_port
 from tests.support.processes import start_http_service
 
@@ -105,7 +105,7 @@ def test_compose_has_the_production_services(compose: dict[str, Any]) -> None:
 
 def test_migrate_runs_once_before_api_and_worker(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert command(compose, "migrate") == ["python", "-m", "api.migrate", "upgrade"]
+    assert command(compose, "migrate") == ["python", "-m", "mpq_service.migrate", "upgrade"]
     assert services["migrate"].get("restart", "no") == "no"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker"):
@@ -187,6 +187,7 @@ def test_seaweedfs_identity_matches_the_services_keys(compose: dict[str, Any]) -
     assert env["MPQ_S3_ENDPOINT_URL"] == f"http://seaweedfs:{port}"
 
 
+@pytest.mark.s3  # runs the weed binary
 def test_seaweedfs_flags_exist_in_weed() -> None:
     from tests.support.s3server import weed_binary
 
@@ -358,7 +359,9 @@ def test_dockerfile_copies_what_exists_and_no_secrets() -> None:
         if kind == "COPY":
             *sources, _dest = args.split()
             copied += [s for s in sources if not s.startswith("--")]
-    assert {"pyproject.toml", "mpq_core", "api", "worker", "migrations"} <= set(copied)
+    assert {"pyproject.toml", "mpq_core", "mpq_service", "api", "worker", "migrations"} <= set(
+        copied
+    )
     for source in copied:
         assert (REPO / source).exists(), source
         assert source not in ignored, source

@@ -1,111 +1,40 @@
-"""The Celery app and its whole configuration, built in one place from :class:`Settings`.
+"""The workers' Celery app: ``celery -A worker.celery_app worker`` finds :data:`app`.
 
-``celery -A worker.celery_app worker`` finds :data:`app`, which is built lazily on first access
-(module ``__getattr__``) from the environment, so importing this module reads no settings, creates
-no folders and imports no torch. Tests and the embedded server call :func:`make_celery` with their
-own settings.
-
-Long GPU jobs (see STYLE.md):
-
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker dies is re-queued, not
-  lost; the attempt counter in the database (``Job.attempts``, capped by
-  ``job_max_attempts``) stops a job that kills its worker every time from looping.
-- ``worker_prefetch_multiplier=1``: a worker holds one job at a time; idle workers get the rest.
-- ``task_time_limit`` (hard) and ``task_soft_time_limit`` (raises in the task, which fails the
-  job cleanly) come from ``job_time_limit_s``; the broker's ``visibility_timeout`` is set well
-  above them, so a job still running is never redelivered to a second worker.
-- Run GPU workers with the prefork pool (``--concurrency 1``, one worker per GPU): the parent
-  never touches CUDA, the child imports torch inside the task. Hard time limits need prefork.
+The app is :func:`mpq_service.celery_config.make_celery` (the configuration the API sends tasks
+with) plus this package's task module, :mod:`worker.tasks`. It is built lazily on first access
+(module ``__getattr__``) from the environment, so importing this module reads no settings,
+creates no folders and imports no torch. Tests and the embedded server build their own app with
+:func:`make_worker_celery` and their own settings.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from mpq_service.celery_config import make_celery
+
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from mpq_service.settings import Settings
 
-__all__ = ["DEFAULT_QUEUE", "TASK_RUN_JOB", "celery_config", "make_celery"]
+__all__ = ["TASK_MODULES", "get_app", "make_worker_celery"]
 
-DEFAULT_QUEUE = "mpq"
-TASK_RUN_JOB = "mpq.run_job"
+#: Modules a worker imports at start, registering their tasks.
+TASK_MODULES = ("worker.tasks",)
 
 _app: Celery | None = None
 
 
-def _soft_limit(hard_s: int) -> int:
-    # Leave the task time to record its failure before the hard kill: 10% of the limit, at least
-    # 1 s and at most 5 min.
-    grace = min(300, max(1, hard_s // 10))
-    return max(1, hard_s - grace)
-
-
-def _visibility_timeout(hard_s: int) -> int:
-    # Comfortably above the hard limit (Redis redelivers unacked messages after this long).
-    return hard_s + max(600, hard_s // 4)
-
-
-def filesystem_broker_options(broker_dir: Path) -> dict[str, Any]:
-    """Transport options of the server-less ``filesystem://`` broker rooted at ``broker_dir``
-    (its folders are created). Producers write and consumers read the same ``queue`` folder."""
-    queue = broker_dir / "queue"
-    processed = broker_dir / "processed"
-    control = broker_dir / "control"
-    for folder in (queue, processed, control):
-        folder.mkdir(parents=True, exist_ok=True)
-    return {
-        "data_folder_in": str(queue),
-        "data_folder_out": str(queue),
-        "processed_folder": str(processed),
-        "control_folder": str(control),
-        "store_processed": False,
-        "polling_interval": 0.5,
-    }
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """The whole Celery configuration for ``settings``, as one dict."""
-    hard = int(settings.job_time_limit_s)
-    transport: dict[str, Any] = {"visibility_timeout": _visibility_timeout(hard)}
-    if settings.broker_url.startswith("filesystem:"):
-        transport.update(filesystem_broker_options(Path(settings.broker_dir)))
-    backend = settings.result_backend or None
-    return {
-        "broker_url": settings.broker_url,
-        "broker_transport_options": transport,
-        "broker_connection_retry_on_startup": True,
-        "result_backend": backend,
-        # Job state lives in the database; Celery results are only kept if a backend is set.
-        "task_ignore_result": backend is None,
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "task_default_queue": DEFAULT_QUEUE,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "task_time_limit": hard,
-        "task_soft_time_limit": _soft_limit(hard),
-        "task_track_started": False,
-        "worker_send_task_events": False,
-        "timezone": "UTC",
-        "enable_utc": True,
-        "imports": ["worker.tasks"],
-    }
-
-
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured for ``settings`` (the filesystem broker's folders are created).
+def make_worker_celery(settings: Settings) -> Celery:
+    """The app a worker runs for ``settings``: the shared configuration and the task modules.
 
     Example:
-        >>> app = make_celery(Settings(data_dir=tmp_path))
-        >>> app.send_task(TASK_RUN_JOB, args=[job_id])  # doctest: +SKIP
+        >>> app = make_worker_celery(Settings(data_dir=tmp_path))
+        >>> app.worker_main(["worker", "--pool", "solo"])  # doctest: +SKIP
     """
-    app = Celery("mpq", set_as_current=False)
-    app.config_from_object(celery_config(settings))
+    app = make_celery(settings)
+    app.conf.imports = TASK_MODULES
     return app
 
 
@@ -113,9 +42,9 @@ def get_app() -> Celery:
     """The process-wide app built from the environment (``MPQ_*``), created on first use."""
     global _app
     if _app is None:
-        from api.settings import get_settings
+        from mpq_service.settings import get_settings
 
-        _app = make_celery(get_settings())
+        _app = make_worker_celery(get_settings())
     return _app
 
 

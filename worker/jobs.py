@@ -16,8 +16,9 @@ Life of an attempt:
    :data:`PROGRESS_INTERVAL_S` seconds and at every stage change, with a conditional update that
    also notices a cancellation (status set to ``cancelled`` by the API) or a deleted job and
    aborts the attempt.
-5. Artifacts go to ``jobs/<job_id>/<name>`` with Artifact rows, the sensitivity table into the
-   cache, and the job is marked ``succeeded`` with a result summary, only if it is still running.
+5. Artifacts go to storage (keys from :mod:`mpq_service.storage_keys`) with Artifact rows, the
+   sensitivity table into the cache, and the job is marked ``succeeded`` with a result
+   summary, only if it is still running.
 
 Every failure ends the attempt with a final status: :class:`MpqError` -> ``failed`` with its code
 and message; a soft time limit -> ``time_limit_exceeded``; anything else -> ``internal_error``
@@ -41,25 +42,25 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import session_scope
-from api.models import Artifact, Job, JobStatus, SensitivityCache, utcnow
-from api.storage import ObjectNotFound, Storage
 from mpq_core.errors import MpqError
+from mpq_service import storage_keys
+from mpq_service.db import session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.storage import ObjectNotFound, Storage
+from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 
 if TYPE_CHECKING:
-    from api.settings import Settings
     from mpq_core.sensitivity_table import SensitivityTable
     from mpq_core.spec import JobSpec
+    from mpq_service.settings import Settings
 
 __all__ = [
     "ANALYSIS_FIELDS",
     "PROGRESS_INTERVAL_S",
     "STAGE_WEIGHTS",
     "analysis_settings",
-    "artifact_key",
     "fail_running_job",
     "run_job",
-    "sensitivity_cache_storage_key",
     "time_limit_message",
 ]
 
@@ -173,16 +174,6 @@ def time_limit_message(limit_s: int) -> str:
     return f"the job ran past its time limit of {limit_s} s and was stopped"
 
 
-def artifact_key(job_id: str, name: str) -> str:
-    """Where artifact ``name`` of a job is stored."""
-    return f"jobs/{job_id}/{name}"
-
-
-def sensitivity_cache_storage_key(tenant_id: str, key: str) -> str:
-    """Where a tenant's cached sensitivity table ``key`` is stored."""
-    return f"sensitivity/{tenant_id}/{key}.json"
-
-
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -290,7 +281,7 @@ def _cached_table(
 def _store_table(
     factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, path: Path
 ) -> None:
-    storage_key = sensitivity_cache_storage_key(tenant_id, key)
+    storage_key = storage_keys.sensitivity_key(tenant_id, key)
     storage.put_file(storage_key, path)
     try:
         with session_scope(factory) as session:
@@ -391,6 +382,34 @@ def _download(storage: Storage, key: str, dest: Path, what: str) -> None:
         ) from None
 
 
+def _store_artifacts(
+    storage: Storage,
+    tenant_id: str,
+    job_id: str,
+    artifacts: Mapping[str, Path],
+    uploaded: list[str],
+) -> list[Artifact]:
+    """Upload the job's output files (each key also goes to ``uploaded`` as soon as it is
+    stored) and return their rows, not yet added to a session."""
+    rows: list[Artifact] = []
+    for name, path in sorted(artifacts.items()):
+        object_key = storage_keys.artifact_key(tenant_id, job_id, name)
+        size = storage.put_file(object_key, path)
+        uploaded.append(object_key)
+        rows.append(
+            Artifact(
+                job_id=job_id,
+                tenant_id=tenant_id,
+                name=name,
+                size=size,
+                sha256=_sha256(path),
+                storage_key=object_key,
+                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+            )
+        )
+    return rows
+
+
 def _attempt(
     job_id: str,
     inputs: _Inputs,
@@ -439,22 +458,7 @@ def _attempt(
     progress.write()  # cancelled during the last stage? then nothing is uploaded
 
     t0 = time.perf_counter()
-    rows: list[Artifact] = []
-    for name, path in sorted(result.artifacts.items()):
-        object_key = artifact_key(job_id, name)
-        size = storage.put_file(object_key, path)
-        uploaded.append(object_key)
-        rows.append(
-            Artifact(
-                job_id=job_id,
-                tenant_id=inputs.tenant_id,
-                name=name,
-                size=size,
-                sha256=_sha256(path),
-                storage_key=object_key,
-                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
-            )
-        )
+    rows = _store_artifacts(storage, inputs.tenant_id, job_id, result.artifacts, uploaded)
     if cached is None:
         table_path = tmp / "sensitivity.store.json"
         result.sensitivity.save(table_path)

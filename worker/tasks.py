@@ -16,14 +16,14 @@ from celery import Task, shared_task
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
-from worker.celery_app import TASK_RUN_JOB
+from mpq_service.celery_config import TASK_RUN_JOB
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
-    from api.settings import Settings
-    from api.storage import Storage
+    from mpq_service.settings import Settings
+    from mpq_service.storage import Storage
 
 __all__ = ["JobTask", "resources", "run_job_task"]
 
@@ -46,9 +46,9 @@ def resources() -> _Resources:
     """This process's settings, engine, session factory and storage (built on first use)."""
     global _resources
     if _resources is None or _resources.pid != os.getpid():
-        from api.db import make_engine, make_sessionmaker
-        from api.settings import get_settings
-        from api.storage import make_storage
+        from mpq_service.db import make_engine, make_sessionmaker
+        from mpq_service.settings import get_settings
+        from mpq_service.storage import make_storage
 
         settings = get_settings()
         engine = make_engine(settings.database_url)

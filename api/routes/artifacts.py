@@ -12,10 +12,10 @@ from sqlalchemy import select
 
 from api.deps import CurrentTenant, SessionDep, StorageDep
 from api.errors import NotFound
-from api.models import Artifact
-from api.routes.jobs import get_owned_job
+from api.ownership import get_owned
 from api.schemas import ArtifactList, ArtifactPublic
-from api.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
+from mpq_service.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
+from mpq_service.tables import Artifact, Job
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
@@ -25,7 +25,7 @@ PRESIGN_EXPIRES_S = 3600
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactList:
     """The job's output files (empty until the job has produced some)."""
-    job = get_owned_job(session, tenant, job_id)
+    job = get_owned(session, Job, job_id, tenant)
     rows = session.scalars(
         select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name)
     ).all()
@@ -52,7 +52,7 @@ def download_artifact(
     job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, storage: StorageDep
 ) -> Response:
     """Download one output file."""
-    job = get_owned_job(session, tenant, job_id)
+    job = get_owned(session, Job, job_id, tenant)
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name)
     )

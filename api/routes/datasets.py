@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from api.errors import NotFound
-from api.models import Dataset, new_id
+from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
-from api.routes._upload import RAW_BODY, FilenameQuery, clean_filename, store_upload
+from api.routes._upload_flow import DATASET_UPLOAD, RAW_BODY, FilenameQuery, upload_file
 from api.schemas import DatasetList, DatasetPublic
-from api.uploads import sniff_data_format
+from mpq_service.tables import Dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -32,31 +30,8 @@ async def upload_dataset(
     Object (pickled) arrays are refused with ``data_pickle``; other files with ``data_format``.
     The worker checks the arrays themselves when a job uses them.
     """
-    dataset_id = new_id()
-    key = f"tenants/{tenant.id}/datasets/{dataset_id}"
-    result, fmt = await store_upload(
-        request, storage, settings, key, lambda r: sniff_data_format(r.head, r.size)
-    )
-    row = Dataset(
-        id=dataset_id,
-        tenant_id=tenant.id,
-        filename=clean_filename(filename, "data.npz"),
-        format=fmt,
-        size=result.size,
-        sha256=result.sha256,
-        storage_key=key,
-    )
-
-    def save() -> None:
-        session.add(row)
-        session.commit()
-
-    try:
-        await run_in_threadpool(save)
-    except BaseException:
-        storage.delete(key)
-        raise
-    response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+    row = await upload_file(request, DATASET_UPLOAD, tenant, filename, session, storage, settings)
+    response.headers["Location"] = f"/v1/datasets/{row.id}"
     return DatasetPublic.of(row)
 
 
@@ -72,7 +47,4 @@ def list_datasets(
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> DatasetPublic:
-    row = session.get(Dataset, dataset_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise NotFound("dataset", dataset_id)
-    return DatasetPublic.of(row)
+    return DatasetPublic.of(get_owned(session, Dataset, dataset_id, tenant))

@@ -16,44 +16,34 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, EnqueueDep, SessionDep, SettingsDep, StorageDep
-from api.errors import ApiError, Conflict, NotFound
-from api.models import Artifact, Dataset, Job, JobStatus, ModelFile, Tenant, new_id, utcnow
+from api.errors import ApiError, Conflict
+from api.multipart import MultipartStream
+from api.ownership import get_owned
 from api.queue import Enqueue
 from api.routes._paging import CursorQuery, LimitQuery, page
-from api.routes._upload import MultipartStream, clean_filename, store_stream
-from api.schemas import JobCreate, JobList, JobPublic
-from api.settings import Settings
-from api.storage import Storage
-from api.uploads import UploadTooLarge, sniff_data_format, sniff_model_format
+from api.routes._upload_flow import (
+    DATASET_UPLOAD,
+    MODEL_UPLOAD,
+    UploadKind,
+    UploadRow,
+    deleted_on_failure,
+    insert_rows,
+    refuse_declared_length,
+    store_file,
+)
+from api.schemas import JobCreate, JobList, JobPublic, parse_job_spec
 from mpq_core.spec import JobSpec
+from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
+from mpq_service.settings import Settings
+from mpq_service.storage import Storage
+from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
 
-__all__ = ["RETRY_AFTER_S", "get_owned_job", "router"]
+__all__ = ["RETRY_AFTER_S", "router"]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2  # polling hint while a job is not finished
-_ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-
-
-def get_owned_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    """The tenant's job ``job_id``; 404 when missing or another tenant's."""
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
-        raise NotFound("job", job_id)
-    return job
-
-
-def _check_model(session: Session, tenant: Tenant, model_id: str) -> None:
-    row = session.get(ModelFile, model_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise NotFound("model", model_id)
-
-
-def _check_dataset(session: Session, tenant: Tenant, dataset_id: str) -> None:
-    row = session.get(Dataset, dataset_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise NotFound("dataset", dataset_id)
 
 
 def _retry_after(response: Response, job: Job) -> None:
@@ -84,7 +74,12 @@ _JOB_BODY: dict[str, Any] = {
         },
     }
 }
-_FILE_PARTS = ("model", "data", "eval_data")
+# The form's file parts, each stored as POST /v1/models or POST /v1/datasets would store it.
+_FILE_PARTS: dict[str, UploadKind[Any]] = {
+    "model": MODEL_UPLOAD,
+    "data": DATASET_UPLOAD,
+    "eval_data": DATASET_UPLOAD,
+}
 _SPEC_MAX_BYTES = 1024 * 1024
 _FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers
 
@@ -103,10 +98,10 @@ def _parse_json_body(raw: bytes) -> JobCreate:
 
 
 def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec) -> Job:
-    _check_model(session, tenant, body.model_id)
-    _check_dataset(session, tenant, body.dataset_id)
+    get_owned(session, ModelFile, body.model_id, tenant)
+    get_owned(session, Dataset, body.dataset_id, tenant)
     if body.eval_dataset_id is not None:
-        _check_dataset(session, tenant, body.eval_dataset_id)
+        get_owned(session, Dataset, body.eval_dataset_id, tenant)
     job = Job(
         tenant_id=tenant.id,
         model_id=body.model_id,
@@ -135,6 +130,49 @@ def _enqueue(session: Session, job: Job, enqueue: Enqueue) -> None:
         ) from None
 
 
+def _form_spec(raw: bytes) -> JobSpec:
+    try:
+        spec = json.loads(raw)
+    except ValueError:
+        raise _invalid("spec: not valid JSON") from None
+    if not isinstance(spec, dict):
+        raise _invalid("spec: must be a JSON object (the job spec)")
+    return parse_job_spec(spec)
+
+
+async def _read_form(
+    form: MultipartStream,
+    tenant: Tenant,
+    storage: Storage,
+    settings: Settings,
+    stored: list[UploadRow],
+) -> tuple[dict[str, UploadRow], JobSpec]:
+    """The form's files, stored through the upload routes' flow (each row also appended to
+    ``stored`` as soon as its object exists), and its spec."""
+    rows: dict[str, UploadRow] = {}
+    spec: JobSpec | None = None
+    seen: set[str] = set()
+    while (part := await form.next_part()) is not None:
+        name = part.name
+        if name not in (*_FILE_PARTS, "spec"):
+            raise _invalid(f"unknown form part {name!r}: send model, data, eval_data, spec")
+        if name in seen:
+            raise _invalid(f"the form part {name!r} was sent twice")
+        seen.add(name)
+        if name == "spec":
+            spec = _form_spec(await form.read_field(_SPEC_MAX_BYTES, name))
+            continue
+        row = await store_file(
+            form.read(), _FILE_PARTS[name], tenant.id, part.filename, storage, settings
+        )
+        stored.append(row)
+        rows[name] = row
+    missing = [n for n in ("model", "data", "spec") if n not in seen]
+    if missing or spec is None:
+        raise _invalid(f"missing form part(s): {', '.join(missing)}")
+    return rows, spec
+
+
 async def _create_from_form(
     request: Request,
     boundary: bytes,
@@ -144,96 +182,24 @@ async def _create_from_form(
     settings: Settings,
 ) -> Job:
     """Store the form's files as a model and datasets and insert them with the job, in one
-    transaction. Each file goes through the upload routes' path (same keys, sha256, size limit,
+    transaction. Each file goes through the upload routes' flow (same keys, sha256, size limit,
     sniffing and codes); on any failure every object stored so far is deleted again."""
     limit = settings.max_upload_bytes
     most = len(_FILE_PARTS) * limit + _SPEC_MAX_BYTES + _FORM_OVERHEAD_BYTES
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > most:
-        raise UploadTooLarge(limit)  # refuse before reading a byte
-    ids = {name: new_id() for name in _FILE_PARTS}
-    keys = {
-        "model": f"tenants/{tenant.id}/models/{ids['model']}",
-        "data": f"tenants/{tenant.id}/datasets/{ids['data']}",
-        "eval_data": f"tenants/{tenant.id}/datasets/{ids['eval_data']}",
-    }
-    rows: dict[str, ModelFile | Dataset] = {}
-    spec: JobSpec | None = None
-    seen: set[str] = set()
-    try:
+    refuse_declared_length(request, most, limit)
+    stored: list[UploadRow] = []
+    async with deleted_on_failure(storage, stored):
         form = MultipartStream(request.stream(), boundary)
-        while (part := await form.next_part()) is not None:
-            name = part.name
-            if name not in (*_FILE_PARTS, "spec"):
-                raise _invalid(f"unknown form part {name!r}: send model, data, eval_data, spec")
-            if name in seen:
-                raise _invalid(f"the form part {name!r} was sent twice")
-            seen.add(name)
-            if name == "spec":
-                raw = await form.read_field(_SPEC_MAX_BYTES, name)
-                try:
-                    spec_dict = json.loads(raw)
-                except ValueError:
-                    raise _invalid("spec: not valid JSON") from None
-                if not isinstance(spec_dict, dict):
-                    raise _invalid("spec: must be a JSON object (the job spec)")
-                spec = JobCreate(
-                    model_id=ids["model"], dataset_id=ids["data"], spec=spec_dict
-                ).job_spec()
-                continue
-            key = keys[name]
-            if name == "model":
-                result, fmt = await store_stream(
-                    form.read(), storage, settings, key, lambda r: sniff_model_format(r.head)
-                )
-                rows[name] = ModelFile(
-                    id=ids[name],
-                    tenant_id=tenant.id,
-                    filename=clean_filename(part.filename, "model.pt"),
-                    format=fmt,
-                    size=result.size,
-                    sha256=result.sha256,
-                    storage_key=key,
-                )
-            else:
-                result, fmt = await store_stream(
-                    form.read(), storage, settings, key, lambda r: sniff_data_format(r.head, r.size)
-                )
-                rows[name] = Dataset(
-                    id=ids[name],
-                    tenant_id=tenant.id,
-                    filename=clean_filename(part.filename, "data.npz"),
-                    format=fmt,
-                    size=result.size,
-                    sha256=result.sha256,
-                    storage_key=key,
-                )
-        missing = [n for n in ("model", "data", "spec") if n not in seen]
-        if missing or spec is None:
-            raise _invalid(f"missing form part(s): {', '.join(missing)}")
+        rows, spec = await _read_form(form, tenant, storage, settings, stored)
         job = Job(
             tenant_id=tenant.id,
-            model_id=ids["model"],
-            dataset_id=ids["data"],
-            eval_dataset_id=ids["eval_data"] if "eval_data" in rows else None,
+            model_id=rows["model"].id,
+            dataset_id=rows["data"].id,
+            eval_dataset_id=rows["eval_data"].id if "eval_data" in rows else None,
             spec=spec.to_dict(),
             status=JobStatus.QUEUED.value,
         )
-
-        def save() -> None:
-            session.add_all(rows.values())
-            session.flush()  # the uploads before the job that references them
-            session.add(job)
-            session.commit()
-
-        await run_in_threadpool(save)
-    except BaseException:
-        for name in rows:
-            try:
-                storage.delete(keys[name])
-            except Exception:
-                log.exception("could not delete upload %s of a refused job form", keys[name])
-        raise
+        await run_in_threadpool(insert_rows, session, stored, job)
     return job
 
 
@@ -301,7 +267,7 @@ def get_job(
     job_id: str, response: Response, session: SessionDep, tenant: CurrentTenant
 ) -> JobPublic:
     """The job's status, stage, progress, error and result; ``Retry-After`` until it ends."""
-    job = get_owned_job(session, tenant, job_id)
+    job = get_owned(session, Job, job_id, tenant)
     _retry_after(response, job)
     return JobPublic.of(job)
 
@@ -310,19 +276,19 @@ def get_job(
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
     """Cancel a queued or running job (a running one stops at its next checkpoint); 409 once
     it has finished."""
-    get_owned_job(session, tenant, job_id)
+    get_owned(session, Job, job_id, tenant)
     # One conditional UPDATE, so a worker finishing the job at the same moment wins or loses
     # cleanly instead of being overwritten.
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id, Job.status.in_(_ACTIVE))
+        .where(Job.id == job_id, Job.tenant_id == tenant.id, Job.status.in_(ACTIVE_STATUSES))
         .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     changed = cast(CursorResult[Any], result).rowcount
     session.commit()
-    job = get_owned_job(session, tenant, job_id)
+    job = get_owned(session, Job, job_id, tenant)
     session.refresh(job)
     if not changed:
         raise Conflict("job_finished", f"job {job_id!r} has already ended ({job.status})")
@@ -335,8 +301,8 @@ def delete_job(
 ) -> Response:
     """Delete a finished job, its artifact rows and their stored files; 409 while it is queued
     or running (cancel it first)."""
-    job = get_owned_job(session, tenant, job_id)
-    if job.status in _ACTIVE:
+    job = get_owned(session, Job, job_id, tenant)
+    if job.status in ACTIVE_STATUSES:
         raise Conflict("job_active", f"job {job_id!r} is {job.status}; cancel it first")
     keys = list(
         session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job.id)).all()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from api.errors import NotFound
-from api.models import ModelFile, new_id
+from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
-from api.routes._upload import RAW_BODY, FilenameQuery, clean_filename, store_upload
+from api.routes._upload_flow import MODEL_UPLOAD, RAW_BODY, FilenameQuery, upload_file
 from api.schemas import ModelList, ModelPublic
-from api.uploads import sniff_model_format
+from mpq_service.tables import ModelFile
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -32,31 +30,8 @@ async def upload_model(
     Pickles (``torch.save``) are refused with ``model_pickle``; other files with
     ``model_format``. The worker validates the complete file when a job uses it.
     """
-    model_id = new_id()
-    key = f"tenants/{tenant.id}/models/{model_id}"
-    result, fmt = await store_upload(
-        request, storage, settings, key, lambda r: sniff_model_format(r.head)
-    )
-    row = ModelFile(
-        id=model_id,
-        tenant_id=tenant.id,
-        filename=clean_filename(filename, "model.pt"),
-        format=fmt,
-        size=result.size,
-        sha256=result.sha256,
-        storage_key=key,
-    )
-
-    def save() -> None:
-        session.add(row)
-        session.commit()
-
-    try:
-        await run_in_threadpool(save)
-    except BaseException:
-        storage.delete(key)
-        raise
-    response.headers["Location"] = f"/v1/models/{model_id}"
+    row = await upload_file(request, MODEL_UPLOAD, tenant, filename, session, storage, settings)
+    response.headers["Location"] = f"/v1/models/{row.id}"
     return ModelPublic.of(row)
 
 
@@ -72,7 +47,4 @@ def list_models(
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
-    row = session.get(ModelFile, model_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise NotFound("model", model_id)
-    return ModelPublic.of(row)
+    return ModelPublic.of(get_owned(session, ModelFile, model_id, tenant))

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2025-01-01
 
 Hand-written and self-contained (no imports from ``api``), so it keeps describing this revision
-even as the models move on. Constraint names follow ``api.models.NAMING_CONVENTION``.
+even as the models move on. Constraint names follow ``mpq_service.tables.NAMING_CONVENTION``.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from api.auth import create_key
-from api.db import make_engine, make_sessionmaker, session_scope
-from api.migrate import upgrade
-from api.settings import Settings
-from api.storage import LocalStorage
+from mpq_service.db import make_engine, make_sessionmaker, session_scope
+from mpq_service.migrate import upgrade
+from mpq_service.settings import Settings
+from mpq_service.storage import LocalStorage
 
 PEPPER = "test-pepper"
 

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, make_sessionmaker
-from api.migrate import upgrade
+from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.migrate import upgrade
 
 BACKENDS = ("sqlite", "postgres")
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from api.auth import authenticate
-from api.db import make_engine, make_sessionmaker
-from api.settings import Settings
+from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.settings import Settings
 from tests.support.jobs import wait_for_job
 from tests.support.processes import ServiceProcess, pid_alive, start_http_service, wait_pid_gone
 from tests.worker.conftest import SPEC, mlp_npz

@@ -12,20 +12,22 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, normalize_url, session_scope
-from api.models import (
+from mpq_core.spec import JobSpec
+from mpq_service import storage_keys
+from mpq_service.db import make_engine, normalize_url, session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.tables import (
     ApiKey,
     Artifact,
     Base,
     Dataset,
     Job,
-    JobStatus,
     ModelFile,
     SensitivityCache,
     Tenant,
+    new_id,
     utcnow,
 )
-from mpq_core.spec import JobSpec
 
 
 def _tenant(session: Session) -> Tenant:
@@ -36,24 +38,28 @@ def _tenant(session: Session) -> Tenant:
 
 
 def _model(tenant: Tenant) -> ModelFile:
+    model_id = new_id()
     return ModelFile(
+        id=model_id,
         tenant_id=tenant.id,
         filename="net.pt",
         format="torchscript",
         size=12_345_678_901,  # past 2**32: BigInteger
         sha256="a" * 64,
-        storage_key=f"models/{uuid.uuid4()}",
+        storage_key=storage_keys.model_key(tenant.id, model_id),
     )
 
 
 def _dataset(tenant: Tenant, name: str = "calib.npz") -> Dataset:
+    dataset_id = new_id()
     return Dataset(
+        id=dataset_id,
         tenant_id=tenant.id,
         filename=name,
         format="npz",
         size=1024,
         sha256="b" * 64,
-        storage_key=f"datasets/{uuid.uuid4()}",
+        storage_key=storage_keys.dataset_key(tenant.id, dataset_id),
     )
 
 

@@ -14,9 +14,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from api.db import make_engine
-from api.migrate import downgrade, migration_lock, upgrade
-from api.models import Base
+from mpq_service.db import make_engine
+from mpq_service.migrate import downgrade, migration_lock, upgrade
+from mpq_service.tables import Base
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -119,7 +119,7 @@ def test_concurrent_upgrades_in_processes(fresh_url: str) -> None:
     env = {**os.environ, "MPQ_DATABASE_URL": fresh_url}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "api.migrate", "upgrade"],
+            [sys.executable, "-m", "mpq_service.migrate", "upgrade"],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,

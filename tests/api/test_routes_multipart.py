@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from api.db import session_scope
-from api.models import Dataset, Job, ModelFile
+from mpq_service.db import session_scope
+from mpq_service.storage_keys import model_key
+from mpq_service.tables import Dataset, Job, ModelFile
 from tests.api.apptools import (
     SPEC,
     Service,
@@ -80,7 +81,7 @@ def test_form_creates_model_datasets_and_job(svc: Service) -> None:
     with session_scope(svc.sessions) as session:
         row = session.get(ModelFile, job["model_id"])
         assert row is not None
-        assert row.storage_key.startswith("tenants/")
+        assert row.storage_key == model_key(row.tenant_id, row.id)
         stored = svc.storage.root / row.storage_key
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(model).hexdigest()
     assert len(svc.stored_files()) == 3

@@ -9,8 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.db import session_scope
-from api.models import Artifact, Job, JobStatus
+from mpq_service.db import session_scope
+from mpq_service.job_status import JobStatus
+from mpq_service.storage_keys import artifact_key
+from mpq_service.tables import Artifact, Job
 from tests.api.apptools import SPEC, Service, model_and_dataset, running_service
 
 
@@ -40,7 +42,7 @@ def test_other_tenants_resources_are_404(svc: Service) -> None:
     with session_scope(svc.sessions) as session:
         job = session.get(Job, job_a)
         assert job is not None
-        key = f"tenants/{job.tenant_id}/jobs/{job.id}/model.pt"
+        key = artifact_key(job.tenant_id, job.id, "model.pt")
         svc.storage.put_bytes(key, body)
         session.add(
             Artifact(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from api.storage import (
+from mpq_service.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,

@@ -18,18 +18,12 @@ import torch
 from safetensors.numpy import save as save_safetensors
 from torch import nn
 
-from api.storage import LocalStorage, S3Storage, Storage
-from api.uploads import (
-    HEAD_BYTES,
-    UploadResult,
-    UploadTooLarge,
-    receive_upload,
-    sniff_data_format,
-    sniff_model_format,
-)
+from api.sniffing import sniff_data_format, sniff_model_format
+from api.upload_stream import HEAD_BYTES, UploadResult, UploadTooLarge, receive_upload
 from mpq_core.data import load_data
 from mpq_core.errors import DataError, ModelFormatError
 from mpq_core.intake import detect_format
+from mpq_service.storage import LocalStorage, S3Storage, Storage
 from tests.support.s3server import S3Server
 from tests.zoo import SmallMLP, export_bytes, torchscript_bytes
 
@@ -332,7 +326,7 @@ def test_sniff_model_format_agrees_with_intake(name: str) -> None:
 
 def test_sniff_model_format_wide_archives_show_one_entry() -> None:
     """The 'wide' cases really exercise sniffing from a head that holds only the first entry."""
-    from api.uploads import _zip_entries
+    from api.sniffing import _zip_entries
 
     for name in ("script_wide", "export_wide"):
         with warnings.catch_warnings():

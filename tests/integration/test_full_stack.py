@@ -1,6 +1,6 @@
 """The whole REST flow on the production components, each a real server or process:
 
-- a fresh Postgres database (migrated with :func:`api.migrate.upgrade`, dropped afterwards);
+- a fresh Postgres database (migrated with :func:`mpq_service.migrate.upgrade`, dropped afterwards);
 - Redis as the Celery broker, on a database of its own claimed for this run (flushed afterwards);
 - a real SeaweedFS S3 server (``tests/support/s3server.py``) as the object storage;
 - a real Celery worker (prefork pool, concurrency 1) and the API served by a real uvicorn, both
@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from api.auth import create_key
-from api.db import make_engine, make_sessionmaker, session_scope
-from api.migrate import upgrade
 from mpq_core.export import load_packed_checkpoint, restore_into
 from mpq_core.intake import load_model
+from mpq_service.celery_config import DEFAULT_QUEUE
+from mpq_service.db import make_engine, make_sessionmaker, session_scope
+from mpq_service.migrate import upgrade
 from tests.conftest import zoo_data
 from tests.support.jobs import wait_for_job
 from tests.support.processes import ServiceNotReady, ServiceProcess, start_http_service
 from tests.support.s3server import S3Server
-from worker.celery_app import DEFAULT_QUEUE
 
 REPO = Path(__file__).resolve().parents[2]
 

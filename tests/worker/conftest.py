@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import make_engine, make_sessionmaker, session_scope
-from api.migrate import upgrade
-from api.models import Dataset, Job, ModelFile, Tenant
-from api.settings import Settings
-from api.storage import LocalStorage, Storage, make_storage
+from mpq_service import storage_keys
+from mpq_service.db import make_engine, make_sessionmaker, session_scope
+from mpq_service.migrate import upgrade
+from mpq_service.settings import Settings
+from mpq_service.storage import LocalStorage, Storage, make_storage
+from mpq_service.tables import Dataset, Job, ModelFile, Tenant, new_id
 from tests.conftest import zoo_data
 
 # Small and quick: the MLP of tests/zoo.py, 48 samples, one fine-tuning epoch.
@@ -55,38 +56,36 @@ class Env:
     model_bytes: bytes
 
     def upload_model(self, body: bytes) -> str:
-        sha = hashlib.sha256(body).hexdigest()
-        with session_scope(self.session_factory) as s:
-            row = ModelFile(
-                tenant_id=self.tenant_id,
-                filename="model.pt",
-                format="torchscript",
-                size=len(body),
-                sha256=sha,
-                storage_key="pending",
-            )
-            s.add(row)
-            s.flush()
-            row.storage_key = f"models/{row.id}/model.pt"
-            self.storage.put_bytes(row.storage_key, body)
-            return row.id
+        return self._upload(ModelFile, storage_keys.model_key, body, "model.pt", "torchscript")
 
     def upload_data(self, body: bytes) -> str:
-        sha = hashlib.sha256(body).hexdigest()
+        return self._upload(Dataset, storage_keys.dataset_key, body, "calib.npz", "npz")
+
+    def _upload(
+        self,
+        table: type[ModelFile | Dataset],
+        key_of: Callable[[str, str], str],
+        body: bytes,
+        filename: str,
+        fmt: str,
+    ) -> str:
+        """What the upload routes leave behind: the file in storage and its row."""
+        row_id = new_id()
+        key = key_of(self.tenant_id, row_id)
+        self.storage.put_bytes(key, body)
         with session_scope(self.session_factory) as s:
-            row = Dataset(
-                tenant_id=self.tenant_id,
-                filename="calib.npz",
-                format="npz",
-                size=len(body),
-                sha256=sha,
-                storage_key="pending",
+            s.add(
+                table(
+                    id=row_id,
+                    tenant_id=self.tenant_id,
+                    filename=filename,
+                    format=fmt,
+                    size=len(body),
+                    sha256=hashlib.sha256(body).hexdigest(),
+                    storage_key=key,
+                )
             )
-            s.add(row)
-            s.flush()
-            row.storage_key = f"datasets/{row.id}/calib.npz"
-            self.storage.put_bytes(row.storage_key, body)
-            return row.id
+        return row_id
 
     def create_job(
         self,

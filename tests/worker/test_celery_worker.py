@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from mpq_service.celery_config import TASK_RUN_JOB, make_celery
 from tests.worker.conftest import Env
-from worker.celery_app import TASK_RUN_JOB, make_celery
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120.0

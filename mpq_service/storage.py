@@ -448,7 +448,8 @@ class S3Storage(Storage):
         )
         return {"ETag": resp["ETag"], "PartNumber": number}
 
-    def open_read(self, key: str) -> BinaryIO:
+    def _get_object(self, key: str) -> dict[str, Any]:
+        """The ``get_object`` response for ``key``; ObjectNotFound when nothing is there."""
         validate_key(key)
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -456,16 +457,14 @@ class S3Storage(Storage):
             if _error_code(exc) in _NOT_FOUND:
                 raise ObjectNotFound(key) from None
             raise
+        return cast("dict[str, Any]", resp)
+
+    def open_read(self, key: str) -> BinaryIO:
+        resp = self._get_object(key)
         return cast(BinaryIO, io.BufferedReader(_BodyReader(resp["Body"]), DEFAULT_CHUNK))
 
     def iter_chunks(self, key: str, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:
-        validate_key(key)
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
-            if _error_code(exc) in _NOT_FOUND:
-                raise ObjectNotFound(key) from None
-            raise
+        resp = self._get_object(key)
         body = resp["Body"]
         try:
             yield from body.iter_chunks(chunk)
@@ -531,7 +530,7 @@ class S3Storage(Storage):
 
 
 class StorageSettings(Protocol):
-    """The settings :func:`make_storage` reads (``api.settings.Settings`` has them all).
+    """The settings :func:`make_storage` reads (``mpq_service.settings.Settings`` has them all).
 
     Read-only properties, so narrower field types (``Literal``, ``SecretStr``) still match.
     """

@@ -1,197 +1,26 @@
-"""Streamed uploads: hash, size-limit and store a request body without holding it in memory,
-plus cheap container sniffing of its first bytes.
+"""Cheap container sniffing of an upload's first bytes: is it a model or a data file, and which.
 
-:func:`receive_upload` pipes the incoming async chunks to :meth:`Storage.put_stream`, which runs
-in a worker thread (so disk and network writes never block the event loop), through a small
-bounded queue: memory stays at a few MiB whatever the body size, the sha256 is computed on the
-way, and the moment the size limit is crossed it stops reading, aborts the storage write (no
-object is left behind) and raises :class:`UploadTooLarge`.
-
-The sniffers look at the container only, from the first few KiB (:data:`HEAD_BYTES`). A zip's
-central directory sits at its *end*, so sniffing from the head is best effort: it reads the local
-file headers that happen to be visible. It refuses what is clearly wrong (a torch.save pickle, a
-.npy, an unknown file) at upload time; the worker loads the complete file with
-``mpq_core.intake.detect_format`` / ``mpq_core.data.load_data`` and does the real validation
-(truncated archives, frozen TorchScript, missing arrays, ...). Error codes match those modules.
+The sniffers look at the container only, from the first few KiB
+(:data:`api.upload_stream.HEAD_BYTES`). A zip's central directory sits at its *end*, so sniffing
+from the head is best effort: it reads the local file headers that happen to be visible. It
+refuses what is clearly wrong (a torch.save pickle, a .npy, an unknown file) at upload time; the
+worker loads the complete file with ``mpq_core.intake.detect_format`` /
+``mpq_core.data.load_data`` and does the real validation (truncated archives, frozen
+TorchScript, missing arrays, ...). Error codes match those modules.
 
 This module never imports torch.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import hashlib
 import re
 import struct
-import threading
-from collections.abc import AsyncIterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from api.storage import Storage
-from mpq_core.errors import DataError, ModelFormatError, MpqError
+from mpq_core.errors import DataError, ModelFormatError
 
-__all__ = [
-    "HEAD_BYTES",
-    "UploadResult",
-    "UploadTooLarge",
-    "receive_upload",
-    "sniff_data_format",
-    "sniff_model_format",
-]
-
-HEAD_BYTES = 4096
-
-# Writer threads of uploads in progress. Not the loop's default executor: a writer thread waits
-# on its client for as long as the upload lasts, and a few slow clients must not starve the
-# default executor (asyncio.to_thread and friends). Uploads past this many at once wait.
-_UPLOAD_THREADS = concurrent.futures.ThreadPoolExecutor(
-    max_workers=64, thread_name_prefix="mpq-upload"
-)
-
-
-class UploadTooLarge(MpqError):
-    """The upload exceeded ``limit`` bytes (HTTP 413); nothing was stored."""
-
-    code = "upload_too_large"
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"the upload is larger than the limit of {limit} bytes ({limit / 2**20:.1f} MiB)"
-        )
-        self.limit = limit
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """What was stored: byte count, hex sha256, and the first bytes for format sniffing."""
-
-    size: int
-    sha256: str
-    head: bytes
-
-
-class _Aborted(Exception):
-    """Raised inside the storage writer's iterator to make it abandon the write."""
-
-
-async def receive_upload(
-    stream: AsyncIterable[bytes],
-    storage: Storage,
-    key: str,
-    max_bytes: int,
-    *,
-    head_bytes: int = HEAD_BYTES,
-    batch_bytes: int = 1024 * 1024,
-    queue_depth: int = 4,
-    executor: concurrent.futures.Executor | None = None,
-) -> UploadResult:
-    """Stream ``stream`` into ``storage`` under ``key``, hashing it on the way.
-
-    Chunks are coalesced into ``batch_bytes`` batches and handed to ``storage.put_stream`` in a
-    worker thread through a queue of ``queue_depth`` batches, so at most about
-    ``(queue_depth + 2) * batch_bytes`` plus the backend's own buffer (one S3 part) is in memory.
-    The writer runs in ``executor`` (default: a pool of 64 threads kept for uploads).
-
-    Raises:
-        UploadTooLarge: more than ``max_bytes`` arrived; raised as soon as the chunk crossing the
-            limit is received (nothing after it is read) and after the storage write was
-            abandoned, so nothing is left under ``key``.
-        Exception: whatever the stream or the storage raised; nothing is left under ``key``.
-    """
-    if max_bytes < 0:
-        raise ValueError("max_bytes must be >= 0")
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max(1, queue_depth))
-    abort = threading.Event()
-
-    def take() -> bytes | None:  # runs in the writer thread
-        fut = asyncio.run_coroutine_threadsafe(queue.get(), loop)
-        while True:
-            try:
-                return fut.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if abort.is_set():
-                    fut.cancel()
-                    raise _Aborted from None
-
-    def batches() -> Iterator[bytes]:  # runs in the writer thread
-        while True:
-            item = take()
-            if abort.is_set():
-                raise _Aborted
-            if item is None:
-                return
-            yield item
-
-    writer: asyncio.Future[int] = loop.run_in_executor(
-        executor or _UPLOAD_THREADS, storage.put_stream, key, batches()
-    )
-
-    async def send(item: bytes | None) -> None:
-        if writer.done():  # the storage write failed early: surface its error
-            await writer
-            raise RuntimeError("the storage writer stopped before the upload ended")
-        try:
-            queue.put_nowait(item)
-            return
-        except asyncio.QueueFull:
-            pass
-        put: asyncio.Future[None] = asyncio.ensure_future(queue.put(item))
-        waiting: set[asyncio.Future[Any]] = {put, writer}
-        try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not put.done():
-                put.cancel()
-        if not put.done() or put.cancelled():
-            await writer
-            raise RuntimeError("the storage writer stopped before the upload ended")
-
-    hasher = hashlib.sha256()
-    size = 0
-    head = bytearray()
-    pending = bytearray()
-    try:
-        async for chunk in stream:
-            if not chunk:
-                continue
-            size += len(chunk)
-            if size > max_bytes:
-                raise UploadTooLarge(max_bytes)
-            hasher.update(chunk)
-            if len(head) < head_bytes:
-                head += chunk[: head_bytes - len(head)]
-            pending += chunk
-            if len(pending) >= batch_bytes:
-                await send(bytes(pending))
-                pending.clear()
-        if pending:
-            await send(bytes(pending))
-            pending.clear()
-        await send(None)
-        stored = await writer
-    except BaseException:
-        abort.set()
-        with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait(None)  # wake a writer waiting on an empty queue
-        # Wait for the writer to abandon its write (temp file removed, multipart aborted).
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(writer)
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
-        raise
-    if stored != size:  # pragma: no cover - a broken backend
-        storage.delete(key)
-        raise RuntimeError(f"storage stored {stored} bytes of an upload of {size}")
-    return UploadResult(size=size, sha256=hasher.hexdigest(), head=bytes(head))
-
-
-# --- container sniffing ---------------------------------------------------------------------
+__all__ = ["sniff_data_format", "sniff_model_format"]
 
 _LFH = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LFH_SIG = b"PK\x03\x04"

@@ -1,93 +1,18 @@
-"""The upload path shared by models, datasets and multipart jobs: stream a body (or one part of
-a multipart form, read with a streaming parser) to storage (sha256 and size limit on the way),
-sniff its container, and remove the object again if it is refused."""
+"""A streaming reader of ``multipart/form-data`` bodies (python-multipart's parser, fed chunk by
+chunk as the body arrives), for the multipart form of ``POST /v1/jobs``: no part is spooled to
+disk or held whole in memory."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterable, AsyncIterator
 
-from fastapi import Query, Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import ApiError
-from api.settings import Settings
-from api.storage import Storage
-from api.uploads import UploadResult, UploadTooLarge, receive_upload
 
-__all__ = [
-    "RAW_BODY",
-    "FilenameQuery",
-    "FormPart",
-    "MultipartStream",
-    "clean_filename",
-    "store_stream",
-    "store_upload",
-]
-
-FilenameQuery = Annotated[
-    str | None, Query(max_length=1000, description="the file's name, kept for downloads")
-]
-
-# OpenAPI: the body is the file itself, not JSON or a form.
-RAW_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
-
-def clean_filename(name: str | None, default: str) -> str:
-    """The last path segment of ``name``, without control characters, at most 255 characters."""
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c for c in base if c.isprintable()).strip()
-    return base[-255:] if base not in ("", ".", "..") else default
-
-
-async def store_upload(
-    request: Request,
-    storage: Storage,
-    settings: Settings,
-    key: str,
-    sniff: Callable[[UploadResult], str],
-) -> tuple[UploadResult, str]:
-    """Store the request body under ``key`` and return it with the format ``sniff`` found.
-
-    Raises:
-        UploadTooLarge: the body is over ``settings.max_upload_bytes`` (nothing is stored).
-        MpqError: ``sniff`` refused the content; the stored object was deleted.
-    """
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise UploadTooLarge(limit)  # refuse before reading a byte
-    return await store_stream(request.stream(), storage, settings, key, sniff)
-
-
-async def store_stream(
-    stream: AsyncIterable[bytes],
-    storage: Storage,
-    settings: Settings,
-    key: str,
-    sniff: Callable[[UploadResult], str],
-) -> tuple[UploadResult, str]:
-    """Store ``stream`` (one file's bytes) under ``key`` and return it with the format ``sniff``
-    found; :func:`store_upload` for a body that is the file, the multipart job route per part.
-
-    Raises:
-        UploadTooLarge: the stream is over ``settings.max_upload_bytes`` (nothing is stored).
-        MpqError: ``sniff`` refused the content; the stored object was deleted.
-    """
-    result = await receive_upload(stream, storage, key, settings.max_upload_bytes)
-    try:
-        fmt = sniff(result)
-    except BaseException:
-        storage.delete(key)
-        raise
-    return result, fmt
+__all__ = ["FormPart", "MultipartStream"]
 
 
 class FormPart:

@@ -14,23 +14,22 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from mpq_service.job_status import JOB_STATUSES, JobStatus
+
 __all__ = [
     "DATASET_FORMATS",
-    "JOB_STATUSES",
     "MODEL_FORMATS",
     "ApiKey",
     "Artifact",
     "Base",
     "Dataset",
     "Job",
-    "JobStatus",
     "ModelFile",
     "SensitivityCache",
     "Tenant",
@@ -50,23 +49,6 @@ NAMING_CONVENTION = {
 
 MODEL_FORMATS = ("torchscript", "export")
 DATASET_FORMATS = ("npz", "safetensors")
-
-
-class JobStatus(str, Enum):
-    """Lifecycle of a job; ``succeeded``, ``failed`` and ``cancelled`` are final."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-JOB_STATUSES = tuple(s.value for s in JobStatus)
 
 
 def utcnow() -> datetime:
@@ -97,7 +79,9 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetime: use a timezone-aware value (api.models.utcnow())")
+            raise ValueError(
+                "naive datetime: use a timezone-aware value (mpq_service.tables.utcnow())"
+            )
         return value.astimezone(timezone.utc)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:

@@ -1,0 +1,90 @@
+"""Service configuration, read from ``MPQ_*`` environment variables (and an optional ``.env``).
+
+Build it with :func:`get_settings` (or ``Settings()``) where the app, the worker or a command
+starts; nothing here reads the environment at import time, so tests make their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+_DEFAULT_DATA_DIR = Path("./mpq-data")
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each field is the environment variable ``MPQ_<NAME>``.
+
+    Attributes:
+        database_url: SQLAlchemy URL of the database. ``sqlite:///path`` for the embedded
+            default, ``postgresql://user:pass@host/db`` in production (psycopg 3 is used).
+        storage: where uploads and artifacts live: ``local`` (files under ``data_dir``) or
+            ``s3`` (any S3-compatible server, see the ``s3_*`` settings).
+        data_dir: directory for local storage, the default SQLite database and the default
+            filesystem broker. Created on start.
+        s3_endpoint_url: S3 endpoint, e.g. ``http://seaweedfs:8333``; empty means AWS.
+        s3_bucket: bucket holding uploads and artifacts (required when ``storage=s3``).
+        s3_access_key: S3 access key id; empty uses boto3's usual credential chain.
+        s3_secret_key: S3 secret access key.
+        s3_region: S3 region name.
+        s3_public_endpoint_url: where clients reach the S3 server, when that differs from
+            ``s3_endpoint_url`` (e.g. ``http://localhost:8333`` outside docker-compose's
+            network); presigned download URLs are signed for it.
+        broker_url: Celery broker URL, e.g. ``redis://redis:6379/0``. Empty means a filesystem
+            broker under ``data_dir/broker`` that needs no server (embedded default).
+        result_backend: Celery result backend URL. Job state lives in the database, so this is
+            optional; empty disables Celery results.
+        max_upload_bytes: largest accepted model or dataset upload, in bytes (413 past it).
+        api_key_pepper: secret mixed into every API key hash (HMAC-SHA256). Changing it
+            invalidates all existing keys.
+        job_time_limit_s: hard time limit of one job attempt, in seconds; keep it below the
+            broker's visibility timeout.
+        job_max_attempts: how many times a job is started before it is failed for good (a job
+            that kills its worker every time must fail, not loop).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MPQ_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = ""
+    storage: Literal["local", "s3"] = "local"
+    data_dir: Path = _DEFAULT_DATA_DIR
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    s3_public_endpoint_url: str | None = None
+    broker_url: str = ""
+    result_backend: str | None = None
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)
+    api_key_pepper: SecretStr = SecretStr("")
+    job_time_limit_s: int = Field(default=6 * 3600, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _fill_derived_defaults(self) -> Settings:
+        # Defaults that depend on data_dir are filled here, so MPQ_DATA_DIR moves them all.
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'mpq.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("MPQ_S3_BUCKET is required when MPQ_STORAGE=s3")
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the filesystem broker (used when ``broker_url`` is ``filesystem://``)."""
+        return self.data_dir / "broker"
+
+
+def get_settings() -> Settings:
+    """Read and validate the settings from the environment (a fresh object on every call)."""
+    return Settings()
