@@ -38,11 +38,11 @@ from bench.textlm import perplexity, prepare_textlm
 from mpq_core.allocation import allocate_bits
 from mpq_core.budgets import Budget, achieved, parse_budget
 from mpq_core.data import CalibrationData
-from mpq_core.export import save_packed_checkpoint
 from mpq_core.finetune import FinetuneConfig, finetune
 from mpq_core.intake import LoadedModel
+from mpq_core.packed_checkpoint import save_packed_checkpoint
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantized import apply_weights, quantize_weights
+from mpq_core.quantized_weights import apply_weights, quantize_weights
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity_table import SensitivityTable
 

@@ -30,7 +30,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores, model_outputs
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantizer import dequantize, qmax, quantize
+from mpq_core.quant_primitives import dequantize, qmax, quantize
 from mpq_core.runner import iter_batches
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_holdout"]

@@ -20,14 +20,15 @@ from mpq_core.allocation import Allocation, allocate_bits
 from mpq_core.budgets import Budget, achieved
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData, load_data
+from mpq_core.dropin_model import save_quantized_model
 from mpq_core.errors import SpecError
 from mpq_core.evaluate import Metrics, evaluate, model_outputs
-from mpq_core.export import save_packed_checkpoint, save_quantized_model
 from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
+from mpq_core.packed_checkpoint import save_packed_checkpoint
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantized import apply_weights, quantize_weights
+from mpq_core.quantized_weights import apply_weights, quantize_weights
 from mpq_core.runner import check_data_fits
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity_table import SensitivityTable

@@ -15,7 +15,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
 from mpq_core.sensitivity_table import SensitivityTable
 
 __all__ = ["METHODS", "compute_sensitivity"]

@@ -27,7 +27,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantizer import quantization_errors
+from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
 
 __all__ = ["fisher_sensitivity", "per_sample_directional"]

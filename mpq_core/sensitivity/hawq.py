@@ -44,7 +44,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import quantization_errors
+from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import Batch, iter_batches
 
 __all__ = ["HessianMethod", "TraceEstimate", "hawq_sensitivity", "hutchinson_traces"]

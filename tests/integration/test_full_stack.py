@@ -48,8 +48,8 @@ from sqlalchemy.exc import OperationalError
 from api.auth import create_key
 from api.db import make_engine, make_sessionmaker, session_scope
 from api.migrate import upgrade
-from mpq_core.export import load_packed_checkpoint, restore_into
 from mpq_core.intake import load_model
+from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from tests.conftest import zoo_data
 from tests.s3server import S3Server, s3_server  # noqa: F401  (registers the fixture)
 from worker.celery_app import DEFAULT_QUEUE

@@ -15,8 +15,8 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import model_outputs
 from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.quantized import quantize_weights
-from mpq_core.quantizer import dequantize, quantize
+from mpq_core.quant_primitives import dequantize, quantize
+from mpq_core.quantized_weights import quantize_weights
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
 from tests.zoo import SmallMLP
 

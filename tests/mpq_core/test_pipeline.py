@@ -21,11 +21,11 @@ from mpq_core.allocation import Allocation
 from mpq_core.data import CalibrationData
 from mpq_core.errors import DataMismatch, ModelFormatError, MpqError, SpecError
 from mpq_core.evaluate import evaluate, model_outputs
-from mpq_core.export import load_packed_checkpoint, restore_into
 from mpq_core.intake import load_model
+from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.packing import packed_nbytes
 from mpq_core.pipeline import STAGES, PipelineResult, quantize_model
-from mpq_core.quantizer import qmax
+from mpq_core.quant_primitives import qmax
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
