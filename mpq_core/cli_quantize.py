@@ -56,7 +56,7 @@ def _spec(args: argparse.Namespace) -> Any:
     from mpq_core.budgets import load_cost_table
     from mpq_core.cli import _parse_bits, analysis_options
     from mpq_core.cli_allocate import parse_pins
-    from mpq_core.spec import JobSpec
+    from mpq_core.spec import AnalysisSpec, FinetuneSpec, JobSpec
 
     analysis_options(args)  # validates --first-order against --method
     cost_table = None
@@ -68,23 +68,27 @@ def _spec(args: argparse.Namespace) -> Any:
     return JobSpec(
         budgets=list(args.budget),
         bits=_parse_bits(args.bits),
-        method=args.method,
         pins=parse_pins(args.pin),
         ties=list(args.tie),
         solver=args.solver,
         act_bits=args.act_bits,
         quantize_activations=args.quantize_activations,
         cost_table=cost_table,
-        loss=args.loss,
-        first_order=args.first_order,
-        hawq_iterations=args.iterations,
+        analysis=AnalysisSpec(
+            method=args.method,
+            loss=args.loss,
+            first_order=args.first_order,
+            hawq_iterations=args.iterations,
+        ),
+        finetune=FinetuneSpec(
+            epochs=args.finetune_epochs,
+            steps=args.finetune_steps,
+            lr=args.lr,
+            batch_size=args.finetune_batch_size,
+            val_fraction=args.val_fraction,
+            patience=args.patience,
+        ),
         batch_size=args.batch_size,
-        finetune_epochs=args.finetune_epochs,
-        finetune_steps=args.finetune_steps,
-        finetune_lr=args.lr,
-        finetune_batch_size=args.finetune_batch_size,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
         eval_fraction=args.eval_fraction,
         seed=args.seed,
         device=args.device,

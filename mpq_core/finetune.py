@@ -32,38 +32,9 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
 from mpq_core.quant_primitives import dequantize, qmax, quantize
 from mpq_core.runner import iter_batches
+from mpq_core.spec import FinetuneSpec
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_holdout"]
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings (JSON-friendly).
-
-    Attributes:
-        epochs: passes over the training part of the data (ignored when ``steps`` is set).
-        steps: total optimiser steps instead of epochs.
-        lr: Adam learning rate (cosine decay to zero).
-        batch_size: samples per step.
-        val_fraction: share of the data held out to choose the best epoch.
-        patience: stop after this many epochs without a better held-out loss.
-        distill_weight: weight of the distillation loss against the float model.
-        label_weight: weight of the cross entropy against labels (when present).
-        seed: data order and hold-out split.
-    """
-
-    epochs: int = 5
-    steps: int | None = None
-    lr: float = 1e-4
-    batch_size: int = 32
-    val_fraction: float = 0.1
-    patience: int = 3
-    distill_weight: float = 1.0
-    label_weight: float = 1.0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["FinetuneResult", "finetune", "split_holdout"]
 
 
 @dataclass
@@ -140,8 +111,9 @@ def finetune(
     data: CalibrationData,
     bits: dict[str, int],
     scales: dict[str, torch.Tensor],
-    config: FinetuneConfig | None = None,
+    settings: FinetuneSpec | None = None,
     *,
+    seed: int = 0,
     act_quant: Any = None,
     output_key: Any = None,
     progress: ProgressFn | None = None,
@@ -153,18 +125,19 @@ def finetune(
 
     Args:
         model: the loaded model, with its float weights.
-        data: the fine-tuning data; ``config.val_fraction`` of it is held out.
+        data: the fine-tuning data; ``settings.val_fraction`` of it is held out.
         bits: bit width of each quantized layer, by parameter name.
         scales: per-channel scales of each quantized layer (kept fixed).
-        config: settings; defaults to ``FinetuneConfig()``.
+        settings: the job spec's ``finetune`` part; defaults to ``FinetuneSpec()``.
+        seed: data order and hold-out split.
         act_quant: an ``ActivationQuantizer`` to apply in every forward pass.
         output_key: which element of a tuple/dict output to train on.
         progress: called as ``progress("finetune", fraction, metrics)``.
     """
-    cfg = config or FinetuneConfig()
+    cfg = settings or FinetuneSpec()
     report = progress or null_progress
     start = time.perf_counter()
-    train, val = split_holdout(data, cfg.val_fraction, cfg.seed)
+    train, val = split_holdout(data, cfg.val_fraction, seed)
     # The teacher is the float model itself, run once before any weight changes.
     teacher_train = model_outputs(model, train, batch_size=cfg.batch_size, output_key=output_key)
     teacher_val = model_outputs(model, val, batch_size=cfg.batch_size, output_key=output_key)
@@ -218,7 +191,7 @@ def finetune(
     before = best
     best_epoch, best_state = 0, (q.snapshot(), {n: p.detach().clone() for n, p in others.items()})
     history.append({"epoch": 0, "val_loss": best})
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
     step, epoch, stale = 0, 0, 0
     try:
         while step < total:

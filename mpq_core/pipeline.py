@@ -23,7 +23,7 @@ from mpq_core.data import CalibrationData, load_data
 from mpq_core.dropin_model import save_quantized_model
 from mpq_core.errors import SpecError
 from mpq_core.evaluate import Metrics, evaluate, model_outputs
-from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
+from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.packed_checkpoint import save_packed_checkpoint
 from mpq_core.profiling import ModelProfile, profile_model
@@ -167,13 +167,14 @@ def quantize_model(
             _check_table(sensitivity, model, profile, spec)
             table = sensitivity
         else:
-            options: dict[str, Any] = {"batch_size": spec.batch_size, "loss": spec.loss}
-            if spec.method == "hawq":
-                options.update(iterations=spec.hawq_iterations, seed=spec.seed)
-            if spec.first_order:
+            analysis = spec.analysis
+            options: dict[str, Any] = {"batch_size": spec.batch_size, "loss": analysis.loss}
+            if analysis.method == "hawq":
+                options.update(iterations=analysis.hawq_iterations, seed=spec.seed)
+            if analysis.first_order:
                 options["first_order"] = True
             table = compute_sensitivity(
-                spec.method,
+                analysis.method,
                 model,
                 work,
                 profile,
@@ -222,21 +223,13 @@ def quantize_model(
     with stages.stage("finetune"):
         if spec.finetunes:
             _restore(model, float_weights)
-            config = FinetuneConfig(
-                epochs=spec.finetune_epochs,
-                steps=spec.finetune_steps,
-                lr=spec.finetune_lr,
-                batch_size=spec.finetune_batch_size,
-                val_fraction=spec.val_fraction,
-                patience=spec.patience,
-                seed=spec.seed,
-            )
             tuned = finetune(
                 model,
                 work,
                 bits,
                 scales,
-                config,
+                spec.finetune,
+                seed=spec.seed,
                 act_quant=act_quant,
                 output_key=key,
                 progress=stages.forward("finetune"),

@@ -17,10 +17,12 @@ from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
 from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
 from mpq_core.sensitivity_table import SensitivityTable
+from mpq_core.spec import Method
 
 __all__ = ["METHODS", "compute_sensitivity"]
 
-METHODS = ("fisher", "kl", "hawq")
+#: The method names, as :class:`mpq_core.spec.Method` defines them.
+METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 
 
 def compute_sensitivity(

@@ -27,7 +27,7 @@ from mpq_core.packing import packed_nbytes
 from mpq_core.pipeline import STAGES, PipelineResult, quantize_model
 from mpq_core.quant_primitives import qmax
 from mpq_core.sensitivity_table import SensitivityTable
-from mpq_core.spec import JobSpec
+from mpq_core.spec import FinetuneSpec, JobSpec
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
 from tests.zoo import TinyTextEncoder
 
@@ -36,16 +36,10 @@ BUDGETS = {"cnn": ["avg-bits=3.5"], "text": ["avg-bits=4"]}
 EMBEDDINGS = {"emb.weight"}
 
 
-def _spec(name: str, **overrides: Any) -> JobSpec:
-    kwargs: dict[str, Any] = {
-        "budgets": BUDGETS[name],
-        "batch_size": 16,
-        "finetune_epochs": 2,
-        "finetune_batch_size": 8,
-        "finetune_lr": 1e-3,
-        **overrides,
-    }
-    return JobSpec(**kwargs)
+def _spec(name: str, finetune_epochs: int = 2, **overrides: Any) -> JobSpec:
+    finetune = FinetuneSpec(epochs=finetune_epochs, batch_size=8, lr=1e-3)
+    kwargs: dict[str, Any] = {"budgets": BUDGETS[name], "batch_size": 16, **overrides}
+    return JobSpec(finetune=finetune, **kwargs)
 
 
 @dataclass
