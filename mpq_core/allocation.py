@@ -26,12 +26,14 @@ from mpq_core.errors import BudgetInfeasible, SpecError
 from mpq_core.layers import LayerInfo
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.solvers import SOLVERS, Problem, fits, solve
+from mpq_core.spec import JobSpec
 
 __all__ = [
     "SCHEMA_VERSION",
     "Allocation",
     "BudgetReport",
     "LayerAllocation",
+    "allocate",
     "allocate_bits",
 ]
 
@@ -274,6 +276,22 @@ def _infeasible_message(
     return (
         f"{budget.label()} cannot be met: the {word} achievable is "
         f"{format_value(budget.kind, best)} with {where} (pins included)"
+    )
+
+
+def allocate(table: SensitivityTable, spec: JobSpec) -> Allocation:
+    """The allocation a job spec asks for: its budgets, candidate bits, pins, ties and solver.
+
+    Example:
+        >>> allocate(table, JobSpec(budgets=["avg-bits=3"], bits=table.bits))  # doctest: +SKIP
+    """
+    return allocate_bits(
+        table,
+        spec.parsed_budgets(),
+        bits=spec.bits,
+        pins=spec.pins,
+        ties=spec.ties,
+        solver=spec.solver.value,
     )
 
 

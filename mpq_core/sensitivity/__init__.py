@@ -8,18 +8,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel
-from mpq_core.profiling import ModelProfile
+from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn
 from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
 from mpq_core.sensitivity_table import SensitivityTable
-from mpq_core.spec import Method
+from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, Method
 
-__all__ = ["METHODS", "compute_sensitivity"]
+__all__ = ["METHODS", "analyze", "compute_sensitivity"]
 
 #: The method names, as :class:`mpq_core.spec.Method` defines them.
 METHODS: tuple[str, ...] = tuple(m.value for m in Method)
@@ -73,4 +74,57 @@ def compute_sensitivity(
             "seconds": round(time.perf_counter() - start, 4),
             "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
         },
+    )
+
+
+def analyze(
+    model: LoadedModel,
+    data: CalibrationData,
+    spec: JobSpec | AnalysisSpec | None = None,
+    *,
+    bits: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    output_key: Any = None,
+    profile: ModelProfile | None = None,
+    progress: ProgressFn | None = None,
+) -> SensitivityTable:
+    """The sensitivity table of ``model`` on ``data``, as a job spec asks for it.
+
+    Args:
+        model: the loaded model (see :func:`mpq_core.intake.load_model`).
+        data: calibration data (see :func:`mpq_core.data.load_data`).
+        spec: a :class:`JobSpec` (its ``analysis``, ``bits``, ``batch_size``, ``seed`` and
+            ``output_key`` are used), or just an :class:`AnalysisSpec`; default ``AnalysisSpec()``.
+        bits, batch_size, seed, output_key: override the job spec's (or, with an
+            ``AnalysisSpec``, the defaults: ``DEFAULT_BITS``, ``DEFAULT_BATCH_SIZE``, 0, None).
+        profile: the model's layers, when already profiled on ``data``.
+        progress: called as ``progress(method, fraction, metrics)``.
+
+    Example:
+        >>> table = analyze(model, data, AnalysisSpec(method="kl"), bits=[2, 4, 8])  # doctest: +SKIP
+    """
+    job: JobSpec | None = None
+    if isinstance(spec, JobSpec):
+        job, analysis = spec, spec.analysis
+    else:
+        analysis = spec or AnalysisSpec()
+    bits = list(bits if bits is not None else job.bits if job is not None else DEFAULT_BITS)
+    if batch_size is None:
+        batch_size = job.batch_size if job is not None else DEFAULT_BATCH_SIZE
+    if seed is None:
+        seed = job.seed if job is not None else 0
+    if output_key is None and job is not None:
+        output_key = job.output_key
+    options: dict[str, Any] = {"batch_size": batch_size, "loss": analysis.loss.value}
+    if output_key is not None:
+        options["output_key"] = output_key
+    if analysis.method == Method.HAWQ:
+        options.update(iterations=analysis.hawq_iterations, seed=seed)
+    if analysis.first_order:
+        options["first_order"] = True
+    if profile is None:
+        profile = profile_model(model, data, batch_size=batch_size)
+    return compute_sensitivity(
+        analysis.method.value, model, data, profile, bits, progress=progress, **options
     )

@@ -221,9 +221,7 @@ def test_epochs_without_steps_and_patience(fmt: str) -> None:
     )
     assert res.epochs_run == 2 and res.best_epoch == 0
     _check_history(res)
-    zero = finetune(
-        model, data, MIXED, _scales(model, MIXED), FinetuneSpec(epochs=0, batch_size=8)
-    )
+    zero = finetune(model, data, MIXED, _scales(model, MIXED), FinetuneSpec(epochs=0, batch_size=8))
     assert zero.epochs_run == 0 and zero.history == [{"epoch": 0, "val_loss": zero.val_loss_before}]
 
 
