@@ -243,8 +243,7 @@ def test_fixed_batch_program_runs_every_epoch_in_full(
     )
     _check_history(res)
     steps = [m for m in events if "epoch" in m and "loss" in m]
-    # BUG: finetune computes steps_per_epoch from config.batch_size (8) instead of the
-    # model's fixed batch (4): total = 3 * ceil(36 / 8) = 15 steps, so only 2 epochs run
-    # (9 + 6 steps) and the second one stops part-way through the data.
+    # An epoch is counted in the model's fixed batches (4), not in the configured batch size
+    # (8): 3 full epochs of ceil(36 / 4) = 9 steps each, none cut short.
     assert res.epochs_run == 3
     assert len(steps) == 3 * 9
