@@ -163,6 +163,9 @@ def _hv_finite_difference(
     return [(gp - gm) / (2.0 * eps) for gp, gm in zip(*grads, strict=True)]
 
 
+# Over 80 lines on purpose: the probe loop, its fallback from double backward to finite
+# differences and the early stop share one state, and one try/finally restores the weights
+# (finite differences perturb them) whatever happens inside.
 def hutchinson_traces(
     model: LoadedModel,
     data: CalibrationData,
