@@ -229,10 +229,10 @@ def prepare_job(
     choose the device."""
     model = model_source if isinstance(model_source, LoadedModel) else load_model(model_source)
     data = _loaded(data_source)
-    check_data_fits(model, data)
+    check_data_fits(model, data, output_key=spec.output_key)
     if eval_source is not None:
         test = _loaded(eval_source)
-        check_data_fits(model, test)
+        check_data_fits(model, test, output_key=spec.output_key)
         work, eval_from = data, "eval data"
     elif spec.eval_fraction > 0 and data.num_samples >= 2:
         work, test = split_holdout(data, spec.eval_fraction, spec.seed)

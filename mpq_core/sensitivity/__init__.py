@@ -46,15 +46,15 @@ def compute_sensitivity(
     if not bits or bits[0] < MIN_BITS or bits[-1] > MAX_BITS:
         raise SpecError(f"candidate bits must lie in {MIN_BITS}..{MAX_BITS}, got {bits}")
     start = time.perf_counter()
-    if method == "fisher":
+    if method == Method.FISHER:
         from mpq_core.sensitivity.fisher import fisher_sensitivity
 
         omega = fisher_sensitivity(model, data, profile, bits, progress=progress, **options)
-    elif method == "kl":
+    elif method == Method.KL:
         from mpq_core.sensitivity.kl import kl_sensitivity
 
         omega = kl_sensitivity(model, data, profile, bits, progress=progress, **options)
-    elif method == "hawq":
+    elif method == Method.HAWQ:
         from mpq_core.sensitivity.hawq import hawq_sensitivity
 
         omega = hawq_sensitivity(model, data, profile, bits, progress=progress, **options)

@@ -57,11 +57,11 @@ def solve(problem: Problem, method: str = "auto", *, time_limit: float = 60.0) -
         >>> solve(p, "auto").choice.tolist()
         [1, 0]
     """
-    if method == "greedy":
+    if method == Solver.GREEDY:
         return solve_greedy(problem)
-    if method == "exact":
+    if method == Solver.EXACT:
         return solve_exact(problem, time_limit=time_limit)
-    if method != "auto":
+    if method != Solver.AUTO:
         raise SpecError(f"unknown solver {method!r}; use one of {', '.join(SOLVERS)}")
     t0 = time.perf_counter()
     sol = solve_greedy(problem)
