@@ -52,7 +52,7 @@ demo: install
 	$(BIN)/mpq allocate $(DEMO)/sensitivity.json --budget avg-bits=3 --pin 'conv1\.weight=8' \
 		--out $(DEMO)/allocation.json
 	$(BIN)/mpq quantize $(DEMO_MODEL) --data $(DEMO_DATA) --eval-data $(DEMO)/digits_cnn_test.npz \
-		--budget avg-bits=2.5 --pin 'conv1\.weight=8' --finetune-epochs 10 --out-dir $(DEMO)/quantized
+		--budget avg-bits=2.5 --pin 'conv1\.weight=8' --finetune.epochs 10 --out-dir $(DEMO)/quantized
 	$(BIN)/python -m bench.demo_client
 
 clean:

@@ -1,41 +1,58 @@
-"""The ``mpq`` command: the engine's commands plus the service's ``serve`` and ``keys create``.
+"""The service's ``mpq`` commands, registered through the engine's ``mpq.commands`` hook.
 
-Every subcommand of :func:`mpq_core.cli.build_parser` (``inspect``, ``analyze``, ``allocate``,
-``quantize``) is kept as it is; this module adds:
+``register`` (the entry point ``service = "api.cli:register"`` in pyproject.toml, see
+:mod:`mpq_core.cli`) adds:
 
 - ``mpq serve [--host H] [--port P] [--no-worker]``: the embedded service (API, a Celery worker,
   SQLite, local storage, a broker that needs no server), see :mod:`api.serve`.
 - ``mpq keys create NAME [--tenant T]``: migrate the configured database if needed, create an
   API key and print only its plaintext on stdout (everything else goes to stderr).
 
-Importing this module imports neither torch nor the service's heavy modules: the service
-commands import them inside their functions, and :mod:`mpq_core.cli` imports nothing heavy.
+Importing this module imports neither torch nor the service's heavy modules: the commands import
+them inside their functions. Settings that do not validate are reported as
+``mpq: error [bad_settings]: ...`` (exit status 2), like every other user error.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any
 
-from mpq_core.cli import build_parser as build_core_parser
-from mpq_core.cli import run
+from mpq_core.errors import MpqError
 
-__all__ = ["DEFAULT_TENANT", "build_parser", "main"]
+__all__ = ["DEFAULT_TENANT", "BadSettings", "register"]
 
 DEFAULT_TENANT = "default"
 
 log = logging.getLogger("mpq")
 
 
-def _subcommands(
-    parser: argparse.ArgumentParser,
-) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise RuntimeError("mpq_core.cli.build_parser() has no subcommands")
+class BadSettings(MpqError):
+    """The service's settings (environment variables, ``.env``) do not validate."""
+
+    code = "bad_settings"
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _settings_errors_reported(command: Command) -> Command:
+    """Turn a settings ValidationError into :class:`BadSettings`, which ``mpq`` reports."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from pydantic import ValidationError
+
+        try:
+            return command(args)
+        except ValidationError as exc:
+            raise BadSettings(str(exc)) from exc
+
+    return run
 
 
 def _setup_logging() -> None:
@@ -50,7 +67,7 @@ def _setup_logging() -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from api.serve import serve
-    from api.settings import get_settings
+    from mpq_service.settings import get_settings
 
     _setup_logging()
     return serve(get_settings(), host=args.host, port=args.port, worker=not args.no_worker)
@@ -58,9 +75,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
     from api.auth import create_key
-    from api.db import make_engine, make_sessionmaker, normalize_url, session_scope
-    from api.migrate import upgrade
-    from api.settings import get_settings
+    from mpq_service.db import make_engine, make_sessionmaker, normalize_url, session_scope
+    from mpq_service.migrate import upgrade
+    from mpq_service.settings import get_settings
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,16 +103,9 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of the ``mpq`` command: the engine's subcommands plus the service's."""
-    parser = build_core_parser()
-    parser.description = (
-        "Mixed-precision quantization: profile a model, score layer sensitivities, allocate bit "
-        "widths under a budget, quantize; or run the service (serve, keys)."
-    )
-    sub = _subcommands(parser)
-
-    p = sub.add_parser(
+def register(subparsers: Any) -> None:
+    """Add ``serve`` and ``keys`` to the ``mpq`` command (the ``mpq.commands`` entry point)."""
+    p = subparsers.add_parser(
         "serve",
         help="run the embedded service: API + one worker, SQLite and files under MPQ_DATA_DIR",
     )
@@ -106,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start only the API (run workers yourself: celery -A worker.celery_app worker)",
     )
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_settings_errors_reported(_cmd_serve))
 
-    keys = sub.add_parser("keys", help="manage API keys")
+    keys = subparsers.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     p = keys_sub.add_parser(
         "create", help="create an API key (migrates the database if needed); prints only the key"
@@ -119,24 +129,4 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TENANT,
         help=f"tenant owning the key, created if new ({DEFAULT_TENANT})",
     )
-    p.set_defaults(func=_cmd_keys_create)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mpq`` console script: the engine's commands plus the service's."""
-    return run(
-        build_parser(), argv, more_errors={error: "bad_settings" for error in _settings_errors()}
-    )
-
-
-def _settings_errors() -> tuple[type[Exception], ...]:
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # the service extra is not installed
-        return ()
-    return (ValidationError,)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p.set_defaults(func=_settings_errors_reported(_cmd_keys_create))

@@ -69,7 +69,7 @@ BIG_UPLOAD_BYTES = 500 * MiB
 BIG_LIMIT_BYTES = 1024 * MiB
 SMALL_LIMIT_BYTES = 100 * MiB
 SAMPLE_INTERVAL_S = 0.05
-SPEC: dict[str, Any] = {"budgets": ["avg-bits=4"], "bits": [2, 4, 8], "finetune_epochs": 0}
+SPEC: dict[str, Any] = {"budgets": ["avg-bits=4"], "bits": [2, 4, 8], "finetune": {"epochs": 0}}
 ENDPOINTS = ("healthz", "create_job", "poll_job", "list_jobs")
 ENDPOINT_LABELS = {
     "healthz": "GET /healthz (baseline)",

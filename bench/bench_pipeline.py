@@ -5,7 +5,7 @@ Run: ``python -m bench.bench_pipeline``. Writes ``bench/results/pipeline.{json,m
 1. Digits CNN and MLP at average 2.5, 3 and 4 bits: test accuracy of uniform (where one width
    meets the budget exactly), random (mean of 3 allocations that fill the budget), hawq, kl and
    fisher allocations, each after plain post-training quantization and after the same
-   fine-tuning (``FinetuneConfig(epochs=10, lr=1e-4)``, distillation + cross entropy, 10% of the
+   fine-tuning (``FinetuneSpec(epochs=10, lr=1e-4)``, distillation + cross entropy, 10% of the
    calibration data held out to pick the epoch).
 2. The same for the character-level transformer LM of ``bench/textlm.py`` (stdlib docstrings),
    scored by held-out perplexity at average 3 and 4 bits.
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,18 @@ from bench.textlm import perplexity, prepare_textlm
 from mpq_core.allocation import allocate_bits
 from mpq_core.budgets import Budget, achieved, parse_budget
 from mpq_core.data import CalibrationData
-from mpq_core.export import save_packed_checkpoint
-from mpq_core.finetune import FinetuneConfig, finetune
+from mpq_core.finetune import finetune
 from mpq_core.intake import LoadedModel
+from mpq_core.packed_checkpoint import save_packed_checkpoint
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantized import apply_weights, quantize_weights
+from mpq_core.quantized_weights import apply_weights, quantize_weights
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity_table import SensitivityTable
+from mpq_core.spec import FinetuneSpec
 
 BITS = [2, 3, 4, 5, 6, 8]
 RESULTS = Path(__file__).resolve().parent / "results"
-FINETUNE = FinetuneConfig(epochs=10, lr=1e-4, patience=3)
+FINETUNE = FinetuneSpec(epochs=10, lr=1e-4, patience=3)
 RANDOM_ALLOCATIONS = 3
 
 Score = Callable[[LoadedModel, CalibrationData], float]
@@ -205,7 +207,7 @@ def cli_end_to_end(paths: dict[str, Path], calib: Path, test: Path) -> dict[str,
                 str(test),
                 "--budget",
                 "avg-bits=4",
-                "--finetune-epochs",
+                "--finetune.epochs",
                 "2",
                 "--out-dir",
                 tmp,
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
             "torch": torch.__version__,
             "threads": args.threads,
-            "finetune": json.dumps(FINETUNE.to_dict()),
+            "finetune": json.dumps(asdict(FINETUNE)),
             "hawq_iterations": {
                 "digits": args.digits_hawq_iterations,
                 "lm": args.lm_hawq_iterations,

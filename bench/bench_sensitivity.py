@@ -44,7 +44,7 @@ from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantizer import fake_quantize, quantization_errors
+from mpq_core.quant_primitives import fake_quantize, quantization_errors
 from mpq_core.runner import iter_batches, run_model
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity.kl import output_divergence

@@ -43,7 +43,7 @@ SERVICE_DIR = WORK / "service"
 JOB_SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=2.5"],
     "pins": {"conv1\\.weight": 8},
-    "finetune_epochs": 10,
+    "finetune": {"epochs": 10},
 }
 READY_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 600.0
@@ -65,7 +65,7 @@ def _service_env(data_dir: Path) -> dict[str, str]:
 
 
 def _mpq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", *args]
+    return [sys.executable, "-m", "mpq_core.cli", *args]
 
 
 def create_key(data_dir: Path) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from bench.gpu_fisher import _WideCNN
 from mpq_core.pipeline import quantize_model
-from mpq_core.spec import JobSpec
+from mpq_core.spec import FinetuneSpec, JobSpec
 from tests.zoo import SmallCNN, TinyTextEncoder, export_bytes, torchscript_bytes
 
 
@@ -36,7 +36,9 @@ def _npz(path: Path, inputs: list[torch.Tensor], labels: torch.Tensor) -> Path:
 
 
 def _run(blob: bytes, data: Path, device: str, epochs: int) -> dict[str, Any]:
-    spec = JobSpec(budgets=["avg-bits=3"], finetune_epochs=epochs, device=device, finetune_lr=1e-3)
+    spec = JobSpec(
+        budgets=["avg-bits=3"], finetune=FinetuneSpec(epochs=epochs, lr=1e-3), device=device
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         try:

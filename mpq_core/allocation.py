@@ -26,12 +26,14 @@ from mpq_core.errors import BudgetInfeasible, SpecError
 from mpq_core.layers import LayerInfo
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.solvers import SOLVERS, Problem, fits, solve
+from mpq_core.spec import JobSpec
 
 __all__ = [
     "SCHEMA_VERSION",
     "Allocation",
     "BudgetReport",
     "LayerAllocation",
+    "allocate",
     "allocate_bits",
 ]
 
@@ -277,6 +279,78 @@ def _infeasible_message(
     )
 
 
+def _per_group(
+    matrix: NDArray[np.float64], owner: NDArray[np.intp], groups: int
+) -> NDArray[np.float64]:
+    """Per-layer rows summed into one row per tie group."""
+    out = np.zeros((groups, matrix.shape[1]))
+    np.add.at(out, owner, matrix)
+    return out
+
+
+def _allowed_choices(
+    names: list[str],
+    groups: list[list[int]],
+    owner: NDArray[np.intp],
+    pinned: dict[int, int],
+    cand: list[int],
+) -> NDArray[np.bool_]:
+    """Which candidate bits each tie group may take, given the pins."""
+    allowed = np.ones((len(groups), len(cand)), dtype=bool)
+    for i, b in pinned.items():
+        allowed[owner[i]] &= np.array(cand) == b
+    for g, members in enumerate(groups):
+        if not allowed[g].any():
+            got = sorted({pinned[i] for i in members if i in pinned})
+            raise SpecError(
+                f"tied layers {[names[i] for i in members]} are pinned to different bit "
+                f"widths {got}"
+            )
+    return allowed
+
+
+def _budget_constraints(
+    table: SensitivityTable,
+    budgets: Sequence[Budget],
+    cand: list[int],
+    owner: NDArray[np.intp],
+    allowed: NDArray[np.bool_],
+) -> tuple[list[NDArray[np.float64]], list[tuple[NDArray[np.float64], float]]]:
+    """Per-layer costs and per-group constraints of every budget; BudgetInfeasible when even
+    the cheapest allowed choice breaks one."""
+    layers, groups = table.layers, allowed.shape[0]
+    layer_costs: list[NDArray[np.float64]] = []
+    constraints: list[tuple[NDArray[np.float64], float]] = []
+    for budget in budgets:
+        costs, cap = budget_constraint(budget, layers, cand, float_params=table.float_params)
+        grouped = _per_group(costs, owner, groups)
+        low = np.where(allowed, grouped, np.inf).argmin(axis=1)
+        if not fits(float(grouped[np.arange(groups), low].sum()), cap):
+            cheapest = [cand[int(low[owner[i]])] for i in range(len(layers))]
+            raise BudgetInfeasible(
+                _infeasible_message(budget, layers, table.float_params, cheapest)
+            )
+        layer_costs.append(costs)
+        constraints.append((grouped, cap))
+    return layer_costs, constraints
+
+
+def allocate(table: SensitivityTable, spec: JobSpec) -> Allocation:
+    """The allocation a job spec asks for: its budgets, candidate bits, pins, ties and solver.
+
+    Example:
+        >>> allocate(table, JobSpec(budgets=["avg-bits=3"], bits=table.bits))  # doctest: +SKIP
+    """
+    return allocate_bits(
+        table,
+        spec.parsed_budgets(),
+        bits=spec.bits,
+        pins=spec.pins,
+        ties=spec.ties,
+        solver=spec.solver.value,
+    )
+
+
 def allocate_bits(
     table: SensitivityTable,
     budgets: Sequence[Budget],
@@ -324,38 +398,9 @@ def allocate_bits(
     owner = np.empty(len(layers), dtype=np.intp)
     for g, members in enumerate(groups):
         owner[members] = g
-
-    allowed = np.ones((len(groups), len(cand)), dtype=bool)
-    for i, b in pinned.items():
-        allowed[owner[i]] &= np.array(cand) == b
-    for g, members in enumerate(groups):
-        if not allowed[g].any():
-            got = sorted({pinned[i] for i in members if i in pinned})
-            raise SpecError(
-                f"tied layers {[names[i] for i in members]} are pinned to different bit "
-                f"widths {got}"
-            )
-
-    def per_group(matrix: NDArray[np.float64]) -> NDArray[np.float64]:
-        out = np.zeros((len(groups), len(cand)))
-        np.add.at(out, owner, matrix)
-        return out
-
-    layer_costs: list[NDArray[np.float64]] = []
-    constraints: list[tuple[NDArray[np.float64], float]] = []
-    for budget in budgets:
-        costs, cap = budget_constraint(budget, layers, cand, float_params=table.float_params)
-        grouped = per_group(costs)
-        low = np.where(allowed, grouped, np.inf).argmin(axis=1)
-        if not fits(float(grouped[np.arange(len(groups)), low].sum()), cap):
-            cheapest = [cand[int(low[owner[i]])] for i in range(len(layers))]
-            raise BudgetInfeasible(
-                _infeasible_message(budget, layers, table.float_params, cheapest)
-            )
-        layer_costs.append(costs)
-        constraints.append((grouped, cap))
-
-    problem = Problem.build(per_group(omega), constraints, allowed)
+    allowed = _allowed_choices(names, groups, owner, pinned, cand)
+    layer_costs, constraints = _budget_constraints(table, budgets, cand, owner, allowed)
+    problem = Problem.build(_per_group(omega, owner, len(groups)), constraints, allowed)
     t0 = time.perf_counter()
     sol = solve(problem, solver)
     seconds = time.perf_counter() - t0

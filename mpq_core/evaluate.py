@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.runner import iter_batches
 
-__all__ = ["Metrics", "evaluate", "model_outputs", "task_loss"]
+__all__ = ["Evaluator", "Metrics", "evaluate", "model_outputs", "task_loss"]
 
 
 @dataclass
@@ -117,3 +117,40 @@ def evaluate(
         sqnr_db=sqnr,
         samples=out.shape[0],
     )
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """:func:`evaluate` and :func:`model_outputs` bound to one job's batch size, output key and
+    activation quantizer, so a job states them once.
+
+    Example:
+        >>> score = Evaluator(batch_size=32, output_key="logits")  # doctest: +SKIP
+        >>> reference = score.outputs(model, test)  # doctest: +SKIP
+        >>> score(model, test, reference).accuracy  # doctest: +SKIP
+    """
+
+    batch_size: int = 64
+    output_key: Any = None
+    act_quant: Any = None
+
+    def outputs(self, model: LoadedModel, data: CalibrationData) -> torch.Tensor:
+        """The model's scored outputs on ``data`` (the float reference: no activation
+        quantization)."""
+        return model_outputs(model, data, batch_size=self.batch_size, output_key=self.output_key)
+
+    def __call__(
+        self, model: LoadedModel, data: CalibrationData, reference: torch.Tensor
+    ) -> Metrics:
+        return evaluate(
+            model,
+            data,
+            reference,
+            batch_size=self.batch_size,
+            output_key=self.output_key,
+            act_quant=self.act_quant,
+        )
+
+    def with_act_quant(self, act_quant: Any) -> Evaluator:
+        """The same evaluator with activations quantized by ``act_quant`` (or not, if None)."""
+        return replace(self, act_quant=act_quant)

@@ -30,40 +30,11 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores, model_outputs
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantizer import dequantize, qmax, quantize
+from mpq_core.quant_primitives import dequantize, qmax, quantize
 from mpq_core.runner import iter_batches
+from mpq_core.spec import FinetuneSpec
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "split_holdout"]
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings (JSON-friendly).
-
-    Attributes:
-        epochs: passes over the training part of the data (ignored when ``steps`` is set).
-        steps: total optimiser steps instead of epochs.
-        lr: Adam learning rate (cosine decay to zero).
-        batch_size: samples per step.
-        val_fraction: share of the data held out to choose the best epoch.
-        patience: stop after this many epochs without a better held-out loss.
-        distill_weight: weight of the distillation loss against the float model.
-        label_weight: weight of the cross entropy against labels (when present).
-        seed: data order and hold-out split.
-    """
-
-    epochs: int = 5
-    steps: int | None = None
-    lr: float = 1e-4
-    batch_size: int = 32
-    val_fraction: float = 0.1
-    patience: int = 3
-    distill_weight: float = 1.0
-    label_weight: float = 1.0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["FinetuneResult", "finetune", "split_holdout"]
 
 
 @dataclass
@@ -135,13 +106,137 @@ class _Quantized:
             self.masters[n].copy_(t)
 
 
+class _Session:
+    """One fine-tuning run: the data split, the teacher outputs, the masters and the float
+    parameters being trained, the optimiser and its schedule."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        data: CalibrationData,
+        bits: dict[str, int],
+        scales: dict[str, torch.Tensor],
+        cfg: FinetuneSpec,
+        seed: int,
+        act_quant: Any,
+        output_key: Any,
+    ) -> None:
+        self.model, self.cfg, self.output_key = model, cfg, output_key
+        self.train, self.val = split_holdout(data, cfg.val_fraction, seed)
+        # The teacher is the float model itself, run once before any weight changes.
+        self.teacher_train = model_outputs(
+            model, self.train, batch_size=cfg.batch_size, output_key=output_key
+        )
+        self.teacher_val = model_outputs(
+            model, self.val, batch_size=cfg.batch_size, output_key=output_key
+        )
+        self.q = _Quantized(model, bits, scales)
+        self.others = {n: p for n, p in model.named_weights().items() if n not in bits}
+        self.floats_before = {n: p.detach().clone() for n, p in self.others.items()}
+        self.trainable = list(self.q.params.values()) + list(self.others.values())
+        self.requires = [p.requires_grad for p in self.trainable]
+        for p in self.trainable:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam([*self.q.masters.values(), *self.others.values()], lr=cfg.lr)
+        # A fixed-batch torch.export program runs at its own batch size (iter_batches pads to it).
+        steps_per_epoch = math.ceil(self.train.num_samples / (model.fixed_batch or cfg.batch_size))
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+        self.total = total
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
+        )
+        self.act = act_quant if act_quant is not None else nullcontext()
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.step = 0
+
+    def loss_on(
+        self,
+        inputs: list[torch.Tensor],
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        valid: int,
+        label_weight: float,
+    ) -> torch.Tensor:
+        with self.act:
+            out = select_output(self.model(*inputs), self.output_key)[:valid]
+        loss = self.cfg.distill_weight * _distill(out, teacher)
+        if labels is not None and is_class_scores(out) and label_weight:
+            loss = loss + label_weight * F.cross_entropy(
+                out.float().reshape(-1, out.shape[-1]), labels[:valid].reshape(-1)
+            )
+        return loss
+
+    def val_loss(self) -> float:
+        self.q.load()
+        total_loss, count = 0.0, 0
+        with capture_context(grad=False):
+            for batch in iter_batches(self.model, self.val, self.cfg.batch_size):
+                t = self.teacher_val[batch.start : batch.start + batch.valid]
+                # Epochs are chosen on fidelity to the float model alone: cross entropy on a
+                # small held-out set mostly measures the float model's own mistakes.
+                loss = self.loss_on(batch.inputs, t, batch.labels, batch.valid, label_weight=0.0)
+                total_loss += float(loss.detach()) * batch.valid
+                count += batch.valid
+        return total_loss / max(count, 1)
+
+    def train_epoch(self, epoch: int, report: ProgressFn) -> float:
+        """One pass over the shuffled training data (or what is left of ``total`` steps);
+        the mean training loss."""
+        perm = torch.randperm(self.train.num_samples, generator=self.gen)
+        shuffled, teacher = self.train.subset(perm), self.teacher_train[perm]
+        running, seen = 0.0, 0
+        with capture_context(grad=True):
+            for batch in iter_batches(self.model, shuffled, self.cfg.batch_size):
+                if self.step >= self.total:
+                    break
+                self.q.load()
+                t = teacher[batch.start : batch.start + batch.valid]
+                loss = self.loss_on(
+                    batch.inputs, t, batch.labels, batch.valid, self.cfg.label_weight
+                )
+                self._update(torch.autograd.grad(loss, self.trainable, allow_unused=True))
+                self.step += 1
+                running += float(loss.detach()) * batch.valid
+                seen += batch.valid
+                report(
+                    "finetune",
+                    self.step / self.total,
+                    {"epoch": epoch, "loss": running / max(seen, 1)},
+                )
+        return running / max(seen, 1)
+
+    def _update(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        named = dict(zip(list(self.q.params) + list(self.others), grads, strict=True))
+        self.q.ste({n: named[n] for n in self.q.params})
+        for n, p in self.others.items():
+            g = named[n]
+            p.grad = None if g is None else g.detach()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.q.snapshot(), {n: p.detach().clone() for n, p in self.others.items()}
+
+    def finish(self, best: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """Leave the model at the best state, with its parameters' requires_grad as they were."""
+        self.q.restore(best[0])
+        self.q.load()
+        with torch.no_grad():
+            for n, p in self.others.items():
+                p.copy_(best[1].get(n, self.floats_before[n]))
+        for p, r in zip(self.trainable, self.requires, strict=True):
+            p.requires_grad_(r)
+
+
 def finetune(
     model: LoadedModel,
     data: CalibrationData,
     bits: dict[str, int],
     scales: dict[str, torch.Tensor],
-    config: FinetuneConfig | None = None,
+    settings: FinetuneSpec | None = None,
     *,
+    seed: int = 0,
     act_quant: Any = None,
     output_key: Any = None,
     progress: ProgressFn | None = None,
@@ -153,120 +248,38 @@ def finetune(
 
     Args:
         model: the loaded model, with its float weights.
-        data: the fine-tuning data; ``config.val_fraction`` of it is held out.
+        data: the fine-tuning data; ``settings.val_fraction`` of it is held out.
         bits: bit width of each quantized layer, by parameter name.
         scales: per-channel scales of each quantized layer (kept fixed).
-        config: settings; defaults to ``FinetuneConfig()``.
+        settings: the job spec's ``finetune`` part; defaults to ``FinetuneSpec()``.
+        seed: data order and hold-out split.
         act_quant: an ``ActivationQuantizer`` to apply in every forward pass.
         output_key: which element of a tuple/dict output to train on.
         progress: called as ``progress("finetune", fraction, metrics)``.
     """
-    cfg = config or FinetuneConfig()
+    cfg = settings or FinetuneSpec()
     report = progress or null_progress
     start = time.perf_counter()
-    train, val = split_holdout(data, cfg.val_fraction, cfg.seed)
-    # The teacher is the float model itself, run once before any weight changes.
-    teacher_train = model_outputs(model, train, batch_size=cfg.batch_size, output_key=output_key)
-    teacher_val = model_outputs(model, val, batch_size=cfg.batch_size, output_key=output_key)
-    q = _Quantized(model, bits, scales)
-    others = {n: p for n, p in model.named_weights().items() if n not in bits}
-    floats_before = {n: p.detach().clone() for n, p in others.items()}
-    trainable = list(q.params.values()) + list(others.values())
-    requires = [p.requires_grad for p in trainable]
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam([*q.masters.values(), *others.values()], lr=cfg.lr)
-    # A fixed-batch torch.export program runs at its own batch size (iter_batches pads to it).
-    steps_per_epoch = math.ceil(train.num_samples / (model.fixed_batch or cfg.batch_size))
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1)))
-    )
-    act = act_quant if act_quant is not None else nullcontext()
-
-    def loss_on(
-        batch_inputs: list[torch.Tensor],
-        teacher: torch.Tensor,
-        labels: torch.Tensor | None,
-        valid: int,
-        label_weight: float = cfg.label_weight,
-    ) -> torch.Tensor:
-        with act:
-            out = select_output(model(*batch_inputs), output_key)[:valid]
-        loss = cfg.distill_weight * _distill(out, teacher)
-        if labels is not None and is_class_scores(out) and label_weight:
-            loss = loss + label_weight * F.cross_entropy(
-                out.float().reshape(-1, out.shape[-1]), labels[:valid].reshape(-1)
-            )
-        return loss
-
-    def val_loss() -> float:
-        q.load()
-        total_loss, count = 0.0, 0
-        with capture_context(grad=False):
-            for batch in iter_batches(model, val, cfg.batch_size):
-                t = teacher_val[batch.start : batch.start + batch.valid]
-                # Epochs are chosen on fidelity to the float model alone: cross entropy on a
-                # small held-out set mostly measures the float model's own mistakes.
-                loss = loss_on(batch.inputs, t, batch.labels, batch.valid, label_weight=0.0)
-                total_loss += float(loss.detach()) * batch.valid
-                count += batch.valid
-        return total_loss / max(count, 1)
-
-    history: list[dict[str, float]] = []
-    best = val_loss()
-    before = best
-    best_epoch, best_state = 0, (q.snapshot(), {n: p.detach().clone() for n, p in others.items()})
-    history.append({"epoch": 0, "val_loss": best})
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    step, epoch, stale = 0, 0, 0
+    run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
+    best = before = run.val_loss()
+    best_epoch, best_state = 0, run.state()
+    history: list[dict[str, float]] = [{"epoch": 0, "val_loss": best}]
+    epoch, stale = 0, 0
     try:
-        while step < total:
+        while run.step < run.total:
             epoch += 1
-            perm = torch.randperm(train.num_samples, generator=gen)
-            shuffled, teacher = train.subset(perm), teacher_train[perm]
-            running, seen = 0.0, 0
-            with capture_context(grad=True):
-                for batch in iter_batches(model, shuffled, cfg.batch_size):
-                    if step >= total:
-                        break
-                    q.load()
-                    t = teacher[batch.start : batch.start + batch.valid]
-                    loss = loss_on(batch.inputs, t, batch.labels, batch.valid)
-                    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
-                    named = dict(zip(list(q.params) + list(others), grads, strict=True))
-                    q.ste({n: named[n] for n in q.params})
-                    for n, p in others.items():
-                        g = named[n]
-                        p.grad = None if g is None else g.detach()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
-                    step += 1
-                    running += float(loss.detach()) * batch.valid
-                    seen += batch.valid
-                    report(
-                        "finetune", step / total, {"epoch": epoch, "loss": running / max(seen, 1)}
-                    )
-            current = val_loss()
-            history.append(
-                {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": current}
-            )
+            train_loss = run.train_epoch(epoch, report)
+            current = run.val_loss()
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": current})
             if current < best:
                 best, best_epoch, stale = current, epoch, 0
-                best_state = (q.snapshot(), {n: p.detach().clone() for n, p in others.items()})
+                best_state = run.state()
             else:
                 stale += 1
                 if stale >= cfg.patience:
                     break
     finally:
-        q.restore(best_state[0])
-        q.load()
-        with torch.no_grad():
-            for n, p in others.items():
-                p.copy_(best_state[1].get(n, floats_before[n]))
-        for p, r in zip(trainable, requires, strict=True):
-            p.requires_grad_(r)
+        run.finish(best_state)
     report("finetune", 1.0, {"best_epoch": best_epoch, "val_loss": best})
     return FinetuneResult(
         epochs_run=epoch,

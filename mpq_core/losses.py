@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from mpq_core.errors import SpecError
+from mpq_core.spec import Loss
 
-__all__ = ["LossKind", "PerSampleLoss", "resolve_loss_kind"]
-
-LossKind = Literal["auto", "ce", "mse"]
+__all__ = ["PerSampleLoss", "resolve_loss_kind"]
 
 
 def resolve_loss_kind(kind: str, output: torch.Tensor) -> Literal["ce", "mse"]:
@@ -39,8 +38,8 @@ def resolve_loss_kind(kind: str, output: torch.Tensor) -> Literal["ce", "mse"]:
         return "ce"
     if kind == "mse":
         return "mse"
-    if kind != "auto":
-        raise SpecError(f"unknown loss {kind!r}; use auto, ce or mse")
+    if kind != Loss.AUTO:
+        raise SpecError(f"unknown loss {kind!r}; use one of {', '.join(Loss)}")
     if output.is_floating_point() and output.dim() in (2, 3) and output.shape[-1] >= 2:
         return "ce"
     return "mse"

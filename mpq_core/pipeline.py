@@ -1,14 +1,14 @@
-"""The whole job: intake, profiling, sensitivities, allocation, quantization, fine-tuning,
-evaluation and export, with one progress callback and a time per stage.
+"""The whole job as stages: intake, profiling, sensitivities, allocation, quantization,
+fine-tuning and evaluation around one :class:`JobContext`, each stage returning a typed result,
+with one progress callback and a time per stage.
+
+:func:`run` does the job in memory and returns a :class:`JobResult` (the quantized model, the
+allocation, the sensitivity table, metrics, encodings and the report);
+:func:`mpq_core.artifacts.write_artifacts` writes it out; :func:`quantize_model` does both.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,27 +16,97 @@ from typing import Any
 import torch
 
 from mpq_core.actquant import ActEncoding, ActivationQuantizer, calibrate_activations
-from mpq_core.allocation import Allocation, allocate_bits
-from mpq_core.budgets import Budget, achieved
+from mpq_core.allocation import Allocation, allocate
+from mpq_core.artifacts import write_artifacts
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData, load_data
 from mpq_core.errors import SpecError
-from mpq_core.evaluate import Metrics, evaluate, model_outputs
-from mpq_core.export import save_packed_checkpoint, save_quantized_model
-from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
+from mpq_core.evaluate import Evaluator, Metrics
+from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantized import apply_weights, quantize_weights
+from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
+from mpq_core.report import build_report
 from mpq_core.runner import check_data_fits
-from mpq_core.sensitivity import compute_sensitivity
+from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
 
-__all__ = ["STAGES", "PipelineResult", "quantize_model"]
+__all__ = [
+    "STAGES",
+    "JobContext",
+    "JobResult",
+    "PipelineResult",
+    "quantize_model",
+    "resolve_device",
+    "run",
+]
 
-SCHEMA_VERSION = 1
 STAGES = ("intake", "profile", "analyze", "allocate", "quantize", "finetune", "evaluate", "export")
+
+ModelSource = LoadedModel | str | Path | bytes
+DataSource = CalibrationData | str | Path | bytes
+
+
+@dataclass
+class JobContext:
+    """One job as its stages see it: the spec, the loaded model, the data splits and where
+    they run."""
+
+    spec: JobSpec
+    model: LoadedModel
+    data: CalibrationData  # everything given as calibration data
+    work: CalibrationData  # what analysis, calibration and fine-tuning use
+    test: CalibrationData  # what the metrics are measured on
+    eval_from: str
+    device: torch.device
+    device_note: str | None
+    clock: StageClock
+    evaluator: Evaluator
+
+
+@dataclass
+class Scores:
+    """Metrics of the float and the quantized model, on the evaluation and calibration data."""
+
+    reference: torch.Tensor  # the float model's outputs on the evaluation data
+    float_eval: Metrics
+    float_calib: Metrics
+    quantized_eval: Metrics
+    quantized_calib: Metrics
+
+
+@dataclass
+class Quantization:
+    """The quantize stage's result: the model holds the quantized weights."""
+
+    layers: dict[str, QuantizedLayer]
+    float_weights: dict[str, torch.Tensor]
+    encodings: dict[str, ActEncoding]
+    act_quant: ActivationQuantizer | None
+    scores: Scores
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        return {name: layer.scales for name, layer in self.layers.items()}
+
+
+@dataclass
+class JobResult:
+    """What :func:`run` produced, in memory. ``model`` holds the quantized weights (dequantized),
+    ``layers`` the integer codes and scales, ``report`` what ``report.json`` holds (its export
+    timing, packed size and artefact list are filled in by ``write_artifacts``)."""
+
+    model: LoadedModel
+    allocation: Allocation
+    sensitivity: SensitivityTable
+    profile: ModelProfile
+    layers: dict[str, QuantizedLayer]
+    metrics: dict[str, Metrics | None]  # "float", "quantized", "finetuned"
+    encodings: dict[str, ActEncoding]
+    finetune: FinetuneResult | None
+    report: dict[str, Any]
 
 
 @dataclass
@@ -50,54 +120,51 @@ class PipelineResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
 
 
-class _Stages:
-    def __init__(self, progress: ProgressFn) -> None:
-        self.progress = progress
-        self.seconds: dict[str, float] = {}
+def run(
+    spec: JobSpec,
+    model: ModelSource,
+    data: DataSource,
+    *,
+    eval_data: DataSource | None = None,
+    sensitivity: SensitivityTable | None = None,
+    progress: ProgressFn | None = None,
+) -> JobResult:
+    """Run a quantization job in memory: every stage of ``STAGES`` but ``export``.
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.progress(name, 0.0, {})
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
-        self.progress(name, 1.0, {})
+    Args:
+        spec: the job spec.
+        model: a loaded model (quantized in place) or its TorchScript / torch.export source.
+        data: calibration data, loaded or its source.
+        eval_data: evaluation data; without it ``spec.eval_fraction`` of the data is held out.
+        sensitivity: a stored table for this model and data to reuse instead of recomputing.
+        progress: ``progress(stage, fraction, metrics)`` for every stage.
 
-    def forward(self, stage: str) -> ProgressFn:
-        """Re-label a library function's progress reports as this stage's."""
-
-        def report(_: str, fraction: float, metrics: dict[str, Any]) -> None:
-            self.progress(stage, min(fraction, 0.999), metrics)
-
-        return report
-
-
-def _check_table(
-    table: SensitivityTable, model: LoadedModel, profile: ModelProfile, spec: JobSpec
-) -> None:
-    if table.meta.get("model_sha256") not in (None, model.sha256):
-        raise SpecError("the given sensitivity table was computed for another model")
-    if table.names != [layer.name for layer in profile.layers]:
-        raise SpecError("the given sensitivity table lists other layers than the model has")
-    missing = sorted(set(spec.bits) - set(table.bits))
-    if missing:
-        raise SpecError(f"the given sensitivity table has no values for bits {missing}")
-
-
-def _finite(value: Any) -> Any:
-    """Strict JSON: infinities and NaN (e.g. the SQNR of identical outputs) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
-    return path
+    Example:
+        >>> result = run(JobSpec(budgets=["avg-bits=3"]), "model.pt", "calib.npz")  # doctest: +SKIP
+        >>> result.allocation.bits_by_layer(), result.metrics["finetuned"]  # doctest: +SKIP
+    """
+    clock = StageClock(progress or null_progress)
+    spec.parsed_budgets()  # a bad budget fails before any work
+    with clock.stage("intake"):
+        ctx = prepare_job(spec, model, data, eval_data, clock)
+    with clock.stage("profile"):
+        profile = profile_model(ctx.model, ctx.work, batch_size=spec.batch_size)
+    with clock.stage("analyze"):
+        table = analyze_stage(ctx, profile, sensitivity)
+    with clock.stage("allocate"):
+        allocation = allocate(table, spec)
+    with clock.stage("quantize"):
+        quant = quantize_stage(ctx, allocation.bits_by_layer())
+    with clock.stage("finetune"):
+        tuned = finetune_stage(ctx, quant)
+    with clock.stage("evaluate"):
+        final = evaluate_stage(ctx, quant, tuned)
+    scores = quant.scores
+    metrics = {"float": scores.float_eval, "quantized": scores.quantized_eval, "finetuned": final}
+    report = build_report(ctx, profile, allocation, quant, tuned, final)
+    return JobResult(
+        ctx.model, allocation, table, profile, quant.layers, metrics, quant.encodings, tuned, report
+    )
 
 
 def quantize_model(
@@ -110,7 +177,8 @@ def quantize_model(
     sensitivity: SensitivityTable | None = None,
     progress: ProgressFn | None = None,
 ) -> PipelineResult:
-    """Run a quantization job end to end and write its artefacts into ``out_dir``.
+    """Run a quantization job end to end and write its artefacts into ``out_dir``
+    (:func:`run`, then :func:`mpq_core.artifacts.write_artifacts`).
 
     Args:
         model_source: TorchScript archive or torch.export program (path or bytes).
@@ -127,216 +195,139 @@ def quantize_model(
         >>> spec = JobSpec(budgets=["avg-bits=3"])
         >>> quantize_model("model.pt", "calib.npz", spec, "out/")  # doctest: +SKIP
     """
-    stages = _Stages(progress or null_progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budgets: list[Budget] = spec.parsed_budgets()
-    key = spec.output_key
-
-    with stages.stage("intake"):
-        model = load_model(model_source)
-        data = data_source if isinstance(data_source, CalibrationData) else load_data(data_source)
-        check_data_fits(model, data)
-        if eval_source is not None:
-            test = (
-                eval_source if isinstance(eval_source, CalibrationData) else load_data(eval_source)
-            )
-            check_data_fits(model, test)
-            work, eval_from = data, "eval data"
-        elif spec.eval_fraction > 0 and data.num_samples >= 2:
-            work, test = split_holdout(data, spec.eval_fraction, spec.seed)
-            eval_from = f"held-out {spec.eval_fraction:.0%} of the data"
-        else:
-            work, test, eval_from = data, data, "the calibration data itself (nothing held out)"
-
-        device = resolve_device(spec.device)
-        device_note = None
-        if device.type != "cpu":
-            device_note = _move_if_it_runs(model, work, device)
-            if device_note is None:
-                data, work, test = (_on(d, device) for d in (data, work, test))
-            else:
-                device = torch.device("cpu")
-
-    with stages.stage("profile"):
-        profile = profile_model(model, work, batch_size=spec.batch_size)
-
-    with stages.stage("analyze"):
-        if sensitivity is not None:
-            _check_table(sensitivity, model, profile, spec)
-            table = sensitivity
-        else:
-            options: dict[str, Any] = {"batch_size": spec.batch_size, "loss": spec.loss}
-            if spec.method == "hawq":
-                options.update(iterations=spec.hawq_iterations, seed=spec.seed)
-            if spec.first_order:
-                options["first_order"] = True
-            table = compute_sensitivity(
-                spec.method,
-                model,
-                work,
-                profile,
-                spec.bits,
-                progress=stages.forward("analyze"),
-                **options,
-            )
-
-    with stages.stage("allocate"):
-        allocation = allocate_bits(
-            table, budgets, bits=spec.bits, pins=spec.pins, ties=spec.ties, solver=spec.solver
-        )
-        bits = allocation.bits_by_layer()
-
-    with stages.stage("quantize"):
-        float_weights = {n: p.detach().clone() for n, p in model.named_weights().items()}
-        reference = model_outputs(model, test, batch_size=spec.batch_size, output_key=key)
-        calib_reference = model_outputs(model, work, batch_size=spec.batch_size, output_key=key)
-        float_metrics = evaluate(model, test, reference, batch_size=spec.batch_size, output_key=key)
-        float_calib = evaluate(
-            model, work, calib_reference, batch_size=spec.batch_size, output_key=key
-        )
-        layers = quantize_weights(model, bits)
-        scales = {n: layer.scales for n, layer in layers.items()}
-        apply_weights(model, layers)
-        encodings: dict[str, ActEncoding] = {}
-        act_quant = None
-        if spec.quantize_activations:
-            encodings = calibrate_activations(
-                model, work, list(bits), spec.act_bits, batch_size=spec.batch_size
-            )
-            act_quant = ActivationQuantizer(model.named_weights(), encodings)
-        ptq_metrics = evaluate(
-            model, test, reference, batch_size=spec.batch_size, output_key=key, act_quant=act_quant
-        )
-        ptq_calib = evaluate(
-            model,
-            work,
-            calib_reference,
-            batch_size=spec.batch_size,
-            output_key=key,
-            act_quant=act_quant,
-        )
-
-    tuned: FinetuneResult | None = None
-    with stages.stage("finetune"):
-        if spec.finetunes:
-            _restore(model, float_weights)
-            config = FinetuneConfig(
-                epochs=spec.finetune_epochs,
-                steps=spec.finetune_steps,
-                lr=spec.finetune_lr,
-                batch_size=spec.finetune_batch_size,
-                val_fraction=spec.val_fraction,
-                patience=spec.patience,
-                seed=spec.seed,
-            )
-            tuned = finetune(
-                model,
-                work,
-                bits,
-                scales,
-                config,
-                act_quant=act_quant,
-                output_key=key,
-                progress=stages.forward("finetune"),
-            )
-            layers = quantize_weights(model, bits, scales=scales)
-
-    with stages.stage("evaluate"):
-        final_metrics: Metrics = (
-            evaluate(
-                model,
-                test,
-                reference,
-                batch_size=spec.batch_size,
-                output_key=key,
-                act_quant=act_quant,
-            )
-            if tuned is not None
-            else ptq_metrics
-        )
-
-    with stages.stage("export"):
-        # Artefacts hold CPU tensors, whatever device the job ran on.
-        model.module.to("cpu")
-        artifacts: dict[str, Path] = {}
-        quantized_model = out / ("model" + model.suffix)
-        save_quantized_model(model, layers, quantized_model)
-        artifacts[quantized_model.name] = quantized_model
-        packed = out / "model.mpq.safetensors"
-        packed_bytes = save_packed_checkpoint(
-            packed, model, layers, metadata={"model_sha256": model.sha256, "format": model.format}
-        )
-        artifacts[packed.name] = packed
-        artifacts["allocation.json"] = allocation_path = out / "allocation.json"
-        allocation.save(allocation_path)
-        artifacts["sensitivity.json"] = sensitivity_path = out / "sensitivity.json"
-        table.save(sensitivity_path)
-        if encodings:
-            doc = {
-                "schema_version": SCHEMA_VERSION,
-                "kind": "mpq.encodings",
-                "activation_encodings": {name: enc.to_dict() for name, enc in encodings.items()},
-                "param_encodings": {
-                    name: {"bits": layer.bits, "symmetric": True, "per_channel": True}
-                    for name, layer in layers.items()
-                },
-            }
-            artifacts["encodings.json"] = _write_json(out / "encodings.json", doc)
-
-    layer_infos = profile.layers
-    predicted_bytes = achieved(
-        Budget("size", 1.0),
-        layer_infos,
-        profile.float_params,
-        [bits[layer.name] for layer in layer_infos],
+    result = run(
+        spec,
+        model_source,
+        data_source,
+        eval_data=eval_source,
+        sensitivity=sensitivity,
+        progress=progress,
     )
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "mpq.report",
-        "model": {
-            "format": model.format,
-            "sha256": model.sha256,
-            "params": profile.total_params,
-            "quantized_params": profile.quantized_params,
-            "float_params": profile.float_params,
-            "layers": len(layer_infos),
-        },
-        "data": {
-            "calibration_samples": work.num_samples,
-            "eval_samples": test.num_samples,
-            "eval_from": eval_from,
-            "labels": data.labels is not None,
-        },
-        "spec": spec.to_dict(),
-        "budgets": [rep.to_dict() for rep in allocation.budgets],
-        "allocation": {name: b for name, b in bits.items()},
-        "predicted_loss_increase": allocation.predicted_loss_increase,
-        "measured_loss_increase": {
-            "calibration": ptq_calib.loss - float_calib.loss,
-            "eval": ptq_metrics.loss - float_metrics.loss,
-        },
-        "metrics": {
-            "float": float_metrics.to_dict(),
-            "quantized": ptq_metrics.to_dict(),
-            "finetuned": final_metrics.to_dict() if tuned is not None else None,
-        },
-        "finetune": tuned.to_dict() if tuned is not None else None,
-        "sizes": {
-            "float32_bytes": 4 * profile.total_params,
-            "predicted_bytes": predicted_bytes,
-            "packed_checkpoint_bytes": packed_bytes,
-        },
-        "timings": dict(stages.seconds),
-        "device": str(device),
-        "device_note": device_note,
-        "artifacts": sorted([*artifacts, "report.json"]),
-    }
-    report = _finite(report)
-    artifacts["report.json"] = _write_json(out / "report.json", report)
+    artifacts = write_artifacts(result, out, progress=progress)
     return PipelineResult(
-        out_dir=out, allocation=allocation, sensitivity=table, report=report, artifacts=artifacts
+        out_dir=out,
+        allocation=result.allocation,
+        sensitivity=result.sensitivity,
+        report=result.report,
+        artifacts=artifacts,
     )
+
+
+# --- stages --------------------------------------------------------------------------------
+
+
+def prepare_job(
+    spec: JobSpec,
+    model_source: ModelSource,
+    data_source: DataSource,
+    eval_source: DataSource | None,
+    clock: StageClock,
+) -> JobContext:
+    """The ``intake`` stage: load and check model and data, split off the evaluation data,
+    choose the device."""
+    model = model_source if isinstance(model_source, LoadedModel) else load_model(model_source)
+    data = _loaded(data_source)
+    check_data_fits(model, data, output_key=spec.output_key)
+    if eval_source is not None:
+        test = _loaded(eval_source)
+        check_data_fits(model, test, output_key=spec.output_key)
+        work, eval_from = data, "eval data"
+    elif spec.eval_fraction > 0 and data.num_samples >= 2:
+        work, test = split_holdout(data, spec.eval_fraction, spec.seed)
+        eval_from = f"held-out {spec.eval_fraction:.0%} of the data"
+    else:
+        work, test, eval_from = data, data, "the calibration data itself (nothing held out)"
+
+    device = resolve_device(spec.device)
+    device_note = None
+    if device.type != "cpu":
+        device_note = _move_if_it_runs(model, work, device)
+        if device_note is None:
+            data, work, test = (_on(d, device) for d in (data, work, test))
+        else:
+            device = torch.device("cpu")
+    evaluator = Evaluator(batch_size=spec.batch_size, output_key=spec.output_key)
+    return JobContext(
+        spec, model, data, work, test, eval_from, device, device_note, clock, evaluator
+    )
+
+
+def analyze_stage(
+    ctx: JobContext, profile: ModelProfile, given: SensitivityTable | None
+) -> SensitivityTable:
+    """The ``analyze`` stage: the given table once checked against the model, else a new one."""
+    if given is not None:
+        _check_table(given, ctx.model, profile, ctx.spec)
+        return given
+    return analyze(
+        ctx.model, ctx.work, ctx.spec, profile=profile, progress=ctx.clock.forward("analyze")
+    )
+
+
+def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
+    """The ``quantize`` stage: score the float model, quantize the weights (and calibrate the
+    activations), score the quantized model."""
+    spec, model, score = ctx.spec, ctx.model, ctx.evaluator
+    float_weights = {n: p.detach().clone() for n, p in model.named_weights().items()}
+    reference = score.outputs(model, ctx.test)
+    calib_reference = score.outputs(model, ctx.work)
+    float_eval = score(model, ctx.test, reference)
+    float_calib = score(model, ctx.work, calib_reference)
+    layers = quantize_weights(model, bits)
+    apply_weights(model, layers)
+    encodings: dict[str, ActEncoding] = {}
+    act_quant = None
+    if spec.quantize_activations:
+        encodings = calibrate_activations(
+            model, ctx.work, list(bits), spec.act_bits, batch_size=spec.batch_size
+        )
+        act_quant = ActivationQuantizer(model.named_weights(), encodings)
+        ctx.evaluator = score = score.with_act_quant(act_quant)
+    scores = Scores(
+        reference=reference,
+        float_eval=float_eval,
+        float_calib=float_calib,
+        quantized_eval=score(model, ctx.test, reference),
+        quantized_calib=score(model, ctx.work, calib_reference),
+    )
+    return Quantization(layers, float_weights, encodings, act_quant, scores)
+
+
+def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | None:
+    """The ``finetune`` stage: fine-tune from the float weights with the allocated bits and
+    scales, then re-quantize (``quant.layers`` is updated). None when the spec asks for none."""
+    if not ctx.spec.finetunes:
+        return None
+    _restore(ctx.model, quant.float_weights)
+    bits = {name: layer.bits for name, layer in quant.layers.items()}
+    scales = quant.scales
+    tuned = finetune(
+        ctx.model,
+        ctx.work,
+        bits,
+        scales,
+        ctx.spec.finetune,
+        seed=ctx.spec.seed,
+        act_quant=quant.act_quant,
+        output_key=ctx.spec.output_key,
+        progress=ctx.clock.forward("finetune"),
+    )
+    quant.layers = quantize_weights(ctx.model, bits, scales=scales)
+    return tuned
+
+
+def evaluate_stage(
+    ctx: JobContext, quant: Quantization, tuned: FinetuneResult | None
+) -> Metrics | None:
+    """The ``evaluate`` stage: metrics of the fine-tuned model (None without fine-tuning)."""
+    if tuned is None:
+        return None
+    return ctx.evaluator(ctx.model, ctx.test, quant.scores.reference)
+
+
+# --- helpers -------------------------------------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
@@ -347,6 +338,22 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device 'cuda' was asked for but no CUDA device is available")
     return device
+
+
+def _loaded(source: DataSource) -> CalibrationData:
+    return source if isinstance(source, CalibrationData) else load_data(source)
+
+
+def _check_table(
+    table: SensitivityTable, model: LoadedModel, profile: ModelProfile, spec: JobSpec
+) -> None:
+    if table.meta.get("model_sha256") not in (None, model.sha256):
+        raise SpecError("the given sensitivity table was computed for another model")
+    if table.names != [layer.name for layer in profile.layers]:
+        raise SpecError("the given sensitivity table lists other layers than the model has")
+    missing = sorted(set(spec.bits) - set(table.bits))
+    if missing:
+        raise SpecError(f"the given sensitivity table has no values for bits {missing}")
 
 
 def _move_if_it_runs(model: LoadedModel, data: CalibrationData, device: torch.device) -> str | None:

@@ -6,10 +6,12 @@ The CLI turns it into terminal progress bars; the worker turns it into job progr
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ProgressFn", "TerminalProgress", "null_progress"]
+__all__ = ["ProgressFn", "StageClock", "TerminalProgress", "null_progress"]
 
 ProgressFn = Callable[[str, float, dict[str, Any]], None]
 
@@ -43,3 +45,27 @@ class TerminalProgress:
     def close(self) -> None:
         for bar in self._bars.values():
             bar.close()
+
+
+class StageClock:
+    """Progress reports and the time of every stage of one job."""
+
+    def __init__(self, progress: ProgressFn, seconds: dict[str, float] | None = None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = dict(seconds or {})
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.progress(name, 0.0, {})
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+        self.progress(name, 1.0, {})
+
+    def forward(self, stage: str) -> ProgressFn:
+        """Re-label a library function's progress reports as this stage's."""
+
+        def report(_: str, fraction: float, metrics: dict[str, Any]) -> None:
+            self.progress(stage, min(fraction, 0.999), metrics)
+
+        return report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,8 +29,9 @@ class Batch:
     start: int
 
 
-def check_data_fits(model: LoadedModel, data: CalibrationData) -> None:
-    """Raise DataMismatch (with what to change) if the data cannot feed the model."""
+def check_data_fits(model: LoadedModel, data: CalibrationData, *, output_key: Any = None) -> None:
+    """Raise DataMismatch (with what to change) if the data cannot feed the model, or its labels
+    do not fit the scored output (``output_key``, as in the job spec)."""
     if len(data.inputs) != model.num_inputs:
         keys = (
             "'input'"
@@ -61,7 +63,7 @@ def check_data_fits(model: LoadedModel, data: CalibrationData) -> None:
     probe = next(iter_batches(model, data, 2))
     try:
         with torch.no_grad():
-            out = select_output(model(*probe.inputs))
+            out = select_output(model(*probe.inputs), output_key)
     except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
         msg = str(exc).strip().splitlines()
         detail = msg[0][:300] if msg else type(exc).__name__

@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from mpq_service.settings import Settings
 
 __all__ = [
-    "ANALYSIS_FIELDS",
     "PROGRESS_INTERVAL_S",
     "STAGE_WEIGHTS",
     "analysis_settings",
@@ -78,16 +77,6 @@ STAGE_WEIGHTS: dict[str, float] = {
     "evaluate": 0.08,
     "export": 0.05,
 }
-#: JobSpec fields that change the sensitivity table (with the model and data digests).
-ANALYSIS_FIELDS = (
-    "method",
-    "bits",
-    "loss",
-    "first_order",
-    "hawq_iterations",
-    "batch_size",
-    "seed",
-)
 _MESSAGE_MAX = 500
 _CONTENT_TYPES = {".json": "application/json"}
 
@@ -158,15 +147,8 @@ class _Progress:
 
 
 def analysis_settings(spec: JobSpec, *, has_eval_data: bool) -> dict[str, Any]:
-    """What, beside the model and the data, decides the sensitivity table of a job.
-
-    Without separate evaluation data the table is computed on the data minus the held-out
-    ``eval_fraction`` (split with ``seed``), so that fraction is part of the key too.
-    """
-    doc: dict[str, Any] = {name: getattr(spec, name) for name in ANALYSIS_FIELDS}
-    doc["bits"] = sorted(int(b) for b in spec.bits)
-    doc["calibration"] = "all" if has_eval_data else f"holdout:{spec.eval_fraction!r}"
-    return doc
+    """What, beside the model and the data, decides the sensitivity table of a job."""
+    return spec.sensitivity_settings(has_eval_data=has_eval_data)
 
 
 def time_limit_message(limit_s: int) -> str:

@@ -8,19 +8,22 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel
-from mpq_core.profiling import ModelProfile
+from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
 from mpq_core.sensitivity_table import SensitivityTable
+from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, Method
 
-__all__ = ["METHODS", "compute_sensitivity"]
+__all__ = ["METHODS", "analyze", "compute_sensitivity"]
 
-METHODS = ("fisher", "kl", "hawq")
+#: The method names, as :class:`mpq_core.spec.Method` defines them.
+METHODS: tuple[str, ...] = tuple(m.value for m in Method)
 
 
 def compute_sensitivity(
@@ -43,15 +46,15 @@ def compute_sensitivity(
     if not bits or bits[0] < MIN_BITS or bits[-1] > MAX_BITS:
         raise SpecError(f"candidate bits must lie in {MIN_BITS}..{MAX_BITS}, got {bits}")
     start = time.perf_counter()
-    if method == "fisher":
+    if method == Method.FISHER:
         from mpq_core.sensitivity.fisher import fisher_sensitivity
 
         omega = fisher_sensitivity(model, data, profile, bits, progress=progress, **options)
-    elif method == "kl":
+    elif method == Method.KL:
         from mpq_core.sensitivity.kl import kl_sensitivity
 
         omega = kl_sensitivity(model, data, profile, bits, progress=progress, **options)
-    elif method == "hawq":
+    elif method == Method.HAWQ:
         from mpq_core.sensitivity.hawq import hawq_sensitivity
 
         omega = hawq_sensitivity(model, data, profile, bits, progress=progress, **options)
@@ -71,4 +74,57 @@ def compute_sensitivity(
             "seconds": round(time.perf_counter() - start, 4),
             "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
         },
+    )
+
+
+def analyze(
+    model: LoadedModel,
+    data: CalibrationData,
+    spec: JobSpec | AnalysisSpec | None = None,
+    *,
+    bits: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    output_key: Any = None,
+    profile: ModelProfile | None = None,
+    progress: ProgressFn | None = None,
+) -> SensitivityTable:
+    """The sensitivity table of ``model`` on ``data``, as a job spec asks for it.
+
+    Args:
+        model: the loaded model (see :func:`mpq_core.intake.load_model`).
+        data: calibration data (see :func:`mpq_core.data.load_data`).
+        spec: a :class:`JobSpec` (its ``analysis``, ``bits``, ``batch_size``, ``seed`` and
+            ``output_key`` are used), or just an :class:`AnalysisSpec`; default ``AnalysisSpec()``.
+        bits, batch_size, seed, output_key: override the job spec's (or, with an
+            ``AnalysisSpec``, the defaults: ``DEFAULT_BITS``, ``DEFAULT_BATCH_SIZE``, 0, None).
+        profile: the model's layers, when already profiled on ``data``.
+        progress: called as ``progress(method, fraction, metrics)``.
+
+    Example:
+        >>> table = analyze(model, data, AnalysisSpec(method="kl"), bits=[2, 4, 8])  # doctest: +SKIP
+    """
+    job: JobSpec | None = None
+    if isinstance(spec, JobSpec):
+        job, analysis = spec, spec.analysis
+    else:
+        analysis = spec or AnalysisSpec()
+    bits = list(bits if bits is not None else job.bits if job is not None else DEFAULT_BITS)
+    if batch_size is None:
+        batch_size = job.batch_size if job is not None else DEFAULT_BATCH_SIZE
+    if seed is None:
+        seed = job.seed if job is not None else 0
+    if output_key is None and job is not None:
+        output_key = job.output_key
+    options: dict[str, Any] = {"batch_size": batch_size, "loss": analysis.loss.value}
+    if output_key is not None:
+        options["output_key"] = output_key
+    if analysis.method == Method.HAWQ:
+        options.update(iterations=analysis.hawq_iterations, seed=seed)
+    if analysis.first_order:
+        options["first_order"] = True
+    if profile is None:
+        profile = profile_model(model, data, batch_size=batch_size)
+    return compute_sensitivity(
+        analysis.method.value, model, data, profile, bits, progress=progress, **options
     )

@@ -27,7 +27,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quantizer import quantization_errors
+from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
 
 __all__ = ["fisher_sensitivity", "per_sample_directional"]
@@ -158,6 +158,10 @@ def _conv_applied(rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor) -> torc
     return torch.stack(out, dim=1)
 
 
+# Over 80 lines on purpose: one batch's forward capture, gradient hooks, backward and the
+# contraction with every dW share one autograd graph and one try/finally that restores
+# requires_grad; split up, the graph (the batch's activations) would outlive each piece or a
+# dozen tensors would be passed between them.
 def fisher_sensitivity(
     model: LoadedModel,
     data: CalibrationData,

@@ -17,6 +17,8 @@ scale of the second-order model. The cost is one forward pass over the calibrati
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +28,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quantizer import quantization_errors
+from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import Batch, iter_batches
 
 __all__ = ["kl_sensitivity", "output_divergence"]
@@ -52,9 +54,9 @@ def output_divergence(reference: torch.Tensor, other: torch.Tensor, kind: str) -
     return 0.5 * ((oth - ref) ** 2).reshape(n, -1).sum(dim=1)
 
 
-def _outputs(model: LoadedModel, batches: list[Batch]) -> list[torch.Tensor]:
+def _outputs(model: LoadedModel, batches: list[Batch], output_key: Any) -> list[torch.Tensor]:
     with capture_context(grad=False):
-        return [select_output(model(*b.inputs))[: b.valid].detach() for b in batches]
+        return [select_output(model(*b.inputs), output_key)[: b.valid].detach() for b in batches]
 
 
 def kl_sensitivity(
@@ -65,6 +67,7 @@ def kl_sensitivity(
     *,
     batch_size: int = 64,
     loss: str = "auto",
+    output_key: Any = None,
     progress: ProgressFn | None = None,
 ) -> list[list[float]]:
     """``omega[l][j]``: mean output divergence when only layer ``l`` is quantized to ``bits[j]``.
@@ -80,7 +83,7 @@ def kl_sensitivity(
     batches = list(iter_batches(model, data, batch_size))
     n = data.num_samples
     total_steps = len(profile.layers) * len(bits) + 1
-    reference = _outputs(model, batches)
+    reference = _outputs(model, batches, output_key)
     kind = resolve_loss_kind(loss, reference[0])
     if progress is not None:
         progress("kl", 1 / total_steps, {})
@@ -95,7 +98,7 @@ def kl_sensitivity(
             for error in errors:
                 with torch.no_grad():
                     param.copy_(original + error)
-                outs = _outputs(model, batches)
+                outs = _outputs(model, batches, output_key)
                 total = sum(
                     float(output_divergence(ref, out, kind).sum())
                     for ref, out in zip(reference, outs, strict=True)

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from mpq_core.errors import SpecError
 from mpq_core.solvers.exact import solve_exact
 from mpq_core.solvers.greedy import hull_greedy, solve_greedy
 from mpq_core.solvers.problem import CAPACITY_RTOL, Problem, Solution, fits
+from mpq_core.spec import Solver
 
 __all__ = [
     "AUTO_EXACT_MAX_VARIABLES",
@@ -32,8 +32,9 @@ __all__ = [
     "solve_greedy",
 ]
 
-SolverName = Literal["greedy", "exact", "auto"]
-SOLVERS: tuple[str, ...] = ("greedy", "exact", "auto")
+#: The solver names, as :class:`mpq_core.spec.Solver` defines them.
+SOLVERS: tuple[str, ...] = tuple(s.value for s in Solver)
+SolverName = Solver
 
 # ``auto`` calls the exact solver when the greedy cannot prove it is this close to the optimum
 # and the instance has at most this many binary variables.
@@ -56,11 +57,11 @@ def solve(problem: Problem, method: str = "auto", *, time_limit: float = 60.0) -
         >>> solve(p, "auto").choice.tolist()
         [1, 0]
     """
-    if method == "greedy":
+    if method == Solver.GREEDY:
         return solve_greedy(problem)
-    if method == "exact":
+    if method == Solver.EXACT:
         return solve_exact(problem, time_limit=time_limit)
-    if method != "auto":
+    if method != Solver.AUTO:
         raise SpecError(f"unknown solver {method!r}; use one of {', '.join(SOLVERS)}")
     t0 = time.perf_counter()
     sol = solve_greedy(problem)

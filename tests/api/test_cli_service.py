@@ -38,7 +38,7 @@ def _entry_point() -> None:
         f"{MPQ} not found: run .venv/bin/pip install -q -c constraints.txt -e '.[dev,service]'"
     )
     head = MPQ.read_text(errors="replace")
-    assert "api.cli" in head, f"{MPQ} does not run api.cli:main: re-run pip install -e ."
+    assert "mpq_core.cli" in head, f"{MPQ} does not run mpq_core.cli:main: re-run pip install -e ."
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -104,12 +104,25 @@ def test_entry_point_keeps_the_engine_commands(
                 data_dir=tmp_path / "d", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2 and done.stderr.startswith("mpq: error [")
 
-    # The entry point and the service package load neither torch nor the service's libraries.
-    probe = "import sys, api.cli; print(sorted({'torch', 'fastapi', 'celery'} & set(sys.modules)))"
+    # The entry point and the service's commands load neither torch nor the service's libraries.
+    probe = (
+        "import sys, mpq_core.cli, api.cli; mpq_core.cli.build_parser(); "
+        "print(sorted({'torch', 'fastapi', 'celery', 'pydantic'} & set(sys.modules)))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_settings_that_do_not_validate_are_a_clean_error(tmp_path: Path) -> None:
+    env = {**_env(tmp_path / "d"), "MPQ_MAX_UPLOAD_BYTES": "lots"}
+    done = subprocess.run(
+        [str(MPQ), "keys", "create", "ci"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("mpq: error [bad_settings]: "), done.stderr
+    assert "max_upload_bytes" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.fixture

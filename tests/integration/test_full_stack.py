@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from api.auth import create_key
-from mpq_core.export import load_packed_checkpoint, restore_into
 from mpq_core.intake import load_model
+from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_service.celery_config import DEFAULT_QUEUE
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade

@@ -96,9 +96,8 @@ def test_calibration_encodes_every_linear_layer_but_not_embeddings(
     ]
     enc = calibrate_activations(model, zoo_data("text", 16), layers, 8, batch_size=8)
     assert "emb.weight" not in enc
-    # BUG (TorchScript): calibrate_activations runs under capture_context(grad=False), where
-    # nn.MultiheadAttention takes its fused fast path, so the attention projections are never
-    # seen and get no encoding (only ff/head are returned).
+    # The attention projections are encoded too: calibration must keep scripted
+    # nn.MultiheadAttention off its fused fast path, which would hide them.
     assert set(enc) == set(layers[1:])
 
 
@@ -168,9 +167,8 @@ def test_attention_projection_input_is_fake_quantized_in_evaluation(
     )
     plain = model_outputs(model, data)
     quant = model_outputs(model, data, act_quant=aq)
-    # BUG (TorchScript): model_outputs runs under capture_context(grad=False), so the scripted
-    # nn.MultiheadAttention takes its fused fast path and the quantizer never sees its
-    # projections: the outputs are unchanged.
+    # The quantizer reaches the attention projections in evaluation: scripted
+    # nn.MultiheadAttention must not take its fused fast path, where the outputs would not change.
     assert float((plain - quant).abs().max()) > 1e-3
 
 

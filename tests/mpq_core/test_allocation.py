@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mpq_core.allocation import Allocation, allocate_bits
 from mpq_core.budgets import Budget, achieved, parse_budget
-from mpq_core.cli_allocate import add_parser, run
+from mpq_core.cli.allocate import add_parser, run
 from mpq_core.errors import BudgetInfeasible, SpecError
 from mpq_core.layers import LayerInfo
 from mpq_core.sensitivity_table import SensitivityTable

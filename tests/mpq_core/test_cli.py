@@ -59,8 +59,17 @@ def test_analyze_then_allocate_meets_budget(
 ) -> None:
     model, data = cnn_files
     sens = tmp_path / "sens.json"
-    args = ["analyze", str(model), "--data", str(data), "--method", method, "--bits", "2,4,8"]
-    args += ["--out", str(sens), "--no-progress", "--iterations", "4"]
+    args = [
+        "analyze",
+        str(model),
+        "--data",
+        str(data),
+        "--analysis.method",
+        method,
+        "--bits",
+        "2,4,8",
+    ]
+    args += ["--out", str(sens), "--no-progress", "--analysis.hawq-iterations", "4"]
     assert main(args) == 0
     table = SensitivityTable.load(sens)
     assert table.method == method and table.bits == [2, 4, 8]
@@ -89,9 +98,9 @@ def test_first_order_only_for_fisher(
             str(model),
             "--data",
             str(data),
-            "--method",
+            "--analysis.method",
             "kl",
-            "--first-order",
+            "--analysis.first-order",
             "--out",
             str(out),
         ]

@@ -43,9 +43,9 @@ def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         "--budget",
         "avg-bits=4",
-        "--finetune-epochs",
+        "--finetune.epochs",
         "1",
-        "--finetune-batch-size",
+        "--finetune.batch-size",
         "8",
         "--batch-size",
         "16",
@@ -105,7 +105,7 @@ def test_quantize_json_prints_the_report(
     assert report["kind"] == "mpq.report" and report["schema_version"] == 1
     assert report == json.loads((out / "report.json").read_text())
     assert report["spec"]["quantize_activations"] is True
-    assert report["spec"]["finetune_epochs"] == 1
+    assert report["spec"]["finetune"]["epochs"] == 1
     assert (out / "encodings.json").is_file()
     assert "encodings.json" in report["artifacts"]
 

@@ -13,10 +13,11 @@ from torch import nn
 
 from mpq_core.data import CalibrationData
 from mpq_core.evaluate import model_outputs
-from mpq_core.finetune import FinetuneConfig, FinetuneResult, finetune, split_holdout
+from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.quantized import quantize_weights
-from mpq_core.quantizer import dequantize, quantize
+from mpq_core.quant_primitives import dequantize, quantize
+from mpq_core.quantized_weights import quantize_weights
+from mpq_core.spec import FinetuneSpec
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
 from tests.zoo import SmallMLP
 
@@ -115,8 +116,8 @@ def test_damaged_two_bit_model_improves_and_stays_on_grid(fmt: str) -> None:
     model = _mlp(fmt)
     data = zoo_data("mlp", 64)
     scales = _scales(model, BITS2)
-    cfg = FinetuneConfig(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
-    _, val = split_holdout(data, cfg.val_fraction, cfg.seed)
+    cfg = FinetuneSpec(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
+    _, val = split_holdout(data, cfg.val_fraction, 0)  # finetune's default seed
     teacher = model_outputs(model, val)
     res = finetune(model, data, BITS2, scales, cfg)
     _check_history(res)
@@ -140,7 +141,7 @@ def test_epoch_zero_guarantee(fmt: str, lr: float, improves: bool) -> None:
     data = zoo_data("mlp", 64)
     scales = _scales(model, MIXED)
     before = _snapshot(model)
-    cfg = FinetuneConfig(epochs=2, lr=lr, batch_size=8, val_fraction=0.25, patience=5)
+    cfg = FinetuneSpec(epochs=2, lr=lr, batch_size=8, val_fraction=0.25, patience=5)
     res = finetune(model, data, MIXED, scales, cfg)
     _check_history(res)
     assert res.val_loss_after <= res.val_loss_before
@@ -174,7 +175,7 @@ def test_requires_grad_flags_restored(fmt: str) -> None:
         zoo_data("mlp", 24),
         MIXED,
         _scales(model, MIXED),
-        FinetuneConfig(epochs=1, lr=1e-3, batch_size=8),
+        FinetuneSpec(epochs=1, lr=1e-3, batch_size=8),
     )
     assert {n: p.requires_grad for n, p in model.named_weights().items()} == flags
     assert all(p.grad is None for p in params.values())  # no gradients left behind
@@ -191,7 +192,7 @@ def test_steps_override_epochs(fmt: str, epochs: int, steps: int, epochs_run: in
         zoo_data("mlp", 48),
         MIXED,
         _scales(model, MIXED),
-        FinetuneConfig(
+        FinetuneSpec(
             epochs=epochs, steps=steps, lr=1e-3, batch_size=8, val_fraction=0.25, patience=50
         ),
         progress=lambda stage, f, m: events.append((stage, f, m)),
@@ -216,13 +217,11 @@ def test_epochs_without_steps_and_patience(fmt: str) -> None:
         data,
         MIXED,
         _scales(model, MIXED),
-        FinetuneConfig(epochs=6, lr=10.0, batch_size=8, val_fraction=0.25, patience=2),
+        FinetuneSpec(epochs=6, lr=10.0, batch_size=8, val_fraction=0.25, patience=2),
     )
     assert res.epochs_run == 2 and res.best_epoch == 0
     _check_history(res)
-    zero = finetune(
-        model, data, MIXED, _scales(model, MIXED), FinetuneConfig(epochs=0, batch_size=8)
-    )
+    zero = finetune(model, data, MIXED, _scales(model, MIXED), FinetuneSpec(epochs=0, batch_size=8))
     assert zero.epochs_run == 0 and zero.history == [{"epoch": 0, "val_loss": zero.val_loss_before}]
 
 
@@ -239,13 +238,12 @@ def test_fixed_batch_program_runs_every_epoch_in_full(
         zoo_data("mlp", 48),  # 12 held out, 36 trained on
         MIXED,
         _scales(model, MIXED),
-        FinetuneConfig(epochs=3, lr=1e-3, batch_size=8, val_fraction=0.25, patience=50),
+        FinetuneSpec(epochs=3, lr=1e-3, batch_size=8, val_fraction=0.25, patience=50),
         progress=lambda _s, _f, m: events.append(m),
     )
     _check_history(res)
     steps = [m for m in events if "epoch" in m and "loss" in m]
-    # BUG: finetune computes steps_per_epoch from config.batch_size (8) instead of the
-    # model's fixed batch (4): total = 3 * ceil(36 / 8) = 15 steps, so only 2 epochs run
-    # (9 + 6 steps) and the second one stops part-way through the data.
+    # An epoch is counted in the model's fixed batches (4), not in the configured batch size
+    # (8): 3 full epochs of ceil(36 / 4) = 9 steps each, none cut short.
     assert res.epochs_run == 3
     assert len(steps) == 3 * 9

@@ -14,7 +14,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel, load_model, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantizer import quantization_error
+from mpq_core.quant_primitives import quantization_error
 from mpq_core.runner import iter_batches
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity.fisher import fisher_sensitivity

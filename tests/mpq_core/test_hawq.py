@@ -12,7 +12,7 @@ import mpq_core.sensitivity.hawq as hawq_mod
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantizer import quantization_error
+from mpq_core.quant_primitives import quantization_error
 from mpq_core.sensitivity.hawq import hawq_sensitivity, hutchinson_traces
 from tests.zoo import SmallCNN, export_bytes, torchscript_bytes
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quantizer import fake_quantize
+from mpq_core.quant_primitives import fake_quantize
 from mpq_core.runner import run_model
 from mpq_core.sensitivity.kl import kl_sensitivity, output_divergence
 from tests.zoo import SmallCNN, SmallMLP, export_bytes, torchscript_bytes

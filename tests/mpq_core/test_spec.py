@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from typing import Any
 
 import pytest
 
 from mpq_core.errors import BudgetError, SpecError
-from mpq_core.spec import SCHEMA_VERSION, JobSpec
+from mpq_core.spec import (
+    SCHEMA_VERSION,
+    V1_FIELDS,
+    AnalysisSpec,
+    FinetuneSpec,
+    JobSpec,
+    Loss,
+    Method,
+    Solver,
+)
 
 
 def _full_spec() -> JobSpec:
@@ -18,26 +28,30 @@ def _full_spec() -> JobSpec:
     return JobSpec(
         budgets=["avg-bits=3.5", "size=2KB", "table=12"],
         bits=[8, 2, 4, 4, 3],
-        method="fisher",
         pins={r"fc\..*": 8, "conv1.weight": 4},
         ties=[r"conv[23]\.weight"],
         solver="exact",
         act_bits=6,
         quantize_activations=True,
         cost_table={"fc.weight": {"2": 1.0, "4": 2.5, "8": 4.0}, "conv1.weight": {"2": 0.5}},
-        loss="ce",
-        first_order=True,
-        hawq_iterations=17,
         batch_size=9,
-        finetune_epochs=2,
-        finetune_steps=11,
-        finetune_lr=3e-3,
-        finetune_batch_size=5,
-        val_fraction=0.25,
-        patience=4,
         eval_fraction=0.3,
         output_key="logits",
         seed=123,
+        device="cpu",
+        analysis=AnalysisSpec(
+            method=Method.FISHER, loss=Loss.CE, first_order=True, hawq_iterations=17
+        ),
+        finetune=FinetuneSpec(
+            epochs=2,
+            steps=11,
+            lr=3e-3,
+            batch_size=5,
+            val_fraction=0.25,
+            patience=4,
+            distill_weight=0.5,
+            label_weight=2.0,
+        ),
     )
 
 
@@ -58,13 +72,16 @@ def test_to_dict_from_dict_round_trip_through_json() -> None:
 def test_default_spec_round_trip() -> None:
     spec = JobSpec(budgets=["compression=8x"])
     assert JobSpec.from_dict(spec.to_dict()) == spec
-    assert spec.finetunes  # finetune_epochs defaults to 5
+    assert spec.finetunes  # finetune.epochs defaults to 5
 
 
 def test_finetunes_follows_steps_over_epochs() -> None:
-    assert not JobSpec(budgets=["avg-bits=4"], finetune_epochs=0).finetunes
-    assert not JobSpec(budgets=["avg-bits=4"], finetune_epochs=3, finetune_steps=0).finetunes
-    assert JobSpec(budgets=["avg-bits=4"], finetune_epochs=0, finetune_steps=2).finetunes
+    def spec(**finetune: Any) -> JobSpec:
+        return JobSpec(budgets=["avg-bits=4"], finetune=FinetuneSpec(**finetune))
+
+    assert not spec(epochs=0).finetunes
+    assert not spec(epochs=3, steps=0).finetunes
+    assert spec(epochs=0, steps=2).finetunes
 
 
 @pytest.mark.parametrize(
@@ -79,26 +96,37 @@ def test_finetunes_follows_steps_over_epochs() -> None:
         pytest.param({"bits": [1, 4]}, "2..8", id="bits-below-2"),
         pytest.param({"bits": [4, 9]}, "2..8", id="bits-above-8"),
         pytest.param({"bits": []}, "2..8", id="bits-empty"),
-        pytest.param({"method": "magic"}, "method", id="unknown-method"),
+        pytest.param({"analysis": {"method": "magic"}}, "method", id="unknown-method"),
         pytest.param({"solver": "ilp"}, "solver", id="unknown-solver"),
-        pytest.param({"loss": "hinge"}, "loss", id="unknown-loss"),
+        pytest.param({"analysis": {"loss": "hinge"}}, "loss", id="unknown-loss"),
         pytest.param({"bits": [2, 4, 8], "pins": {"fc.*": 3}}, "not among", id="pin-not-in-bits"),
         pytest.param({"pins": {"fc(": 4}}, "not a valid regex", id="bad-pin-regex"),
         pytest.param({"ties": ["conv[12"]}, "not a valid regex", id="bad-tie-regex"),
-        pytest.param({"method": "kl", "first_order": True}, "first_order", id="first-order-kl"),
-        pytest.param({"method": "hawq", "first_order": True}, "first_order", id="first-order-hawq"),
-        pytest.param({"finetune_epochs": -1}, "negative", id="negative-epochs"),
-        pytest.param({"finetune_steps": -5}, "negative", id="negative-steps"),
+        pytest.param(
+            {"analysis": {"method": "kl", "first_order": True}}, "first_order", id="first-order-kl"
+        ),
+        pytest.param(
+            {"analysis": {"method": "hawq", "first_order": True}},
+            "first_order",
+            id="first-order-hawq",
+        ),
+        pytest.param({"analysis": {"hawq_iterations": 0}}, "hawq_iterations", id="hawq-0"),
+        pytest.param({"finetune": {"epochs": -1}}, "negative", id="negative-epochs"),
+        pytest.param({"finetune": {"steps": -5}}, "negative", id="negative-steps"),
         pytest.param({"act_bits": 1}, "act_bits", id="act-bits-1"),
-        pytest.param({"val_fraction": 0.95}, "val_fraction", id="val-fraction"),
+        pytest.param({"finetune": {"val_fraction": 0.95}}, "val_fraction", id="val-fraction"),
+        pytest.param({"eval_fraction": 0.95}, "eval_fraction", id="eval-fraction"),
         pytest.param({"batch_size": 0}, "batch_size", id="batch-size-0"),
-        pytest.param({"finetune_lr": 0.0}, "finetune_lr", id="lr-0"),
+        pytest.param({"finetune": {"batch_size": 0}}, "finetune.batch_size", id="ft-batch-0"),
+        pytest.param({"finetune": {"lr": 0.0}}, "finetune.lr", id="lr-0"),
+        pytest.param({"finetune": {"label_weight": -1}}, "label_weight", id="label-weight"),
+        pytest.param({"device": "tpu"}, "device", id="device"),
     ],
 )
 def test_invalid_specs_raise_spec_error(overrides: dict[str, Any], fragment: str) -> None:
-    kwargs: dict[str, Any] = {"budgets": ["avg-bits=4"], **overrides}
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "budgets": ["avg-bits=4"], **overrides}
     with pytest.raises(SpecError) as info:
-        JobSpec(**kwargs)
+        JobSpec.from_dict(doc)
     assert fragment in info.value.message
     assert isinstance(info.value.to_dict()["code"], str)
 
@@ -112,11 +140,13 @@ def test_bad_budget_text_has_budget_code() -> None:
 
 def test_from_dict_refuses_unknown_fields() -> None:
     doc = JobSpec(budgets=["avg-bits=4"]).to_dict()
-    doc["finetune_epoch"] = 3  # typo of finetune_epochs
+    doc["finetune"]["epoch"] = 3  # typo of epochs
     doc["colour"] = "red"
     with pytest.raises(SpecError) as info:
         JobSpec.from_dict(doc)
-    assert "colour" in info.value.message and "finetune_epoch" in info.value.message
+    assert "colour" in info.value.message and "finetune.epoch" in info.value.message
+    with pytest.raises(SpecError, match="must be an object"):
+        JobSpec.from_dict({**JobSpec(budgets=["avg-bits=4"]).to_dict(), "analysis": "fisher"})
 
 
 def test_from_dict_refuses_newer_schema_and_missing_budgets() -> None:
@@ -162,3 +192,104 @@ def test_spec_module_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "mpq_core.spec imported torch"
+
+
+# --- schema_version 1: flat documents stored in users' databases and sent by existing clients --
+
+V1_DOC: dict[str, Any] = {
+    "schema_version": 1,
+    "kind": "mpq.job_spec",
+    "budgets": ["avg-bits=3.5"],
+    "bits": [2, 4, 8],
+    "method": "hawq",
+    "pins": {"fc.weight": 8},
+    "ties": [],
+    "solver": "greedy",
+    "act_bits": 8,
+    "quantize_activations": False,
+    "cost_table": None,
+    "loss": "mse",
+    "first_order": False,
+    "hawq_iterations": 17,
+    "batch_size": 9,
+    "finetune_epochs": 2,
+    "finetune_steps": 11,
+    "finetune_lr": 3e-3,
+    "finetune_batch_size": 5,
+    "val_fraction": 0.25,
+    "patience": 4,
+    "eval_fraction": 0.3,
+    "output_key": None,
+    "seed": 123,
+    "device": "auto",
+}
+
+
+def test_schema_version_1_documents_are_read_into_the_nested_shape() -> None:
+    spec = JobSpec.from_dict(V1_DOC)
+    assert spec.analysis == AnalysisSpec(method=Method.HAWQ, loss=Loss.MSE, hawq_iterations=17)
+    assert spec.finetune == FinetuneSpec(
+        epochs=2, steps=11, lr=3e-3, batch_size=5, val_fraction=0.25, patience=4
+    )
+    assert (spec.solver, spec.batch_size, spec.seed, spec.bits) == (
+        Solver.GREEDY,
+        9,
+        123,
+        [2, 4, 8],
+    )
+    # Written back, it is a version 2 document that reads to the same spec.
+    doc = spec.to_dict()
+    assert doc["schema_version"] == 2
+    assert doc["analysis"]["method"] == "hawq" and doc["finetune"]["lr"] == 3e-3
+    assert not set(doc) & set(V1_FIELDS)
+    assert JobSpec.from_dict(doc) == spec
+
+
+def test_v1_mapping_covers_every_moved_field() -> None:
+    for old, (part, name) in V1_FIELDS.items():
+        assert name in {
+            f.name for f in fields(AnalysisSpec if part == "analysis" else FinetuneSpec)
+        }
+        assert old not in {f.name for f in fields(JobSpec)}
+
+
+def test_documents_without_schema_version_are_read_by_their_field_names() -> None:
+    # What existing clients send: a few flat fields and no version.
+    old = JobSpec.from_dict({"budgets": ["avg-bits=4"], "finetune_epochs": 0, "method": "kl"})
+    assert old.finetune.epochs == 0 and old.analysis.method == "kl"
+    new = JobSpec.from_dict({"budgets": ["avg-bits=4"], "finetune": {"epochs": 0}})
+    assert new.finetune.epochs == 0
+    assert JobSpec.from_dict({"budgets": ["avg-bits=4"]}) == JobSpec(budgets=["avg-bits=4"])
+
+
+def test_v1_documents_are_validated_and_refuse_v2_sub_objects() -> None:
+    with pytest.raises(SpecError, match=r"finetune\.lr"):
+        JobSpec.from_dict({**V1_DOC, "finetune_lr": 0.0})
+    with pytest.raises(SpecError, match="analysis"):
+        JobSpec.from_dict({**V1_DOC, "analysis": {"method": "kl"}})
+    with pytest.raises(SpecError, match="finetune_epoch"):
+        JobSpec.from_dict({**V1_DOC, "finetune_epoch": 3})
+
+
+def test_sensitivity_settings_hold_what_changes_the_table() -> None:
+    spec = JobSpec(budgets=["avg-bits=4"])
+    base = spec.sensitivity_settings(has_eval_data=False)
+    json.dumps(base)  # a cache key: plain JSON
+    assert base == JobSpec(budgets=["size=1MB"], act_bits=4).sensitivity_settings(
+        has_eval_data=False
+    )
+    assert base == JobSpec(
+        budgets=["avg-bits=4"], finetune=FinetuneSpec(epochs=0)
+    ).sensitivity_settings(has_eval_data=False)
+    changed = [
+        JobSpec(budgets=["avg-bits=4"], analysis=AnalysisSpec(method=Method.KL)),
+        JobSpec(budgets=["avg-bits=4"], analysis=AnalysisSpec(loss=Loss.CE)),
+        JobSpec(budgets=["avg-bits=4"], bits=[2, 4, 8]),
+        JobSpec(budgets=["avg-bits=4"], batch_size=8),
+        JobSpec(budgets=["avg-bits=4"], seed=1),
+        JobSpec(budgets=["avg-bits=4"], output_key="logits"),
+        JobSpec(budgets=["avg-bits=4"], eval_fraction=0.1),
+    ]
+    for other in changed:
+        assert other.sensitivity_settings(has_eval_data=False) != base, other
+    assert spec.sensitivity_settings(has_eval_data=True) != base

@@ -82,7 +82,7 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     def no_recompute(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the sensitivity table was recomputed")
 
-    monkeypatch.setattr(mpq_core.pipeline, "compute_sensitivity", no_recompute)
+    monkeypatch.setattr(mpq_core.pipeline, "analyze", no_recompute)
     # Rows keep their object's key and readers use it, so a table stored under the earlier
     # layout (sensitivity/<tenant>/<key>.json) is still found.
     with session_scope(env.session_factory) as s:
@@ -136,7 +136,7 @@ def test_unexpected_error_fails_with_internal_error(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("solver exploded\nsecond line")
 
-    monkeypatch.setattr(mpq_core.pipeline, "allocate_bits", boom)
+    monkeypatch.setattr(mpq_core.pipeline, "allocate", boom)
     job = _run(env, env.create_job())
     assert (job.status, job.error_code) == ("failed", "internal_error")
     assert job.error_message == "RuntimeError: solver exploded"
@@ -173,7 +173,7 @@ def test_cancellation_while_running_stops_the_job(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = env.create_job()
-    original = mpq_core.pipeline.allocate_bits
+    original = mpq_core.pipeline.allocate
     calls: list[str] = []
 
     def cancel_then_allocate(*args: Any, **kwargs: Any) -> Any:
@@ -187,7 +187,7 @@ def test_cancellation_while_running_stops_the_job(
     def no_finetune(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the job went on after it was cancelled")
 
-    monkeypatch.setattr(mpq_core.pipeline, "allocate_bits", cancel_then_allocate)
+    monkeypatch.setattr(mpq_core.pipeline, "allocate", cancel_then_allocate)
     monkeypatch.setattr(mpq_core.pipeline, "finetune", no_finetune)
     job = _run(env, job_id)
     assert calls == ["allocate"]

@@ -2,7 +2,7 @@
 
 ``quantize_weights`` turns an allocation (bits per layer) into codes and scales,
 ``apply_weights`` writes their dequantized values into the model (the simulated quantized model),
-and ``mpq_core.export`` stores them.
+and ``mpq_core.packed_checkpoint`` stores them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mpq_core.intake import LoadedModel
-from mpq_core.quantizer import choose_scales, dequantize, qmax, quantize
+from mpq_core.quant_primitives import choose_scales, dequantize, qmax, quantize
 
 __all__ = ["QuantizedLayer", "apply_weights", "model_parameters", "quantize_weights"]
 

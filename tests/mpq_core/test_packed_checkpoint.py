@@ -15,17 +15,17 @@ from numpy.typing import NDArray
 from safetensors.numpy import load as st_load
 from torch import nn
 
+from mpq_core.dropin_model import save_quantized_model
 from mpq_core.errors import ModelFormatError
-from mpq_core.export import (
+from mpq_core.intake import LoadedModel, load_model
+from mpq_core.packed_checkpoint import (
     CHECKPOINT_NAME,
     load_packed_checkpoint,
     restore_into,
     save_packed_checkpoint,
-    save_quantized_model,
 )
-from mpq_core.intake import LoadedModel, load_model
 from mpq_core.packing import pack_codes
-from mpq_core.quantized import QuantizedLayer, apply_weights, quantize_weights
+from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from tests.conftest import save_bytes, zoo_inputs
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.quantized import QuantizedLayer, apply_weights, quantize_weights
-from mpq_core.quantizer import choose_scales, dequantize, qmax, quantize
+from mpq_core.quant_primitives import choose_scales, dequantize, qmax, quantize
+from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from tests.conftest import zoo_inputs
 
 

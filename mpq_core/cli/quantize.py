@@ -4,91 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from typing import Any
+
+from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
+from mpq_core.spec import JobSpec
 
 __all__ = ["add_parser", "run", "summary"]
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register the ``quantize`` subcommand."""
-    from mpq_core.cli import add_analysis_options
-    from mpq_core.cli_allocate import add_budget_options
-
+    """Register the ``quantize`` subcommand: every job spec field is a flag."""
     p = subparsers.add_parser(
         "quantize",
         help="analyze, allocate, fine-tune, evaluate and export a quantized model",
         description=(
             "Run the whole job: profile the model, score its layers, choose bits within every "
-            "--budget, fine-tune with the allocated bits, evaluate before and after, and write "
+            "--budgets, fine-tune with the allocated bits, evaluate before and after, and write "
             "model.pt/model.pt2, model.mpq.safetensors, allocation.json, sensitivity.json, "
-            "report.json (and encodings.json with --quantize-activations) into --out-dir."
+            "report.json (and encodings.json with --quantize-activations) into --out-dir. "
+            "The flags are the job spec's JSON fields (finetune.lr is --finetune.lr)."
         ),
     )
-    p.add_argument("model", help="TorchScript archive (.pt) or torch.export program (.pt2)")
-    p.add_argument("--data", required=True, help="calibration data (.npz or .safetensors)")
+    add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
     p.add_argument(
         "--eval-data", help="evaluation data; default: hold out --eval-fraction of --data"
     )
     p.add_argument("--out-dir", required=True)
-    add_budget_options(p)
-    add_analysis_options(p)
-    p.add_argument(
-        "--quantize-activations",
-        action="store_true",
-        help="also fake-quantize the inputs of quantized layers at --act-bits (per tensor)",
-    )
     p.add_argument("--sensitivity", metavar="SENS.json", help="reuse a stored table for this model")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="0 skips fine-tuning (5)")
-    p.add_argument("--finetune-steps", type=int, help="optimiser steps instead of epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (1e-4)")
-    p.add_argument("--finetune-batch-size", type=int, default=32)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held out to pick the epoch")
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--eval-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    add_spec_arguments(p, [f.name for f in fields(JobSpec)], required=["budgets"])
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     p.set_defaults(func=run)
-
-
-def _spec(args: argparse.Namespace) -> Any:
-    from mpq_core.budgets import load_cost_table
-    from mpq_core.cli import _parse_bits, analysis_options
-    from mpq_core.cli_allocate import parse_pins
-    from mpq_core.spec import JobSpec
-
-    analysis_options(args)  # validates --first-order against --method
-    cost_table = None
-    if args.cost_table:
-        cost_table = {
-            name: {str(b): c for b, c in row.items()}
-            for name, row in load_cost_table(args.cost_table).items()
-        }
-    return JobSpec(
-        budgets=list(args.budget),
-        bits=_parse_bits(args.bits),
-        method=args.method,
-        pins=parse_pins(args.pin),
-        ties=list(args.tie),
-        solver=args.solver,
-        act_bits=args.act_bits,
-        quantize_activations=args.quantize_activations,
-        cost_table=cost_table,
-        loss=args.loss,
-        first_order=args.first_order,
-        hawq_iterations=args.iterations,
-        batch_size=args.batch_size,
-        finetune_epochs=args.finetune_epochs,
-        finetune_steps=args.finetune_steps,
-        finetune_lr=args.lr,
-        finetune_batch_size=args.finetune_batch_size,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
-        eval_fraction=args.eval_fraction,
-        seed=args.seed,
-        device=args.device,
-    )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -135,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity_table import SensitivityTable
 
-    spec = _spec(args)
+    spec = spec_from_args(args)
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
     progress = TerminalProgress(enabled=False if args.no_progress else None)
     try:

@@ -1,4 +1,5 @@
-"""The artefacts of a job: the packed checkpoint and the dequantized drop-in model.
+"""The packed checkpoint ``model.mpq.safetensors``: bit-packed integer codes, scales and float
+parameters, loaded back bit-exactly (the drop-in model is :mod:`mpq_core.dropin_model`).
 
 ``model.mpq.safetensors`` (a plain safetensors file, schema version 2) holds exactly three
 tensors, each one-dimensional:
@@ -34,12 +35,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +48,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.packing import pack_codes, packed_nbytes, unpack_codes
-from mpq_core.quantized import QuantizedLayer, apply_weights, model_parameters
-from mpq_core.quantizer import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
+from mpq_core.quantized_weights import QuantizedLayer, model_parameters
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -65,7 +63,6 @@ __all__ = [
     "load_packed_checkpoint",
     "restore_into",
     "save_packed_checkpoint",
-    "save_quantized_model",
 ]
 
 CHECKPOINT_NAME = "model.mpq.safetensors"
@@ -140,25 +137,6 @@ def _crc(tensors: dict[str, NDArray[Any]]) -> str:
     return f"{crc:08x}"
 
 
-def _target(path: str | Path, default_name: str) -> Path:
-    p = Path(path)
-    return p / default_name if p.is_dir() else p
-
-
-def _write_atomic(target: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so no half file is left."""
-    # The temporary name keeps the target's suffix: torch.export.save warns about other names.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the artefact from other services
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _concat(parts: list[NDArray[Any]], dtype: Any) -> NDArray[Any]:
     if not parts:
         return np.zeros(0, dtype=dtype)
@@ -229,8 +207,8 @@ def save_packed_checkpoint(
     if metadata is not None:
         meta["mpq"] = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
     data = st_save(tensors, metadata=meta)
-    target = _target(path, CHECKPOINT_NAME)
-    _write_atomic(target, lambda tmp: Path(tmp).write_bytes(data))
+    target = file_target(path, CHECKPOINT_NAME)
+    write_atomic(target, lambda tmp: Path(tmp).write_bytes(data))
     return target.stat().st_size
 
 
@@ -272,7 +250,7 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
             safetensors file, not an mpq checkpoint of a known schema version, inconsistent,
             or its data fails the CRC check.
     """
-    target = _target(path, CHECKPOINT_NAME)
+    target = file_target(path, CHECKPOINT_NAME)
     where = f"{target.name!r}"
     try:
         data = target.read_bytes()
@@ -381,32 +359,3 @@ def restore_into(model: LoadedModel, checkpoint: PackedCheckpoint) -> None:
     with torch.no_grad():
         for name, v in values.items():
             params[name].copy_(v)
-
-
-@contextmanager
-def _applied(model: LoadedModel, layers: dict[str, QuantizedLayer]) -> Iterator[None]:
-    """The model with the layers' dequantized weights, its float weights restored on exit."""
-    params = model_parameters(model)
-    saved = {name: params[name].detach().clone() for name in layers if name in params}
-    try:
-        apply_weights(model, layers)
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
-def save_quantized_model(
-    model: LoadedModel, layers: dict[str, QuantizedLayer], path: str | Path
-) -> None:
-    """Write the drop-in quantized model (``model.pt`` / ``model.pt2``): the model in its own
-    format with the dequantized weights, loadable with stock ``torch.jit.load`` /
-    ``torch.export.load``. The caller's model is left with its float weights.
-
-    Args:
-        path: the file to write, or a directory to write ``model`` + ``model.suffix`` into.
-    """
-    target = _target(path, "model" + model.suffix)
-    with _applied(model, layers):
-        _write_atomic(target, model.save)

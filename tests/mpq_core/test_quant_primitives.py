@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpq_core.quantizer import (
+from mpq_core.quant_primitives import (
     choose_scales,
     dequantize,
     fake_quantize,

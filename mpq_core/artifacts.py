@@ -1,0 +1,73 @@
+"""The files of a job: what :func:`write_artifacts` writes from a :class:`JobResult`.
+
+``model.pt`` / ``model.pt2`` (the drop-in model), ``model.mpq.safetensors`` (the packed
+checkpoint), ``allocation.json``, ``sensitivity.json``, ``encodings.json`` (with activation
+quantization) and, last, ``report.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mpq_core.dropin_model import save_quantized_model
+from mpq_core.packed_checkpoint import CHECKPOINT_NAME, save_packed_checkpoint
+from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.report import SCHEMA_VERSION, finite, write_json
+
+if TYPE_CHECKING:
+    from mpq_core.pipeline import JobResult
+
+__all__ = ["write_artifacts"]
+
+
+def write_artifacts(
+    result: JobResult, out_dir: str | Path, *, progress: ProgressFn | None = None
+) -> dict[str, Path]:
+    """Write a job's artefacts into ``out_dir`` (created if needed) as the ``export`` stage.
+
+    The model's weights move to the CPU (artefacts hold CPU tensors, whatever device the job
+    ran on). ``result.report`` gets the export timing, the packed checkpoint's size and the list
+    of artefacts before it is written as ``report.json``.
+
+    Returns:
+        The path of every file written, by name.
+
+    Example:
+        >>> write_artifacts(run(spec, "model.pt", "calib.npz"), "out/")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, layers = result.model, result.layers
+    report = result.report
+    clock = StageClock(progress or null_progress, report["timings"])
+    artifacts: dict[str, Path] = {}
+    with clock.stage("export"):
+        model.module.to("cpu")
+        artifacts[f"model{model.suffix}"] = dropin = out / f"model{model.suffix}"
+        save_quantized_model(model, layers, dropin)
+        artifacts[CHECKPOINT_NAME] = packed = out / CHECKPOINT_NAME
+        packed_bytes = save_packed_checkpoint(
+            packed, model, layers, metadata={"model_sha256": model.sha256, "format": model.format}
+        )
+        artifacts["allocation.json"] = out / "allocation.json"
+        result.allocation.save(artifacts["allocation.json"])
+        artifacts["sensitivity.json"] = out / "sensitivity.json"
+        result.sensitivity.save(artifacts["sensitivity.json"])
+        if result.encodings:
+            doc = {
+                "schema_version": SCHEMA_VERSION,
+                "kind": "mpq.encodings",
+                "activation_encodings": {n: enc.to_dict() for n, enc in result.encodings.items()},
+                "param_encodings": {
+                    name: {"bits": layer.bits, "symmetric": True, "per_channel": True}
+                    for name, layer in layers.items()
+                },
+            }
+            artifacts["encodings.json"] = write_json(out / "encodings.json", doc)
+    report["sizes"]["packed_checkpoint_bytes"] = packed_bytes
+    report["timings"] = clock.seconds
+    report["artifacts"] = sorted([*artifacts, "report.json"])
+    result.report = finite(report)
+    artifacts["report.json"] = write_json(out / "report.json", result.report)
+    return artifacts

@@ -1,0 +1,82 @@
+"""The ``mpq`` command line: ``inspect``, ``analyze``, ``allocate``, ``quantize``, plus the
+commands that installed plugins register.
+
+One module per command (:mod:`mpq_core.cli.inspect`, ``analyze``, ``allocate``, ``quantize``),
+each with ``add_parser(subparsers)`` and ``run(args)``; the job spec's flags are generated from
+its fields by :mod:`mpq_core.cli.spec_args`.
+
+Plugin hook
+-----------
+Other packages add commands through the entry-point group ``mpq.commands``. Each entry point
+names a callable ``register(subparsers) -> None`` that adds its subcommands to the ``argparse``
+subparsers object and sets ``func`` (``args -> exit status``) on each, e.g. in pyproject.toml::
+
+    [project.entry-points."mpq.commands"]
+    service = "api.cli:register"
+
+A command reports a problem its user can fix by raising :class:`mpq_core.errors.MpqError` (with
+its own ``code``): ``mpq`` prints ``mpq: error [code]: message`` and exits with status 2. A
+plugin whose import fails (say, its optional dependencies are not installed) is skipped, and the
+engine's commands work as before. Importing this package loads no torch: commands import the
+heavy modules when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+from mpq_core.cli import allocate, analyze, inspect, quantize
+from mpq_core.errors import MpqError
+
+__all__ = ["ENTRY_POINT_GROUP", "build_parser", "main", "register_plugins", "run"]
+
+ENTRY_POINT_GROUP = "mpq.commands"
+
+
+def register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Let every ``mpq.commands`` entry point add its commands (see the module docstring)."""
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError:  # its optional dependencies are missing: the engine works without
+            continue
+        register(subparsers)
+
+
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    """The parser of ``mpq``: the engine's commands, and the plugins' unless ``plugins=False``."""
+    parser = argparse.ArgumentParser(
+        prog="mpq",
+        description="Mixed-precision quantization: profile a model, score layer sensitivities, "
+        "allocate bit widths under a budget, quantize.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (inspect, analyze, allocate, quantize):
+        command.add_parser(sub)
+    if plugins:
+        register_plugins(sub)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``parser``, run the chosen command, and turn the errors a user can
+    cause into ``mpq: error [code]: message`` and exit status 2 (never a traceback)."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MpqError as exc:
+        print(f"mpq: error [{exc.code}]: {exc.message}", file=sys.stderr)
+    except FileNotFoundError as exc:
+        print(f"mpq: error [file_not_found]: {exc.filename}: no such file", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mpq`` console script."""
+    return run(build_parser(), argv)

@@ -1,0 +1,58 @@
+"""``mpq analyze``: per-layer, per-bit-width sensitivities, written as a table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mpq_core.cli.inputs import add_input_arguments, load_inputs
+from mpq_core.cli.spec_args import add_spec_arguments, spec_values
+
+__all__ = ["ANALYSIS_FIELDS", "add_parser", "run"]
+
+#: The job spec fields that decide a sensitivity table (``analyze`` and ``quantize``).
+ANALYSIS_FIELDS = ("analysis", "bits", "batch_size", "seed", "output_key")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``analyze`` subcommand."""
+    p = subparsers.add_parser("analyze", help="per-layer, per-bit-width sensitivities")
+    add_input_arguments(p)
+    add_spec_arguments(p, ANALYSIS_FIELDS)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="where to write SENS.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mpq_core.progress import TerminalProgress
+    from mpq_core.sensitivity import analyze
+    from mpq_core.spec import AnalysisSpec
+
+    values = spec_values(args)
+    analysis = AnalysisSpec(**values.get("analysis", {}))  # a bad setting fails before loading
+    model, data = load_inputs(args.model, args.data)
+    progress = TerminalProgress(enabled=None if not args.no_progress else False)
+    try:
+        table = analyze(
+            model,
+            data,
+            analysis,
+            bits=values.get("bits"),
+            batch_size=values.get("batch_size"),
+            seed=values.get("seed"),
+            output_key=values.get("output_key"),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    table.save(args.out)
+    width = max(len(layer.name) for layer in table.layers)
+    print(
+        f"{table.method} sensitivities of {len(table.layers)} layers on {data.num_samples} "
+        f"samples in {table.meta['seconds']:.2f} s -> {args.out}"
+    )
+    print(f"{'layer':<{width}}  " + " ".join(f"{f'{b}-bit':>10}" for b in table.bits))
+    for layer, row in zip(table.layers, table.omega, strict=True):
+        print(f"{layer.name:<{width}}  " + " ".join(f"{v:>10.3g}" for v in row))
+    return 0

@@ -1,0 +1,31 @@
+"""The model and data arguments the commands share, and loading them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpq_core.data import CalibrationData
+    from mpq_core.intake import LoadedModel
+
+__all__ = ["add_input_arguments", "load_inputs"]
+
+
+def add_input_arguments(p: argparse.ArgumentParser, *, data_help: str | None = None) -> None:
+    p.add_argument("model", help="TorchScript archive (.pt) or torch.export program (.pt2)")
+    p.add_argument(
+        "--data", required=True, help=data_help or ".npz or .safetensors with 'input' (+ 'labels')"
+    )
+
+
+def load_inputs(model_path: str, data_path: str) -> tuple[LoadedModel, CalibrationData]:
+    """Load the model and the data and check that the data feeds the model."""
+    from mpq_core.data import load_data
+    from mpq_core.intake import load_model
+    from mpq_core.runner import check_data_fits
+
+    model = load_model(model_path)
+    data = load_data(data_path)
+    check_data_fits(model, data)
+    return model, data

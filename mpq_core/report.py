@@ -1,0 +1,100 @@
+"""``report.json``: what a job asked for and what it achieved, as one JSON document."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpq_core.budgets import Budget, achieved
+
+if TYPE_CHECKING:
+    from mpq_core.allocation import Allocation
+    from mpq_core.evaluate import Metrics
+    from mpq_core.finetune import FinetuneResult
+    from mpq_core.pipeline import JobContext, Quantization
+    from mpq_core.profiling import ModelProfile
+
+__all__ = ["SCHEMA_VERSION", "build_report", "finite", "write_json"]
+
+SCHEMA_VERSION = 1
+
+
+def build_report(
+    ctx: JobContext,
+    profile: ModelProfile,
+    allocation: Allocation,
+    quant: Quantization,
+    tuned: FinetuneResult | None,
+    final: Metrics | None,
+) -> dict[str, Any]:
+    """The report of a job run in memory. Its export timing, ``packed_checkpoint_bytes`` and
+    ``artifacts`` are filled in when the artefacts are written."""
+    model, spec, scores = ctx.model, ctx.spec, quant.scores
+    bits = allocation.bits_by_layer()
+    predicted_bytes = achieved(
+        Budget("size", 1.0),
+        profile.layers,
+        profile.float_params,
+        [bits[layer.name] for layer in profile.layers],
+    )
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "mpq.report",
+        "model": {
+            "format": model.format,
+            "sha256": model.sha256,
+            "params": profile.total_params,
+            "quantized_params": profile.quantized_params,
+            "float_params": profile.float_params,
+            "layers": len(profile.layers),
+        },
+        "data": {
+            "calibration_samples": ctx.work.num_samples,
+            "eval_samples": ctx.test.num_samples,
+            "eval_from": ctx.eval_from,
+            "labels": ctx.data.labels is not None,
+        },
+        "spec": spec.to_dict(),
+        "budgets": [rep.to_dict() for rep in allocation.budgets],
+        "allocation": dict(bits),
+        "predicted_loss_increase": allocation.predicted_loss_increase,
+        "measured_loss_increase": {
+            "calibration": scores.quantized_calib.loss - scores.float_calib.loss,
+            "eval": scores.quantized_eval.loss - scores.float_eval.loss,
+        },
+        "metrics": {
+            "float": scores.float_eval.to_dict(),
+            "quantized": scores.quantized_eval.to_dict(),
+            "finetuned": final.to_dict() if final is not None else None,
+        },
+        "finetune": tuned.to_dict() if tuned is not None else None,
+        "sizes": {
+            "float32_bytes": 4 * profile.total_params,
+            "predicted_bytes": predicted_bytes,
+            "packed_checkpoint_bytes": None,
+        },
+        "timings": dict(ctx.clock.seconds),
+        "device": str(ctx.device),
+        "device_note": ctx.device_note,
+        "artifacts": [],
+    }
+    return finite(report)
+
+
+def finite(value: Any) -> Any:
+    """Strict JSON: infinities and NaN (e.g. the SQNR of identical outputs) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as strict, indented JSON."""
+    path.write_text(json.dumps(finite(doc), indent=2, allow_nan=False) + "\n")
+    return path
