@@ -7,6 +7,7 @@ module globals: each app, and each test, has its own settings, database and stor
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,7 +21,15 @@ from mpq_service.settings import Settings
 from mpq_service.storage import Storage
 from mpq_service.tables import Tenant
 
-__all__ = ["CurrentTenant", "EnqueueDep", "SessionDep", "SettingsDep", "StorageDep"]
+__all__ = [
+    "CurrentTenant",
+    "EnqueueDep",
+    "SessionDep",
+    "SettingsDep",
+    "StorageDep",
+    "UploadContext",
+    "UploadContextDep",
+]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `mpq keys create`")
 
@@ -69,3 +78,23 @@ def get_current_tenant(
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+@dataclass(frozen=True)
+class UploadContext:
+    """What every upload route needs: the tenant that will own the files, the storage they go
+    to, the settings holding the size limit, and the session their rows are inserted with."""
+
+    session: Session
+    tenant: Tenant
+    storage: Storage
+    settings: Settings
+
+
+def get_upload_context(
+    session: SessionDep, tenant: CurrentTenant, storage: StorageDep, settings: SettingsDep
+) -> UploadContext:
+    return UploadContext(session, tenant, storage, settings)
+
+
+UploadContextDep = Annotated[UploadContext, Depends(get_upload_context)]

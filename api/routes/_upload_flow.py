@@ -16,12 +16,12 @@ from fastapi import Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import UploadContext
 from api.sniffing import sniff_data_format, sniff_model_format
 from api.upload_stream import UploadResult, UploadTooLarge, receive_upload
 from mpq_service import storage_keys
-from mpq_service.settings import Settings
 from mpq_service.storage import Storage
-from mpq_service.tables import Dataset, ModelFile, Tenant, new_id
+from mpq_service.tables import Dataset, ModelFile, new_id
 
 __all__ = [
     "DATASET_UPLOAD",
@@ -93,12 +93,7 @@ def refuse_declared_length(request: Request, most: int, limit: int) -> None:
 
 
 async def store_file(
-    stream: AsyncIterable[bytes],
-    kind: UploadKind[Row],
-    tenant_id: str,
-    filename: str | None,
-    storage: Storage,
-    settings: Settings,
+    stream: AsyncIterable[bytes], kind: UploadKind[Row], ctx: UploadContext, filename: str | None
 ) -> Row:
     """Store ``stream`` (one file's bytes) as a new ``kind`` of the tenant and return its row,
     not yet added to a session.
@@ -107,9 +102,9 @@ async def store_file(
         UploadTooLarge: the stream is over ``settings.max_upload_bytes`` (nothing is stored).
         MpqError: ``kind.sniff`` refused the content; the stored object was deleted.
     """
-    row_id = new_id()
+    row_id, tenant_id, storage = new_id(), ctx.tenant.id, ctx.storage
     key = kind.storage_key(tenant_id, row_id)
-    result = await receive_upload(stream, storage, key, settings.max_upload_bytes)
+    result = await receive_upload(stream, storage, key, ctx.settings.max_upload_bytes)
     try:
         fmt = kind.sniff(result)
     except BaseException:
@@ -151,13 +146,7 @@ def insert_rows(session: Session, rows: Sequence[UploadRow], *dependents: object
 
 
 async def upload_file(
-    request: Request,
-    kind: UploadKind[Row],
-    tenant: Tenant,
-    filename: str | None,
-    session: Session,
-    storage: Storage,
-    settings: Settings,
+    request: Request, kind: UploadKind[Row], ctx: UploadContext, filename: str | None
 ) -> Row:
     """Store the request body (the file itself) as a new ``kind`` of the tenant and insert its
     row; nothing is kept when the upload is refused or the row cannot be saved.
@@ -166,11 +155,11 @@ async def upload_file(
         UploadTooLarge: the body is over ``settings.max_upload_bytes``.
         MpqError: the content was refused (see :data:`MODEL_UPLOAD`, :data:`DATASET_UPLOAD`).
     """
-    limit = settings.max_upload_bytes
+    limit = ctx.settings.max_upload_bytes
     refuse_declared_length(request, limit, limit)
     stored: list[UploadRow] = []
-    async with deleted_on_failure(storage, stored):
-        row = await store_file(request.stream(), kind, tenant.id, filename, storage, settings)
+    async with deleted_on_failure(ctx.storage, stored):
+        row = await store_file(request.stream(), kind, ctx, filename)
         stored.append(row)
-        await run_in_threadpool(insert_rows, session, stored)
+        await run_in_threadpool(insert_rows, ctx.session, stored)
     return row

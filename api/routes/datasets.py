@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, SessionDep, UploadContextDep
 from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload_flow import DATASET_UPLOAD, RAW_BODY, FilenameQuery, upload_file
@@ -19,10 +19,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 async def upload_dataset(
     request: Request,
     response: Response,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    storage: StorageDep,
-    settings: SettingsDep,
+    upload: UploadContextDep,
     filename: FilenameQuery = None,
 ) -> DatasetPublic:
     """Upload a ``.npz`` or ``.safetensors`` data file as the raw request body.
@@ -30,7 +27,7 @@ async def upload_dataset(
     Object (pickled) arrays are refused with ``data_pickle``; other files with ``data_format``.
     The worker checks the arrays themselves when a job uses them.
     """
-    row = await upload_file(request, DATASET_UPLOAD, tenant, filename, session, storage, settings)
+    row = await upload_file(request, DATASET_UPLOAD, upload, filename)
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return DatasetPublic.of(row)
 

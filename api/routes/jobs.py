@@ -15,7 +15,14 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTenant, EnqueueDep, SessionDep, SettingsDep, StorageDep
+from api.deps import (
+    CurrentTenant,
+    EnqueueDep,
+    SessionDep,
+    StorageDep,
+    UploadContext,
+    UploadContextDep,
+)
 from api.errors import ApiError, Conflict
 from api.multipart import MultipartStream
 from api.ownership import get_owned
@@ -34,8 +41,6 @@ from api.routes._upload_flow import (
 from api.schemas import JobCreate, JobList, JobPublic, parse_job_spec
 from mpq_core.spec import JobSpec
 from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
-from mpq_service.settings import Settings
-from mpq_service.storage import Storage
 from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
 
 __all__ = ["RETRY_AFTER_S", "router"]
@@ -141,11 +146,7 @@ def _form_spec(raw: bytes) -> JobSpec:
 
 
 async def _read_form(
-    form: MultipartStream,
-    tenant: Tenant,
-    storage: Storage,
-    settings: Settings,
-    stored: list[UploadRow],
+    form: MultipartStream, upload: UploadContext, stored: list[UploadRow]
 ) -> tuple[dict[str, UploadRow], JobSpec]:
     """The form's files, stored through the upload routes' flow (each row also appended to
     ``stored`` as soon as its object exists), and its spec."""
@@ -162,9 +163,7 @@ async def _read_form(
         if name == "spec":
             spec = _form_spec(await form.read_field(_SPEC_MAX_BYTES, name))
             continue
-        row = await store_file(
-            form.read(), _FILE_PARTS[name], tenant.id, part.filename, storage, settings
-        )
+        row = await store_file(form.read(), _FILE_PARTS[name], upload, part.filename)
         stored.append(row)
         rows[name] = row
     missing = [n for n in ("model", "data", "spec") if n not in seen]
@@ -173,45 +172,32 @@ async def _read_form(
     return rows, spec
 
 
-async def _create_from_form(
-    request: Request,
-    boundary: bytes,
-    session: Session,
-    tenant: Tenant,
-    storage: Storage,
-    settings: Settings,
-) -> Job:
+async def _create_from_form(request: Request, boundary: bytes, upload: UploadContext) -> Job:
     """Store the form's files as a model and datasets and insert them with the job, in one
     transaction. Each file goes through the upload routes' flow (same keys, sha256, size limit,
     sniffing and codes); on any failure every object stored so far is deleted again."""
-    limit = settings.max_upload_bytes
+    limit = upload.settings.max_upload_bytes
     most = len(_FILE_PARTS) * limit + _SPEC_MAX_BYTES + _FORM_OVERHEAD_BYTES
     refuse_declared_length(request, most, limit)
     stored: list[UploadRow] = []
-    async with deleted_on_failure(storage, stored):
+    async with deleted_on_failure(upload.storage, stored):
         form = MultipartStream(request.stream(), boundary)
-        rows, spec = await _read_form(form, tenant, storage, settings, stored)
+        rows, spec = await _read_form(form, upload, stored)
         job = Job(
-            tenant_id=tenant.id,
+            tenant_id=upload.tenant.id,
             model_id=rows["model"].id,
             dataset_id=rows["data"].id,
             eval_dataset_id=rows["eval_data"].id if "eval_data" in rows else None,
             spec=spec.to_dict(),
             status=JobStatus.QUEUED.value,
         )
-        await run_in_threadpool(insert_rows, session, stored, job)
+        await run_in_threadpool(insert_rows, upload.session, stored, job)
     return job
 
 
 @router.post("", status_code=202, response_model=JobPublic, openapi_extra=_JOB_BODY)
 async def create_job(
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    storage: StorageDep,
-    settings: SettingsDep,
-    enqueue: EnqueueDep,
+    request: Request, response: Response, upload: UploadContextDep, enqueue: EnqueueDep
 ) -> JobPublic:
     """Queue a job; poll ``Location`` for its progress.
 
@@ -226,18 +212,18 @@ async def create_job(
         boundary = params.get(b"boundary")
         if not boundary:
             raise _invalid("malformed multipart body: no boundary in Content-Type")
-        job = await _create_from_form(request, boundary, session, tenant, storage, settings)
+        job = await _create_from_form(request, boundary, upload)
     elif ctype in (b"", b"application/json") or ctype.endswith(b"+json"):
         body = _parse_json_body(await request.body())
         spec = body.job_spec()
-        job = await run_in_threadpool(_insert_job, session, tenant, body, spec)
+        job = await run_in_threadpool(_insert_job, upload.session, upload.tenant, body, spec)
     else:
         raise ApiError(
             415,
             "unsupported_media_type",
             "send the job as application/json, or as multipart/form-data with the files",
         )
-    await run_in_threadpool(_enqueue, session, job, enqueue)
+    await run_in_threadpool(_enqueue, upload.session, job, enqueue)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     _retry_after(response, job)
     return JobPublic.of(job)

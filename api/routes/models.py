@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentTenant, SessionDep, UploadContextDep
 from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload_flow import MODEL_UPLOAD, RAW_BODY, FilenameQuery, upload_file
@@ -19,10 +19,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 async def upload_model(
     request: Request,
     response: Response,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    storage: StorageDep,
-    settings: SettingsDep,
+    upload: UploadContextDep,
     filename: FilenameQuery = None,
 ) -> ModelPublic:
     """Upload a TorchScript archive or torch.export program as the raw request body.
@@ -30,7 +27,7 @@ async def upload_model(
     Pickles (``torch.save``) are refused with ``model_pickle``; other files with
     ``model_format``. The worker validates the complete file when a job uses it.
     """
-    row = await upload_file(request, MODEL_UPLOAD, tenant, filename, session, storage, settings)
+    row = await upload_file(request, MODEL_UPLOAD, upload, filename)
     response.headers["Location"] = f"/v1/models/{row.id}"
     return ModelPublic.of(row)
 
