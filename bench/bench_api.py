@@ -54,6 +54,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tests.support.files import mlp_data_npz
 from tests.support.processes import ServiceProcess, start_http_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,16 +218,6 @@ def torchscript_model_bytes() -> bytes:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(model), buf)
-    return buf.getvalue()
-
-
-def npz_bytes(n: int = 64) -> bytes:
-    """A calibration ``.npz`` with ``input`` (n, 16) and ``labels``."""
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    np.savez(
-        buf, input=rng.standard_normal((n, 16)).astype(np.float32), labels=rng.integers(0, 5, n)
-    )
     return buf.getvalue()
 
 
@@ -725,7 +716,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     model = torchscript_model_bytes()
-    data = npz_bytes()
+    data = mlp_data_npz()
     results: dict[str, Any] = {"memory": {}}
 
     print("starting the API (limit 1 GiB) ...", flush=True)

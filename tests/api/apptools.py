@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +21,7 @@ from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade
 from mpq_service.settings import Settings
 from mpq_service.storage import LocalStorage
+from tests.support.files import mlp_data_npz
 
 PEPPER = "test-pepper"
 
@@ -93,13 +93,8 @@ def pickled_model_bytes() -> bytes:
 
 
 def data_bytes(n: int = 32) -> bytes:
-    """A calibration ``.npz`` with ``input`` and ``labels``."""
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    np.savez(
-        buf, input=rng.standard_normal((n, 16)).astype(np.float32), labels=rng.integers(0, 5, n)
-    )
-    return buf.getvalue()
+    """A calibration ``.npz`` with ``input`` and ``labels`` for :func:`model_bytes`."""
+    return mlp_data_npz(n)
 
 
 def upload(

@@ -24,6 +24,7 @@ from mpq_core.data import load_data
 from mpq_core.errors import DataError, ModelFormatError
 from mpq_core.intake import detect_format
 from mpq_service.storage import LocalStorage, S3Storage, Storage
+from tests.support.files import npz_bytes
 from tests.support.s3server import S3Server
 from tests.zoo import SmallMLP, export_bytes, torchscript_bytes
 
@@ -335,19 +336,13 @@ def test_sniff_model_format_wide_archives_show_one_entry() -> None:
         assert len(_zip_entries(head)) == 1, name
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     ("make", "code"),
     [
         (lambda: b"", "model_format"),
         (lambda: b"hello world, not a model" * 10, "model_format"),
         (lambda: b"PK\x03\x04" + b"\xff" * 40, "model_format"),
-        (lambda: _npz(input=np.zeros((4, 16), np.float32)), "model_format"),
+        (lambda: npz_bytes(input=np.zeros((4, 16), np.float32)), "model_format"),
         (lambda: pickle.dumps({"weights": [1, 2, 3]}), "model_pickle"),
         (lambda: save_safetensors({"w": np.zeros(3, np.float32)}), "model_format"),
     ],
@@ -364,7 +359,7 @@ def test_sniff_model_refusal_says_how_to_fix() -> None:
         sniff_model_format(MODELS["save_module"]()[:HEAD_BYTES])
     assert "torch.jit.save" in err.value.message and "torch.export.save" in err.value.message
     with pytest.raises(ModelFormatError) as err:
-        sniff_model_format(_npz(input=np.zeros(3, np.float32)))
+        sniff_model_format(npz_bytes(input=np.zeros(3, np.float32)))
     assert "dataset" in err.value.message
 
 
@@ -372,18 +367,12 @@ X = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
 Y = np.arange(64, dtype=np.int64) % 5
 
 
-def _npz_compressed(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        (lambda: _npz(input=X, labels=Y), "npz"),
-        (lambda: _npz(input_0=X, input_1=X), "npz"),
-        (lambda: _npz_compressed(input=X, labels=Y), "npz"),
+        (lambda: npz_bytes(input=X, labels=Y), "npz"),
+        (lambda: npz_bytes(input_0=X, input_1=X), "npz"),
+        (lambda: npz_bytes(compressed=True, input=X, labels=Y), "npz"),
         (lambda: save_safetensors({"input": X, "labels": Y}), "safetensors"),
         (lambda: save_safetensors({"input": np.zeros((4096, 8), np.float32)}), "safetensors"),
     ],

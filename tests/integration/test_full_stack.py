@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from mpq_service.celery_config import DEFAULT_QUEUE
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade
 from tests.conftest import zoo_data
+from tests.support.files import npz_bytes
 from tests.support.jobs import wait_for_job
 from tests.support.processes import ServiceNotReady, ServiceProcess, start_http_service
 from tests.support.s3server import S3Server
@@ -192,12 +192,6 @@ def _delete_bucket(s3: S3Server, bucket: str) -> None:
 # --- the flow --------------------------------------------------------------------------------
 
 
-def _npz(inputs: np.ndarray, labels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, input=inputs, labels=labels)
-    return buf.getvalue()
-
-
 def _scores(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch]).float() for i in range(0, len(x), batch)])
@@ -211,8 +205,8 @@ def test_rest_flow_on_postgres_redis_s3_and_a_real_worker(
     calib = zoo_data("cnn", 64, seed=1)
     test = zoo_data("cnn", 40, seed=2)
     assert calib.labels is not None and test.labels is not None
-    calib_npz = _npz(calib.inputs[0].numpy(), calib.labels.numpy())
-    eval_npz = _npz(test.inputs[0].numpy(), test.labels.numpy())
+    calib_npz = npz_bytes(input=calib.inputs[0].numpy(), labels=calib.labels.numpy())
+    eval_npz = npz_bytes(input=test.inputs[0].numpy(), labels=test.labels.numpy())
 
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     with (

@@ -14,6 +14,7 @@ from mpq_core.errors import DataError, DataMismatch
 from mpq_core.intake import load_model
 from mpq_core.runner import check_data_fits, iter_batches, run_model
 from tests.conftest import FIXED_BATCH, zoo_data, zoo_inputs, zoo_module
+from tests.support.files import npz_bytes
 
 ZooBytes = Callable[[str, str], bytes]
 
@@ -33,17 +34,11 @@ class Trap:
         return (_write_marker, (self.marker,))
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
 def _st(**arrays: np.ndarray) -> bytes:
     return save_safetensors(arrays)
 
 
-WRITERS = {"npz": _npz, "safetensors": _st}
+WRITERS = {"npz": npz_bytes, "safetensors": _st}
 
 
 def _data_error(data: bytes) -> DataError:
@@ -103,13 +98,13 @@ def test_int32_labels_widened_to_int64(kind: str) -> None:
 def test_object_array_npz_refused_without_unpickling(tmp_path: Path) -> None:
     control = tmp_path / "control"
     with np.load(
-        io.BytesIO(_npz(input=np.array([Trap(control)], dtype=object))), allow_pickle=True
+        io.BytesIO(npz_bytes(input=np.array([Trap(control)], dtype=object))), allow_pickle=True
     ) as f:
         f["input"]
     assert control.exists()  # control: unpickling this array does write the marker
 
     marker = tmp_path / "marker"
-    raw = _npz(input=np.array([Trap(marker)], dtype=object), labels=np.array([0]))
+    raw = npz_bytes(input=np.array([Trap(marker)], dtype=object), labels=np.array([0]))
     err = _data_error(raw)
     assert err.code == "data_pickle"
     assert not marker.exists()
@@ -133,7 +128,7 @@ def test_gap_in_numbered_inputs_refused(kind: str) -> None:
 
 def test_input_and_numbered_inputs_together_refused() -> None:
     z = np.zeros((3, 2), np.float32)
-    assert _data_error(_npz(input=z, input_0=z)).code == "data_keys"
+    assert _data_error(npz_bytes(input=z, input_0=z)).code == "data_keys"
 
 
 @pytest.mark.parametrize("kind", ["npz", "safetensors"])
@@ -262,7 +257,7 @@ def test_iter_batches_dynamic_model_does_not_pad(zoo_bytes: ZooBytes) -> None:
 @pytest.mark.parametrize("fmt", ["script", "trace", "export", "export_fixed"])
 def test_text_encoder_two_inputs_from_file(zoo_bytes: ZooBytes, fmt: str) -> None:
     ids, mask = zoo_inputs("text", 7, seed=5)
-    raw = _npz(input_0=ids.numpy(), input_1=mask.numpy(), labels=np.arange(7) % 4)
+    raw = npz_bytes(input_0=ids.numpy(), input_1=mask.numpy(), labels=np.arange(7) % 4)
     data = load_data(raw)
     assert data.inputs[0].dtype == torch.int64 and data.inputs[1].dtype == torch.float32
     model = load_model(zoo_bytes("text", fmt))

@@ -4,13 +4,11 @@ for running jobs without a broker (and for the one real-worker test)."""
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +20,7 @@ from mpq_service.settings import Settings
 from mpq_service.storage import LocalStorage, Storage, make_storage
 from mpq_service.tables import Dataset, Job, ModelFile, Tenant, new_id
 from tests.conftest import zoo_data
+from tests.support.files import npz_bytes
 
 # Small and quick: the MLP of tests/zoo.py, 48 samples, one fine-tuning epoch.
 SPEC: dict[str, Any] = {
@@ -33,16 +32,10 @@ SPEC: dict[str, Any] = {
 }
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
 def mlp_npz(n: int = 48) -> bytes:
     data = zoo_data("mlp", n)
     assert data.labels is not None
-    return npz_bytes({"input": data.inputs[0].numpy(), "labels": data.labels.numpy()})
+    return npz_bytes(input=data.inputs[0].numpy(), labels=data.labels.numpy())
 
 
 @dataclass

@@ -19,7 +19,8 @@ from mpq_service.db import session_scope
 from mpq_service.storage import LocalStorage
 from mpq_service.storage_keys import artifact_key
 from mpq_service.tables import Artifact, Job, SensitivityCache
-from tests.worker.conftest import Env, mlp_npz, npz_bytes
+from tests.support.files import npz_bytes
+from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import analysis_settings, run_job
 
 
@@ -122,7 +123,7 @@ def test_analysis_settings_key_the_cache() -> None:
 def test_data_that_does_not_fit_fails_with_its_code(
     env: Env, arrays: Callable[[], dict[str, np.ndarray]], codes: set[str]
 ) -> None:
-    job_id = env.create_job(dataset_id=env.upload_data(npz_bytes(arrays())))
+    job_id = env.create_job(dataset_id=env.upload_data(npz_bytes(**arrays())))
     job = _run(env, job_id)
     assert job.status == "failed"
     assert job.error_code in codes
