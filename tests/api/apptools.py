@@ -114,4 +114,4 @@ def model_and_dataset(svc: Service, headers: dict[str, str]) -> tuple[str, str]:
     return model["id"], data["id"]
 
 
-SPEC = {"budgets": ["avg-bits=4"], "bits": [2, 4, 8], "finetune_epochs": 0}
+SPEC = {"budgets": ["avg-bits=4"], "bits": [2, 4, 8], "finetune": {"epochs": 0}}

@@ -81,7 +81,10 @@ def test_create_job_is_202_queued_and_enqueued(svc: Service) -> None:
     ("spec", "code"),
     [
         ({"budgets": ["avg-bits=banana"]}, "invalid_budget"),
-        ({"budgets": ["avg-bits=4"], "method": "guess"}, "invalid_spec"),
+        ({"budgets": ["avg-bits=4"], "method": "guess"}, "invalid_spec"),  # schema_version 1
+        ({"budgets": ["avg-bits=4"], "analysis": {"method": "guess"}}, "invalid_spec"),
+        ({"budgets": ["avg-bits=4"], "finetune": {"lr": -1}}, "invalid_spec"),
+        ({"budgets": ["avg-bits=4"], "finetune": {"rate": 1}}, "invalid_spec"),
         ({"budgets": ["avg-bits=4"], "colour": "red"}, "invalid_spec"),
         ({"budgets": []}, "invalid_spec"),
         ({"budgets": ["avg-bits=4"], "bits": ["x"]}, "invalid_spec"),
@@ -98,6 +101,24 @@ def test_bad_spec_is_422_with_its_code(svc: Service, spec: dict[str, Any], code:
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == code
     assert svc.enqueued == []
+
+
+def test_a_schema_version_1_spec_is_accepted_and_stored_as_version_2(svc: Service) -> None:
+    # Clients written against the flat spec keep working; what is stored is the current shape.
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    flat = {"budgets": ["avg-bits=4"], "method": "kl", "finetune_epochs": 0, "finetune_lr": 0.01}
+    r = svc.client.post(
+        "/v1/jobs",
+        json={"model_id": model_id, "dataset_id": data_id, "spec": flat},
+        headers=headers,
+    )
+    assert r.status_code == 202, r.text
+    spec = r.json()["spec"]
+    assert spec["schema_version"] == 2
+    assert spec["analysis"]["method"] == "kl"
+    assert spec["finetune"]["epochs"] == 0 and spec["finetune"]["lr"] == 0.01
+    assert "method" not in spec and "finetune_epochs" not in spec
 
 
 def test_malformed_request_is_422_invalid_request(svc: Service) -> None:

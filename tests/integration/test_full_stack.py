@@ -57,9 +57,7 @@ JOB_TIMEOUT_S = 180.0
 SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=4"],
     "batch_size": 16,
-    "finetune_epochs": 1,
-    "finetune_batch_size": 16,
-    "finetune_lr": 1e-3,
+    "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
 }
 ARTIFACTS = {"model.pt", "model.mpq.safetensors", "report.json", "allocation.json"}
 

@@ -26,9 +26,7 @@ from tests.support.files import npz_bytes
 SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=4"],
     "batch_size": 16,
-    "finetune_epochs": 1,
-    "finetune_batch_size": 8,
-    "finetune_lr": 1e-3,
+    "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
 }
 
 
