@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context, weight_use
+from mpq_core.capture import (
+    LayerCapture,
+    OpRecord,
+    WeightRef,
+    WeightUse,
+    capture_context,
+    weight_use,
+)
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel
 from mpq_core.runner import iter_batches
@@ -128,16 +135,16 @@ class ActivationQuantizer(TorchDispatchMode):
 
     def __init__(self, weights: dict[str, torch.Tensor], encodings: dict[str, ActEncoding]) -> None:
         super().__init__()
-        self._by_ptr: dict[int, list[tuple[tuple[int, ...], ActEncoding]]] = {}
+        self._by_ptr: dict[int, list[tuple[torch.Tensor, ActEncoding]]] = {}
         for name, enc in encodings.items():
             w = weights[name]
-            self._by_ptr.setdefault(w.data_ptr(), []).append((tuple(w.shape), enc))
+            self._by_ptr.setdefault(w.data_ptr(), []).append((w, enc))
 
-    def _enc(self, t: Any, shape: tuple[int, ...]) -> ActEncoding | None:
-        if not isinstance(t, torch.Tensor):
+    def _enc(self, use: WeightUse) -> ActEncoding | None:
+        if not isinstance(use.weight, torch.Tensor):
             return None
-        for want, enc in self._by_ptr.get(t.data_ptr(), ()):
-            if want == shape:
+        for param, enc in self._by_ptr.get(use.weight.data_ptr(), ()):
+            if use.matches(param) is not None:
                 return enc
         return None
 
@@ -151,7 +158,7 @@ class ActivationQuantizer(TorchDispatchMode):
         kwargs = kwargs or {}
         use = weight_use(func, args)
         if use is not None and use.op != "embedding":
-            enc = self._enc(use.weight, use.shape)
+            enc = self._enc(use)
             if enc is not None:
                 i = use.x_index
                 args = (*args[:i], enc.fake_quantize(args[i]), *args[i + 1 :])

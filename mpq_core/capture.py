@@ -11,6 +11,7 @@ gradient with respect to that exact output, even if the model later modifies it 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mpq_core.shared_flow import FlowStep, SharedFlow, follow
 
 __all__ = ["LayerCapture", "OpRecord", "WeightRef", "WeightUse", "capture_context", "weight_use"]
 
@@ -52,12 +55,35 @@ def capture_context(grad: bool = True) -> Iterator[None]:
 @dataclass(frozen=True)
 class WeightUse:
     """Where a dispatched op consumes a weight: the weight as passed (a linear sees it
-    transposed), the shape the parameter itself must have, and the position of the activation."""
+    transposed), the shape the parameter itself must have, and the position of the activation.
+
+    A matrix product takes ``x @ mat2``: ``mat2`` is usually the transpose of an ``(out, in)``
+    parameter (``nn.Linear``), but GPT-2's ``Conv1D`` stores its weight ``(in, out)`` and passes
+    it as it is (``transposed_param``). The strides tell the two apart even for square weights.
+    """
 
     weight: torch.Tensor
     shape: tuple[int, ...]
     x_index: int
     op: str  # conv | mm | linear | embedding
+
+    def matches(self, param: torch.Tensor) -> bool | None:
+        """None if ``param`` is not this op's weight; else whether it is stored transposed
+        (``(in, out)``, used as is by a matrix product)."""
+        w = self.weight
+        if not isinstance(w, torch.Tensor) or w.device.type == "meta":
+            return None
+        if w.data_ptr() != param.data_ptr():
+            return None
+        if self.op != "mm":
+            return False if tuple(param.shape) == self.shape else None
+        if tuple(param.shape) == self.shape and (
+            w.stride() == tuple(reversed(param.stride())) or w.shape[0] != w.shape[1]
+        ):
+            return False
+        if tuple(param.shape) == tuple(w.shape) and w.stride() == param.stride():
+            return True
+        return None
 
 
 def weight_use(func: Any, args: tuple[Any, ...]) -> WeightUse | None:
@@ -105,6 +131,8 @@ class OpRecord:
     conv: dict[str, Any] = field(default_factory=dict)
     node: Any = None
     seq_len: int = 0
+    flow: SharedFlow | None = None  # a use whose output every sample shares (shared_flow.py)
+    transposed: bool = False  # the parameter is stored (in, out) and used as is (GPT-2 Conv1D)
 
 
 def _conv_kind(weight: torch.Tensor, transposed: bool) -> str:
@@ -120,6 +148,9 @@ class LayerCapture(TorchDispatchMode):
         keep: keep activations and outputs (needed for sensitivities; profiling only needs
             shapes and can drop them to save memory).
         on_record: called with each record as it is made.
+        shared: per layer name, the uses (0 for its first op in the forward pass, ...) whose
+            output is shared by the whole batch; their flow to the batch is followed.
+        batch: samples in the batch (flows are only followed for more than one).
     """
 
     def __init__(
@@ -128,6 +159,8 @@ class LayerCapture(TorchDispatchMode):
         *,
         keep: bool = True,
         on_record: Callable[[OpRecord], None] | None = None,
+        shared: dict[str, set[int]] | None = None,
+        batch: int = 0,
     ) -> None:
         super().__init__()
         self._by_ptr: dict[int, list[WeightRef]] = {}
@@ -137,6 +170,11 @@ class LayerCapture(TorchDispatchMode):
         self._pending: list[OpRecord] = []
         self._keep = keep
         self._on_record = on_record
+        self._shared = shared or {}
+        self._batch = batch
+        self._uses: dict[str, int] = defaultdict(int)
+        self._flows: dict[int, tuple[list[SharedFlow], torch.Tensor]] = {}
+        self._pending_steps: list[FlowStep] = []
 
     def _match(self, t: Any, shape: tuple[int, ...]) -> WeightRef | None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -146,12 +184,24 @@ class LayerCapture(TorchDispatchMode):
                 return ref
         return None
 
+    def _match_use(self, use: WeightUse) -> tuple[WeightRef, bool] | None:
+        if not isinstance(use.weight, torch.Tensor) or use.weight.device.type == "meta":
+            return None
+        for ref in self._by_ptr.get(use.weight.data_ptr(), ()):
+            transposed = use.matches(ref.tensor)
+            if transposed is not None:
+                return ref, transposed
+        return None
+
     def _resolve_pending(self) -> None:
         # Autograd attaches grad_fn only after our __torch_dispatch__ returns, so the node
         # is read at the next dispatched op (or at finish()), before any in-place op on it runs.
         for rec in self._pending:
             rec.node = rec.out.grad_fn
         self._pending.clear()
+        for step in self._pending_steps:
+            step.node = step.out.grad_fn
+        self._pending_steps.clear()
 
     def finish(self) -> None:
         """Resolve the autograd nodes of the last ops; call after the forward returns."""
@@ -164,12 +214,21 @@ class LayerCapture(TorchDispatchMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if self._pending:
+        if self._pending or self._pending_steps:
             self._resolve_pending()
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         rec = self._recognise(func, args, out)
+        if self._flows:
+            step = follow(self._flows, func, args, kwargs, out, self._batch)
+            if step is not None:
+                self._pending_steps.append(step)
         if rec is not None:
+            use = self._uses[rec.name]
+            self._uses[rec.name] += 1
+            if self._batch > 1 and use in self._shared.get(rec.name, ()):
+                rec.flow = SharedFlow(out)
+                self._flows[id(out)] = ([rec.flow], out)
             if self._keep:
                 self._pending.append(rec)
             self.records.append(rec)
@@ -198,13 +257,14 @@ class LayerCapture(TorchDispatchMode):
     def _recognise(self, func: Any, args: tuple[Any, ...], out: Any) -> OpRecord | None:
         use = weight_use(func, args)
         if use is not None:
-            ref = self._match(use.weight, use.shape)
-            if ref is None:
+            found = self._match_use(use)
+            if found is None:
                 return None
+            ref, transposed = found
             x = args[use.x_index]
             if use.op != "conv":
                 kind = "embedding" if use.op == "embedding" else "linear"
-                return OpRecord(ref.name, kind, use.op, x, out)
+                return OpRecord(ref.name, kind, use.op, x, out, transposed=transposed)
             transposed = bool(args[6])
             conv = {
                 "stride": list(args[3]),

@@ -169,6 +169,24 @@ def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
     return module, num_inputs
 
 
+def _retie_weights(module: torch.nn.Module) -> None:
+    """Make every name of a tied weight refer to one Parameter, as in the eager model.
+
+    ``ExportedProgram.module()`` gives each name of a tied weight (T5's ``shared``,
+    ``encoder.embed_tokens`` and ``lm_head``) its own Parameter over the same storage, and the
+    graph reads whichever name it was traced with; gradients would then land on an alias that
+    sensitivities and fine-tuning never look at.
+    """
+    first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.nn.Parameter] = {}
+    for name, param in list(module.named_parameters(remove_duplicate=False)):
+        key = (param.data_ptr(), tuple(param.shape), tuple(param.stride()))
+        owner = first.setdefault(key, param)
+        if owner is param:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(prefix) if prefix else module, leaf, owner)
+
+
 def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], int | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -192,6 +210,7 @@ def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], in
         else:
             specs.append(InputSpec(shape=None, dtype=None))
     module = program.module()
+    _retie_weights(module)
     if not any(p.dim() > 0 for p in module.parameters()):
         raise ModelFormatError(
             "this torch.export program has no parameters to quantize (weights were lifted to "

@@ -58,7 +58,8 @@ def _macs(rec: OpRecord, weight_shape: tuple[int, ...]) -> int:
             per_out *= s
         return rec.out.numel() * per_out
     if rec.kind == "linear":
-        return (rec.x.numel() // weight_shape[1]) * weight_shape[0] * weight_shape[1]
+        fan_in = weight_shape[0] if rec.transposed else weight_shape[1]
+        return (rec.x.numel() // fan_in) * weight_shape[0] * weight_shape[1]
     if rec.kind == "rnn":
         batch = rec.x.numel() // max(rec.seq_len, 1) // max(rec.x.shape[-1], 1)
         return weight_shape[0] * weight_shape[1] * rec.seq_len * batch
@@ -112,6 +113,48 @@ def _probe_layout(model: LoadedModel, data: CalibrationData, refs: list[WeightRe
     return layouts
 
 
+def _records(
+    model: LoadedModel, refs: list[WeightRef], inputs: list[torch.Tensor]
+) -> list[OpRecord]:
+    cap = LayerCapture(refs, keep=False)
+    with capture_context(), cap:
+        model(*inputs)
+    return cap.records
+
+
+def _probe_shared(
+    model: LoadedModel, data: CalibrationData, refs: list[WeightRef], records: list[OpRecord]
+) -> list[bool]:
+    """Which uses of linear/embedding weights produce one output for the whole batch (a position
+    table looked up with ``(1, T)`` indices): their rows do not grow with the batch.
+
+    A dynamic-batch model runs sample 0 alone and twice over; a fixed-batch program cannot, so
+    there a use is shared when its rows do not divide among the samples or its input has a
+    leading dimension of 1 (``records`` are from one run at the fixed batch).
+    """
+    fixed = model.fixed_batch
+    if fixed is not None:
+        return [
+            rec.kind in ("linear", "embedding")
+            and fixed > 1
+            and (rows_of(rec).shape[0] % fixed != 0 or (rec.x.dim() >= 2 and rec.x.shape[0] == 1))
+            for rec in records
+        ]
+    one = _records(model, refs, [t[:1] for t in data.inputs])
+    two = _records(model, refs, [torch.cat([t[:1], t[:1]]) for t in data.inputs])
+    if len(one) != len(two):
+        warnings.warn(
+            "the model runs other layers for a batch of 1 than for 2; layers shared by the whole "
+            "batch (position tables) cannot be detected and are scored as per-sample",
+            stacklevel=3,
+        )
+        return [False] * len(records)
+    return [
+        a.kind in ("linear", "embedding") and rows_of(a).shape[0] == rows_of(b).shape[0]
+        for a, b in zip(one, two, strict=True)
+    ]
+
+
 def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 32) -> ModelProfile:
     """Run one batch through the model and describe every quantizable weight it uses.
 
@@ -136,6 +179,12 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
             code="model_no_layers",
         )
     layouts = _probe_layout(model, data, refs)
+    shared = _probe_shared(model, data, refs, records)
+    if len(shared) == len(records):
+        layouts = [
+            "shared" if is_shared else (layouts[i] if i < len(layouts) else "blocked")
+            for i, is_shared in enumerate(shared)
+        ]
     n = batch.inputs[0].shape[0]
     order: list[str] = []
     info: dict[str, dict[str, Any]] = {}
@@ -145,6 +194,8 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         if entry is None:
             order.append(rec.name)
             entry = info[rec.name] = {"kind": rec.kind, "shape": shape, "macs": 0, "layouts": []}
+            if rec.transposed:
+                entry["transposed"] = True
         entry["macs"] += _macs(rec, shape)
         entry["layouts"].append(layouts[i] if i < len(layouts) else "blocked")
     layers = []
@@ -162,7 +213,10 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
                 params=params,
                 channels=shape[0],
                 macs=entry["macs"] // n,
-                extra={"layouts": entry["layouts"]},
+                extra={
+                    "layouts": entry["layouts"],
+                    **({"transposed": True} if entry.get("transposed") else {}),
+                },
             )
         )
     total = sum(p.numel() for p in model.named_weights().values())

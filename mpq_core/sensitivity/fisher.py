@@ -29,6 +29,7 @@ from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
 from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
+from mpq_core.shared_flow import per_sample_directional_shared
 
 __all__ = ["fisher_sensitivity", "per_sample_directional"]
 
@@ -200,6 +201,9 @@ def fisher_sensitivity(
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
     dws = {layer.name: quantization_errors(weights[layer.name], bits) for layer in layers}
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
+    shared = {
+        name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()
+    }
     rnn_names = [layer.name for layer in layers if layer.kind == "rnn"]
     per_sample: PerSampleLoss | None = None
     sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
@@ -211,55 +215,54 @@ def fisher_sensitivity(
         for p in params:
             p.requires_grad_(True)
         for step, batch in enumerate(batches):
-            cap = LayerCapture(refs)
+            n = batch.inputs[0].shape[0]
+            cap = LayerCapture(refs, shared=shared, batch=n)
             with capture_context(grad=True), cap:
                 out = select_output(model(*batch.inputs), output_key)
             cap.finish()
-            n = out.shape[0]
             if per_sample is None:
                 per_sample = PerSampleLoss(resolve_loss_kind(loss, out))
             labels = batch.labels if per_sample.kind == "ce" else None
             targets = per_sample.targets(out, labels, batch.start)
             losses = per_sample(out, targets)
-            deltas: dict[int, torch.Tensor] = {}
-            handles = []
             records = [r for r in cap.records if r.kind != "rnn"]
-            for k, rec in enumerate(records):
-                if rec.node is None:
-                    continue
-
-                def grab(grad_outputs: Any, k: int = k, store: dict = deltas) -> None:
-                    store[k] = grad_outputs[0]
-
-                handles.append(rec.node.register_prehook(grab))
-            # Padding rows (fixed-batch exports) carry no loss, so their deltas are zero.
-            total = losses[: batch.valid].sum()
-            torch.autograd.grad(total, params, allow_unused=True)
-            for h in handles:
-                h.remove()
+            deltas, flow_deltas = _output_gradients(records, losses[: batch.valid].sum(), params)
             dots: dict[str, torch.Tensor] = {}
+            by_difference = list(rnn_names)
             seen: dict[str, int] = defaultdict(int)
             for k, rec in enumerate(records):
                 use = seen[rec.name]
                 seen[rec.name] += 1
-                if k not in deltas:
+                if rec.flow is not None:
+                    d = _shared_directional(rec, dws[rec.name], flow_deltas, n)
+                    if d is None:
+                        if rec.flow.failed and rec.name not in by_difference:
+                            by_difference.append(rec.name)
+                        continue
+                elif k not in deltas:
                     continue  # the output did not reach the loss
-                layout_list = layouts[rec.name]
-                layout = layout_list[use] if use < len(layout_list) else "blocked"
-                d = per_sample_directional(rec, deltas[k], dws[rec.name], n, layout)
+                else:
+                    layout_list = layouts[rec.name]
+                    layout = layout_list[use] if use < len(layout_list) else "blocked"
+                    if layout == "shared":
+                        layout = "blocked"  # one sample: all rows are its own
+                    dw = dws[rec.name].transpose(1, 2) if rec.transposed else dws[rec.name]
+                    d = per_sample_directional(rec, deltas[k], dw, n, layout)
                 dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
+            for name in by_difference:
+                dots.pop(name, None)  # scored as a whole by finite differences below
             for name, d in dots.items():
                 sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
                 linear_sums[index[name]] += d[: batch.valid].double().sum(0).cpu()
-            del cap, records, out, losses  # free this batch's activations before the next
-            if rnn_names:
+            del cap, records, out, losses, deltas, flow_deltas  # free this batch's activations
+            if by_difference:
                 _finite_difference(
                     model,
                     batch,
                     per_sample,
                     targets,
                     output_key,
-                    rnn_names,
+                    by_difference,
                     weights,
                     dws,
                     index,
@@ -274,6 +277,65 @@ def fisher_sensitivity(
     if first_order:
         omega = omega + linear_sums / data.num_samples
     return omega.tolist()
+
+
+def _output_gradients(
+    records: list[OpRecord], total: torch.Tensor, params: list[torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """One backward pass of ``total``, collecting the gradient at each record's output (by
+    record index) and at each shared flow's consumer outputs (by id of the consumer step).
+    Padding rows (fixed-batch exports) carry no loss, so their gradients are zero."""
+    deltas: dict[int, torch.Tensor] = {}
+    flow_deltas: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep(store: dict[int, torch.Tensor], key: int) -> Any:
+        def grab(grad_outputs: Any) -> None:
+            store[key] = grad_outputs[0]
+
+        return grab
+
+    for k, rec in enumerate(records):
+        if rec.node is not None and rec.flow is None:
+            handles.append(rec.node.register_prehook(keep(deltas, k)))
+        if rec.flow is not None and rec.flow.failed is None:
+            for step in rec.flow.consumers:
+                if step.node is not None and id(step) not in flow_deltas:
+                    handles.append(step.node.register_prehook(keep(flow_deltas, id(step))))
+    try:
+        torch.autograd.grad(total, params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return deltas, flow_deltas
+
+
+def _shared_directional(
+    rec: OpRecord, dws: torch.Tensor, flow_deltas: dict[int, torch.Tensor], n: int
+) -> torch.Tensor | None:
+    """``<g_n, dW_b>`` ``(n, B)`` of a use whose output the batch shares, through its flow
+    (None when the flow failed, is a kind that cannot be replayed, or never reached the loss)."""
+    flow = rec.flow
+    assert flow is not None
+    if flow.failed is None and rec.kind not in ("linear", "embedding"):
+        flow.fail(f"a shared {rec.kind} output is not followed")
+    if flow.failed is not None:
+        return None
+    cols = []
+    with torch.no_grad():
+        for b in range(dws.shape[0]):
+            dw = dws[b].to(rec.out.dtype)
+            if rec.transposed:
+                dw = dw.T
+            if rec.kind == "embedding":
+                change = F.embedding(rec.x, dw)
+            else:
+                change = (rows_of(rec).to(dw.dtype) @ dw.T).reshape(rec.out.shape)
+            col = per_sample_directional_shared(flow, change.reshape(rec.out.shape), flow_deltas, n)
+            if col is None:
+                return None
+            cols.append(col)
+    return torch.stack(cols, dim=1)
 
 
 def _finite_difference(

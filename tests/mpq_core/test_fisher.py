@@ -76,6 +76,7 @@ def reference_omega(
     target = torch.cat(targets)
     size = model.fixed_batch or 1
     sums = torch.zeros(len(params), len(bits), dtype=torch.float64)
+    unused: set[int] = set()
     saved = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -86,13 +87,21 @@ def reference_omega(
                 out = select_output(model(*inputs))
                 tgt = target[n : n + 1].repeat(size, *([1] * (target.dim() - 1)))
                 loss_n = per_sample(out, tgt)[0]
-                grads = torch.autograd.grad(loss_n, params)
+                grads = torch.autograd.grad(loss_n, params, allow_unused=True)
                 for i, g in enumerate(grads):
+                    if g is None:
+                        unused.add(i)
+                        continue
                     for j, dw in enumerate(dws[i]):
                         sums[i, j] += float((g.double() * dw).sum()) ** 2
     finally:
         for p, r in zip(params, saved, strict=True):
             p.requires_grad_(r)
+    if unused:
+        names = [profile.layers[i].name for i in sorted(unused)]
+        raise AssertionError(
+            f"autograd reaches no gradient to {names}: the reference cannot check them"
+        )
     return 0.5 * sums / data.num_samples
 
 
