@@ -175,6 +175,86 @@ def vit() -> ZooEntry:
     return ZooEntry(_Single(ViTForImageClassification(cfg), "logits"), images, 4, "patch conv")
 
 
+def _images(n: int, seed: int, size: int = 8) -> list[torch.Tensor]:
+    return [torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))]
+
+
+def clip_text() -> ZooEntry:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**_small(projection_dim=8, eos_token_id=2))
+    return ZooEntry(
+        _Logits(CLIPTextModelWithProjection(cfg), field="text_embeds"),
+        _text,
+        0,
+        "causal text tower, positions shared by the batch, projection head",
+    )
+
+
+def clip_vision() -> ZooEntry:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, projection_dim=8,
+    )  # fmt: skip
+    return ZooEntry(
+        _Single(CLIPVisionModelWithProjection(cfg), "image_embeds"),
+        _images,
+        0,
+        "patch conv without bias, class embedding, positions shared by the batch",
+    )
+
+
+class _Encoder(nn.Module):
+    """An encoder-only use of a model (``model.get_encoder()(x).last_hidden_state``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = model.get_encoder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.encoder(x).last_hidden_state
+        return out
+
+
+def whisper_encoder() -> ZooEntry:
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=8, d_model=16, encoder_layers=2, encoder_attention_heads=2,
+        decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=8, max_target_positions=8, pad_token_id=1, bos_token_id=2,
+        eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+
+    def mels(n: int, seed: int) -> list[torch.Tensor]:
+        return [torch.randn(n, 8, 16, generator=torch.Generator().manual_seed(seed))]
+
+    return ZooEntry(_Encoder(WhisperModel(cfg)), mels, 0, "conv1d front end, sinusoidal table")
+
+
+def wav2vec2() -> ZooEntry:
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    cfg = Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+    )  # fmt: skip
+
+    def audio(n: int, seed: int) -> list[torch.Tensor]:
+        return [torch.randn(n, 160, generator=torch.Generator().manual_seed(seed))]
+
+    return ZooEntry(
+        _Single(Wav2Vec2ForCTC(cfg), "logits"),
+        audio,
+        0,  # CTC scores per frame: labels are drawn from the model, per frame
+        "conv feature encoder, grouped positional conv with weight norm (parametrised)",
+    )
+
+
 HF_ZOO: dict[str, Callable[[], ZooEntry]] = {
     "bert": bert,
     "distilbert": distilbert,
@@ -184,6 +264,10 @@ HF_ZOO: dict[str, Callable[[], ZooEntry]] = {
     "llama": llama,
     "t5": t5,
     "vit": vit,
+    "clip_text": clip_text,
+    "clip_vision": clip_vision,
+    "whisper_encoder": whisper_encoder,
+    "wav2vec2": wav2vec2,
 }
 
 

@@ -1,5 +1,6 @@
 """Real architectures (tests/zoo_hf.py: BERT, DistilBERT, RoBERTa, ALBERT, GPT-2, LLaMA, T5,
-ViT from ``transformers``, random weights, tiny configs), traced to TorchScript and exported with
+ViT, CLIP text and vision towers, Whisper's encoder and wav2vec2 from ``transformers``, random
+weights, tiny configs), traced to TorchScript and exported with
 torch.export, through the engine as a user runs them:
 
 - profiling finds every weight-bearing layer of the eager module (the rest is listed with why);
@@ -38,6 +39,12 @@ BATCH = 3
 LEFT_IN_FLOAT = {
     "model.vit.embeddings.cls_token": "added to the patches, not multiplied",
     "model.vit.embeddings.position_embeddings": "added to the patches, not multiplied",
+    "model.wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original0": (
+        "weight norm: the conv's weight is computed from g and v in every forward"
+    ),
+    "model.wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1": (
+        "weight norm: the conv's weight is computed from g and v in every forward"
+    ),
 }
 #: Layers whose output the whole batch shares, per entry.
 SHARED = {
@@ -45,6 +52,9 @@ SHARED = {
     "distilbert": {"model.distilbert.embeddings.position_embeddings.weight"},
     "albert": {"model.albert.embeddings.position_embeddings.weight"},
     "gpt2": {"model.transformer.wpe.weight"},
+    "clip_text": {"model.text_model.embeddings.position_embedding.weight"},
+    "clip_vision": {"model.vision_model.embeddings.position_embedding.weight"},
+    "whisper_encoder": {"encoder.embed_positions.weight"},
     "t5": {
         "model.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
         "model.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
