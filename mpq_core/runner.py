@@ -73,6 +73,21 @@ def check_data_fits(model: LoadedModel, data: CalibrationData, *, output_key: An
             f"{[str(t.dtype) for t in data.inputs]}",
             code="data_mismatch",
         ) from exc
+    if data.labels is not None and out.dim() in (2, 3) and out.is_floating_point():
+        want = tuple(out.shape[1:-1])
+        got = tuple(data.labels.shape[1:])
+        if got != want:
+            where = (
+                "per sample"
+                if not want
+                else f"per position (per-sample output {tuple(out.shape[1:])})"
+            )
+            raise DataMismatch(
+                f"labels have per-sample shape {got} but the model scores classes {where}; give "
+                f"labels of per-sample shape {want}, or leave 'labels' out (they are then drawn "
+                "from the model's own predictions)",
+                code="data_labels",
+            )
     if data.labels is not None and out.dim() >= 2:
         classes = out.shape[-1]
         top = int(data.labels.max()) if data.labels.numel() else 0

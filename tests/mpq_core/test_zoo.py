@@ -22,9 +22,11 @@ import torch
 
 from mpq_core import FinetuneSpec, JobSpec, load_model, profile_model, quantize, write_artifacts
 from mpq_core.data import CalibrationData
+from mpq_core.errors import DataMismatch
 from mpq_core.intake import LoadedModel
 from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.profiling import ModelProfile
+from mpq_core.runner import check_data_fits
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from tests.conftest import save_bytes
 from tests.mpq_core.test_fisher import reference_omega
@@ -180,3 +182,13 @@ def test_whole_job_exports_a_model_stock_torch_runs(name: str, fmt: str, tmp_pat
     quantized = result.model.named_weights()
     for layer_name, tensor in restored.named_weights().items():
         assert torch.equal(tensor, quantized[layer_name]), layer_name
+
+
+def test_labels_per_sample_for_scores_per_frame_are_refused_before_any_work() -> None:
+    # wav2vec2's CTC head scores every frame; one label per clip cannot be its target.
+    case = _case("wav2vec2", "trace")
+    data = CalibrationData(case.data.inputs, torch.zeros(N, dtype=torch.long))
+    with pytest.raises(DataMismatch) as err:
+        check_data_fits(case.model, data)
+    assert err.value.code == "data_labels"
+    assert "per position" in err.value.message and "leave 'labels' out" in err.value.message
