@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,18 @@ def _probe_layout(model: LoadedModel, data: CalibrationData, refs: list[WeightRe
     return layouts
 
 
+# torch names recurrent matrices weight_ih_l<k>[_reverse] / weight_hh_l<k>[_reverse]. A GRU (and
+# an LSTM on some backends) runs as plain matrix products, which only the name tells apart.
+_RNN_WEIGHT = re.compile(r"(^|\.)weight_(ih|hh)_l\d+(_reverse)?$")
+
+
+def _kind(rec: OpRecord) -> str:
+    """The layer kind to report: a recurrent matrix is ``rnn`` however its op ran."""
+    if rec.kind == "linear" and _RNN_WEIGHT.search(rec.name):
+        return "rnn"
+    return rec.kind
+
+
 def _records(
     model: LoadedModel, refs: list[WeightRef], inputs: list[torch.Tensor]
 ) -> list[OpRecord]:
@@ -193,7 +206,7 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         entry = info.get(rec.name)
         if entry is None:
             order.append(rec.name)
-            entry = info[rec.name] = {"kind": rec.kind, "shape": shape, "macs": 0, "layouts": []}
+            entry = info[rec.name] = {"kind": _kind(rec), "shape": shape, "macs": 0, "layouts": []}
             if rec.transposed:
                 entry["transposed"] = True
         entry["macs"] += _macs(rec, shape)

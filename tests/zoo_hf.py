@@ -9,7 +9,6 @@ output), and what the entry exercises.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -269,13 +268,3 @@ HF_ZOO: dict[str, Callable[[], ZooEntry]] = {
     "whisper_encoder": whisper_encoder,
     "wav2vec2": wav2vec2,
 }
-
-
-def build(name: str) -> ZooEntry:
-    """A freshly built, seeded entry in eval mode."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        entry = HF_ZOO[name]()
-    entry.module.eval()
-    return entry

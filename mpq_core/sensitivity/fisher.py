@@ -204,7 +204,6 @@ def fisher_sensitivity(
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()
     }
-    rnn_names = [layer.name for layer in layers if layer.kind == "rnn"]
     per_sample: PerSampleLoss | None = None
     sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
     linear_sums = torch.zeros(len(layers), len(bits), dtype=torch.float64)
@@ -226,6 +225,9 @@ def fisher_sensitivity(
             targets = per_sample.targets(out, labels, batch.start)
             losses = per_sample(out, targets)
             records = [r for r in cap.records if r.kind != "rnn"]
+            # Fused recurrent kernels (LSTM on CPU) hide their per-step products; a GRU that
+            # runs as matrix products is scored exactly like any linear.
+            rnn_names = list(dict.fromkeys(r.name for r in cap.records if r.kind == "rnn"))
             deltas, flow_deltas = _output_gradients(records, losses[: batch.valid].sum(), params)
             dots: dict[str, torch.Tensor] = {}
             by_difference = list(rnn_names)

@@ -30,7 +30,7 @@ from mpq_core.runner import check_data_fits
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from tests.conftest import save_bytes
 from tests.mpq_core.test_fisher import reference_omega
-from tests.zoo_hf import HF_ZOO, ZooEntry, build
+from tests.real_zoo import ZOO, ZooEntry, build
 
 FORMATS = ("trace", "export")
 BITS = [2, 4, 8]
@@ -94,16 +94,23 @@ def _case(name: str, fmt: str) -> Case:
 
 
 def _expected_kind(module: torch.nn.Module) -> str:
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if isinstance(module, torch.nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, torch.nn.Conv1d):
-        return "conv1d"
+    nn = torch.nn
+    kinds: list[tuple[type[nn.Module], str]] = [
+        (nn.Embedding, "embedding"),
+        (nn.ConvTranspose2d, "conv_transpose2d"),
+        (nn.Conv1d, "conv1d"),
+        (nn.Conv2d, "conv2d"),
+        (nn.Conv3d, "conv3d"),
+        (nn.LSTM, "rnn"),
+        (nn.GRU, "rnn"),
+    ]
+    for cls, kind in kinds:
+        if isinstance(module, cls):
+            return kind
     return "linear"  # nn.Linear, and transformers' Conv1D (a linear with its weight transposed)
 
 
-CASES = [(name, fmt) for name in HF_ZOO for fmt in FORMATS]
+CASES = [(name, fmt) for name in ZOO for fmt in FORMATS]
 IDS = [f"{name}-{fmt}" for name, fmt in CASES]
 
 
@@ -144,9 +151,16 @@ def test_fisher_matches_the_per_sample_reference(name: str, fmt: str) -> None:
     )
     want = reference_omega(case.model, case.data, case.profile, BITS, batch_size=BATCH)
     assert bool((want > 0).all()), "every layer and bit width is exercised"
+    # Fused LSTM kernels have no per-sample gradient path: their weights are scored by a
+    # five-point finite difference, which agrees to about 2e-3 (a 2-layer bi-LSTM); every
+    # other layer is exact up to float32 rounding.
+    tolerance = torch.tensor(
+        [5e-3 if layer.kind == "rnn" else 1e-3 for layer in case.profile.layers],
+        dtype=torch.float64,
+    )[:, None]
     rel = (got - want).abs() / want
-    worst = int(rel.max(dim=1).values.argmax())
-    assert float(rel.max()) <= 1e-3, (
+    worst = int((rel / tolerance).max(dim=1).values.argmax())
+    assert bool((rel <= tolerance).all()), (
         f"{case.profile.layers[worst].name}: {float(rel[worst].max()):.3g} relative\n"
         f"got {got[worst].tolist()}\nwant {want[worst].tolist()}"
     )
