@@ -86,7 +86,7 @@ def follow(
         for i, leaf in enumerate(leaves)
         if isinstance(leaf, torch.Tensor) and id(leaf) in flows and flows[id(leaf)][1] is leaf
     ]
-    if not followed:
+    if not followed or out is None:  # checks like aten._assert_tensor_metadata return nothing
         return None
     reached: list[SharedFlow] = []
     for i in followed:
