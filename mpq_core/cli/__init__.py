@@ -15,7 +15,9 @@ subparsers object and sets ``func`` (``args -> exit status``) on each, e.g. in p
     service = "api.cli:register"
 
 A command reports a problem its user can fix by raising :class:`mpq_core.errors.MpqError` (with
-its own ``code``): ``mpq`` prints ``mpq: error [code]: message`` and exits with status 2. A
+its own ``code``): ``mpq`` prints ``mpq: error [code]: message`` and exits with status 2. Any
+other failure is a bug of mpq's (or an architecture it does not handle yet): it is printed as
+``mpq: error [internal_error]: ...`` with exit status 3, and ``mpq --debug`` shows the traceback. A
 plugin whose import fails (say, its optional dependencies are not installed) is skipped, and the
 engine's commands work as before. Importing this package loads no torch: commands import the
 heavy modules when they run.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -54,6 +57,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
         description="Mixed-precision quantization: profile a model, score layer sensitivities, "
         "allocate bit widths under a budget, quantize.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the Python traceback of an unexpected error"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (inspect, analyze, allocate, quantize):
         command.add_parser(sub)
@@ -64,7 +70,8 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` with ``parser``, run the chosen command, and turn the errors a user can
-    cause into ``mpq: error [code]: message`` and exit status 2 (never a traceback)."""
+    cause into ``mpq: error [code]: message`` and exit status 2, anything else into
+    ``mpq: error [internal_error]: ...`` and exit status 3 (a traceback only with ``--debug``)."""
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = parser.parse_args(argv)
@@ -74,6 +81,20 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
         print(f"mpq: error [{exc.code}]: {exc.message}", file=sys.stderr)
     except FileNotFoundError as exc:
         print(f"mpq: error [file_not_found]: {exc.filename}: no such file", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mpq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        print(
+            f"mpq: error [internal_error]: {type(exc).__name__}: {first} (this is a bug in mpq or "
+            "an architecture it does not handle yet; run with --debug for the traceback and "
+            "report it)",
+            file=sys.stderr,
+        )
+        return 3
     return 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from mpq_core.allocation import Allocation
-from mpq_core.cli import main
+from mpq_core.cli import build_parser, main, run
 from mpq_core.sensitivity_table import SensitivityTable
 from tests.conftest import zoo_data, zoo_module
 
@@ -167,3 +168,30 @@ def test_console_script_runs(cnn_files: tuple[Path, Path]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["kind"] == "mpq.inspect"
+
+
+def _parser_whose_command_fails() -> argparse.ArgumentParser:
+    parser = build_parser(plugins=False)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.add_parser("explode")
+
+    def explode(args: argparse.Namespace) -> int:
+        raise RuntimeError("shape '[64, 0, 6]' is invalid\nsecond line")
+
+    p.set_defaults(func=explode)
+    return parser
+
+
+def test_an_unexpected_error_is_one_line_with_a_code_never_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(_parser_whose_command_fails(), ["explode"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "mpq: error [internal_error]: RuntimeError: shape '[64, 0, 6]' is invalid"
+    )
+    assert "Traceback" not in err and "second line" not in err and "--debug" in err
+
+    assert run(_parser_whose_command_fails(), ["--debug", "explode"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "[internal_error]" in err
