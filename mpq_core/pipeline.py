@@ -64,6 +64,7 @@ class JobContext:
     device_note: str | None
     clock: StageClock
     evaluator: Evaluator
+    notes: list[str] = field(default_factory=list)  # what the user should know, in report.json
 
 
 @dataclass
@@ -249,9 +250,12 @@ def prepare_job(
         else:
             device = torch.device("cpu")
     evaluator = Evaluator(batch_size=spec.batch_size, output_key=spec.output_key)
-    return JobContext(
+    ctx = JobContext(
         spec, model, data, work, test, eval_from, device, device_note, clock, evaluator
     )
+    if model.fixed_batch == 1 and data.num_samples > 1:
+        ctx.notes.append(static_batch_note(data.num_samples))
+    return ctx
 
 
 def analyze_stage(
@@ -328,6 +332,15 @@ def evaluate_stage(
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def static_batch_note(samples: int) -> str:
+    """Why a program exported with a static batch of 1 is slow, and how to export it instead."""
+    return (
+        f"the torch.export program takes a static batch of 1, so its {samples} samples run one "
+        "at a time (many times slower than batches); export it with a dynamic batch dimension, "
+        "e.g. torch.export.export(model, args, dynamic_shapes=({0: torch.export.Dim('batch')},))"
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -78,6 +78,7 @@ def build_report(
         "timings": dict(ctx.clock.seconds),
         "device": str(ctx.device),
         "device_note": ctx.device_note,
+        "notes": list(ctx.notes),
         "artifacts": [],
     }
     return finite(report)

@@ -75,6 +75,7 @@ def summary(report: dict[str, Any]) -> str:
             continue
         lines.append(f"{key:<12}" + "".join(f"{_fmt(v):>12}" for v in row))
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+    lines += [f"note: {note}" for note in report.get("notes") or []]
     return "\n".join(lines)
 
 

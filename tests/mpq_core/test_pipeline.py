@@ -25,10 +25,11 @@ from mpq_core.intake import load_model
 from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.packing import packed_nbytes
 from mpq_core.pipeline import STAGES, PipelineResult, quantize_model
+from mpq_core.pipeline import run as quantize
 from mpq_core.quant_primitives import qmax
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import FinetuneSpec, JobSpec
-from tests.conftest import save_bytes, zoo_data, zoo_inputs
+from tests.conftest import save_bytes, zoo_data, zoo_inputs, zoo_module
 from tests.zoo import TinyTextEncoder
 
 CASES = [("cnn", "script"), ("text", "script"), ("text", "export")]
@@ -417,3 +418,18 @@ def test_bad_inputs_fail_before_any_artefact(
     assert info.value.code == code
     assert not out.exists() or list(out.iterdir()) == []
     assert set(events) == {"intake"}  # it stopped at intake
+
+
+def test_a_static_batch_of_one_is_named_in_the_report_with_the_fix() -> None:
+    module = zoo_module("mlp")
+    one = save_bytes(module, tuple(zoo_inputs("mlp", 1, seed=0)), "export_fixed")
+    spec = JobSpec(budgets=["avg-bits=4"], finetune=FinetuneSpec(epochs=0))
+    result = quantize(spec, one, zoo_data("mlp", 6))
+    assert load_model(one).fixed_batch == 1
+    (note,) = result.report["notes"]
+    assert "static batch of 1" in note and "6 samples run one at a time" in note
+    assert "torch.export.Dim" in note
+    dynamic = quantize(
+        spec, save_bytes(module, tuple(zoo_inputs("mlp", 2)), "export"), zoo_data("mlp", 6)
+    )
+    assert dynamic.report["notes"] == []
