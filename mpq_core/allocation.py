@@ -128,6 +128,8 @@ class Allocation:
         ties: the tie patterns asked.
         lower_bound: a proven lower bound on the best reachable loss increase, where known.
         meta: provenance copied from the sensitivity table.
+        raised: per layer, the bit widths whose Omega was raised to that of a wider width
+            (fewer bits never predict less harm; see :func:`monotone_envelope`).
     """
 
     layers: list[LayerAllocation]
@@ -141,6 +143,7 @@ class Allocation:
     ties: list[str] = field(default_factory=list)
     lower_bound: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    raised: dict[str, list[int]] = field(default_factory=dict)
 
     def bits_by_layer(self) -> dict[str, int]:
         return {la.name: la.bits for la in self.layers}
@@ -159,6 +162,7 @@ class Allocation:
             "ties": list(self.ties),
             "budgets": [b.to_dict() for b in self.budgets],
             "layers": [la.to_dict() for la in self.layers],
+            "omega_raised": {name: list(bits) for name, bits in self.raised.items()},
             "meta": self.meta,
         }
 
@@ -185,6 +189,7 @@ class Allocation:
                 ties=[str(t) for t in d.get("ties", [])],
                 lower_bound=None if bound is None else float(bound),
                 meta=dict(d.get("meta", {})),
+                raised={str(k): [int(b) for b in v] for k, v in d.get("omega_raised", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"malformed allocation: {exc}") from exc
@@ -217,6 +222,25 @@ def _matching(pattern: str, names: Sequence[str], what: str) -> list[int]:
             f"{what} {pattern!r} matches no layer (matched against the whole name; layers: {shown})"
         )
     return hits
+
+
+def monotone_envelope(
+    omega: NDArray[np.float64], names: Sequence[str], bits: Sequence[int]
+) -> tuple[NDArray[np.float64], dict[str, list[int]]]:
+    """Each layer's Omega made non-increasing in the bit width (``bits`` ascending).
+
+    The Fisher estimate of a layer's loss rise at ``b`` bits is a mean of squared projections
+    of its quantization error on the samples' gradients; with few samples, a 2-bit error can
+    happen to lie closer to orthogonal to them than a 3-bit one and score lower. Taking fewer
+    bits on that evidence would trust noise, so an entry is raised to the largest entry at any
+    wider width. Returns the envelope and, per raised layer, the widths that were raised.
+    """
+    envelope = np.maximum.accumulate(omega[:, ::-1], axis=1)[:, ::-1]
+    raised = {
+        names[i]: [int(bits[j]) for j in np.flatnonzero(envelope[i] > omega[i]).tolist()]
+        for i in np.flatnonzero((envelope > omega).any(axis=1)).tolist()
+    }
+    return envelope, raised
 
 
 def _candidate_bits(table: SensitivityTable, bits: Sequence[int] | None) -> list[int]:
@@ -393,6 +417,7 @@ def allocate_bits(
     names = table.names
     layers = table.layers
     omega = np.array(table.omega, dtype=np.float64)[:, [table.bits.index(b) for b in cand]]
+    omega, raised = monotone_envelope(omega, names, cand)
     pinned = _pinned(names, pins, cand)
     groups = _groups(names, ties)
     owner = np.empty(len(layers), dtype=np.intp)
@@ -428,4 +453,5 @@ def allocate_bits(
         ties=list(ties),
         lower_bound=sol.lower_bound,
         meta=dict(table.meta),
+        raised=raised,
     )

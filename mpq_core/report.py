@@ -60,6 +60,7 @@ def build_report(
         "budgets": [rep.to_dict() for rep in allocation.budgets],
         "allocation": dict(bits),
         "predicted_loss_increase": allocation.predicted_loss_increase,
+        "omega_raised": {name: list(b) for name, b in allocation.raised.items()},
         "measured_loss_increase": {
             "calibration": scores.quantized_calib.loss - scores.float_calib.loss,
             "eval": scores.quantized_eval.loss - scores.float_eval.loss,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpq_core.allocation import Allocation, allocate_bits
+from mpq_core.allocation import Allocation, allocate_bits, monotone_envelope
 from mpq_core.budgets import Budget, achieved, parse_budget
 from mpq_core.cli.allocate import add_parser, run
 from mpq_core.errors import BudgetInfeasible, SpecError
@@ -268,3 +268,18 @@ def test_cli_table_budget_reads_cost_table(
     out = tmp_path / "alloc.json"
     _cli(tmp_path, str(sens), "--budget", "table=20", "--cost-table", str(cost), "--out", str(out))
     assert sum(Allocation.load(out).bits_by_layer().values()) <= 20
+
+
+def test_fewer_bits_never_predict_less_harm_than_more() -> None:
+    # Layer "b" scores lower at 2 bits than at 3 (sample noise); taking 2 bits on that evidence
+    # would trust the noise. The envelope raises its 2-bit entry to the 3-bit one.
+    omega = np.array([[4.0, 2.0, 1.0], [1.0, 3.0, 0.5]])
+    envelope, raised = monotone_envelope(omega, ["a", "b"], [2, 3, 4])
+    assert envelope.tolist() == [[4.0, 2.0, 1.0], [3.0, 3.0, 0.5]]
+    assert raised == {"b": [2]}
+    layers = [LayerInfo(n, "linear", (10, 10), 100, 10, 100) for n in ("a", "b")]
+    table = SensitivityTable(layers=layers, bits=[2, 3, 4], omega=omega.tolist(), method="fisher")
+    alloc = allocate_bits(table, [Budget("avg-bits", 3.0)])
+    assert alloc.raised == {"b": [2]}
+    assert alloc.layers[1].omega[2] == 3.0
+    assert Allocation.from_dict(alloc.to_dict()).raised == {"b": [2]}
