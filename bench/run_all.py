@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import bench_allocation, bench_api, bench_pipeline, bench_sensitivity
+from bench import bench_allocation, bench_api, bench_pipeline, bench_sensitivity, bench_zoo
 
 
 def main() -> None:
@@ -10,6 +10,7 @@ def main() -> None:
     bench_allocation.main()
     bench_pipeline.main([])
     bench_api.main([])
+    bench_zoo.main([])
 
 
 if __name__ == "__main__":
