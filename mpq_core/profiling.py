@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,9 @@ class ModelProfile:
     layers: list[LayerInfo]
     float_params: int
     total_params: int
+    #: Matrices and kernels (2-D or more) left in float, with why; vectors (biases, norms) are
+    #: always float and not listed.
+    left_in_float: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized_params(self) -> int:
@@ -117,6 +120,13 @@ def _probe_layout(model: LoadedModel, data: CalibrationData, refs: list[WeightRe
 # torch names recurrent matrices weight_ih_l<k>[_reverse] / weight_hh_l<k>[_reverse]. A GRU (and
 # an LSTM on some backends) runs as plain matrix products, which only the name tells apart.
 _RNN_WEIGHT = re.compile(r"(^|\.)weight_(ih|hh)_l\d+(_reverse)?$")
+
+
+_UNUSED_MATRIX = (
+    "no convolution, matrix product, embedding lookup or recurrent op multiplies it as it is "
+    "(it is added or scaled, like a class token or a position table, or a weight is computed "
+    "from it in every forward, like weight norm's g and v)"
+)
 
 
 def _kind(rec: OpRecord) -> str:
@@ -234,4 +244,12 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         )
     total = sum(p.numel() for p in model.named_weights().values())
     quantized = sum(layer.params for layer in layers)
-    return ModelProfile(layers=layers, float_params=total - quantized, total_params=total)
+    seen = {layer.name for layer in layers}
+    left = {
+        name: _UNUSED_MATRIX
+        for name, p in model.named_weights().items()
+        if p.dim() >= 2 and name not in seen
+    }
+    return ModelProfile(
+        layers=layers, float_params=total - quantized, total_params=total, left_in_float=left
+    )

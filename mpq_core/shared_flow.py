@@ -69,6 +69,19 @@ def _leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     return tree_flatten((args, kwargs))[0]
 
 
+def _touches(flows: dict[int, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an argument (or an element of a list argument) is a followed tensor."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if id(value) in flows:
+                return True
+        elif isinstance(value, list | tuple) and any(
+            isinstance(v, torch.Tensor) and id(v) in flows for v in value
+        ):
+            return True
+    return False
+
+
 def follow(
     flows: dict[int, tuple[list[SharedFlow], torch.Tensor]],
     func: Any,
@@ -80,6 +93,8 @@ def follow(
     """Extend the flows ``func`` continues (``flows`` maps id(tensor) to the flows that reach it
     and the tensor itself, kept alive so the id stays its own). Returns the step when it is a
     consumer, whose autograd node the caller must resolve after the op returns."""
+    if out is None or not _touches(flows, args, kwargs):  # the fast path: most ops
+        return None
     leaves = _leaves(args, kwargs)
     followed = [
         i

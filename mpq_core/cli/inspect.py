@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
             "layers": [layer.to_dict() for layer in profile.layers],
             "quantized_params": profile.quantized_params,
             "float_params": profile.float_params,
+            "left_in_float": profile.left_in_float,
             "macs_per_sample": sum(layer.macs for layer in profile.layers),
         }
         print(json.dumps(doc, indent=2))
@@ -59,4 +60,6 @@ def run(args: argparse.Namespace) -> int:
         f"total: {profile.quantized_params} quantizable params ({_human(profile.quantized_params)}), "
         f"{profile.float_params} left in float, {macs} MACs/sample ({_human(macs)})"
     )
+    for name, why in profile.left_in_float.items():
+        print(f"left in float: {name}: {why}")
     return 0

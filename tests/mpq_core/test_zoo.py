@@ -142,6 +142,7 @@ def test_profile_finds_every_weight_bearing_layer(name: str, fmt: str) -> None:
     found = {layer.name for layer in case.profile.layers}
     assert found <= eager, found - eager
     assert eager - found == {n for n in eager if n in LEFT_IN_FLOAT}, eager - found
+    assert set(case.profile.left_in_float) == eager - found  # reported, with the reason
     for layer in case.profile.layers:
         owner = case.entry.module.get_submodule(layer.name.rpartition(".")[0])
         assert layer.kind == _expected_kind(owner), (layer.name, type(owner).__name__)
