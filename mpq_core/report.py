@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq_core.budgets import Budget, achieved
+from mpq_core.evaluate import is_class_scores
 
 if TYPE_CHECKING:
     from mpq_core.allocation import Allocation
@@ -19,6 +20,24 @@ if TYPE_CHECKING:
 __all__ = ["SCHEMA_VERSION", "build_report", "finite", "write_json"]
 
 SCHEMA_VERSION = 1
+
+
+def metric_units(predicted: float, reference: Any, spec: Any) -> tuple[float, str]:
+    """The predicted loss rise in the unit of the measured one, and that unit.
+
+    Omega predicts the rise of each sample's loss *summed* over what it scores: every position
+    of a sequence of class scores (cross entropy, or KL to the float model without labels), or,
+    for other outputs, half the squared output change summed over the elements. The metrics
+    are means per position (per element for mean squared error), so the prediction is divided
+    by the positions, or doubled and divided by the elements.
+    """
+    shape = tuple(reference.shape[1:])
+    elements = max(1, math.prod(shape))
+    if spec.analysis.loss != "mse" and is_class_scores(reference):
+        if len(shape) == 1:
+            return predicted, "per sample"
+        return predicted / shape[0], f"per position ({shape[0]} per sample)"
+    return 2.0 * predicted / elements, f"mean squared error per output element ({elements})"
 
 
 def build_report(
@@ -33,6 +52,7 @@ def build_report(
     ``artifacts`` are filled in when the artefacts are written."""
     model, spec, scores = ctx.model, ctx.spec, quant.scores
     bits = allocation.bits_by_layer()
+    comparable, unit = metric_units(allocation.predicted_loss_increase, scores.reference, spec)
     predicted_bytes = achieved(
         Budget("size", 1.0),
         profile.layers,
@@ -60,6 +80,8 @@ def build_report(
         "budgets": [rep.to_dict() for rep in allocation.budgets],
         "allocation": dict(bits),
         "predicted_loss_increase": allocation.predicted_loss_increase,
+        "predicted_metric_loss_increase": comparable,
+        "loss_unit": unit,
         "omega_raised": {name: list(b) for name, b in allocation.raised.items()},
         "measured_loss_increase": {
             "calibration": scores.quantized_calib.loss - scores.float_calib.loss,

@@ -63,7 +63,8 @@ def summary(report: dict[str, Any]) -> str:
     )
     rise = report["measured_loss_increase"]
     lines.append(
-        f"loss increase: predicted {report['predicted_loss_increase']:.4g}, measured "
+        f"loss increase {report['loss_unit']}: predicted "
+        f"{report['predicted_metric_loss_increase']:.4g}, measured "
         f"{rise['calibration']:.4g} (calibration) / {rise['eval']:.4g} (eval)"
     )
     m = report["metrics"]

@@ -433,3 +433,22 @@ def test_a_static_batch_of_one_is_named_in_the_report_with_the_fix() -> None:
         spec, save_bytes(module, tuple(zoo_inputs("mlp", 2)), "export"), zoo_data("mlp", 6)
     )
     assert dynamic.report["notes"] == []
+
+
+def test_predicted_and_measured_loss_rise_share_a_unit_for_sequence_outputs() -> None:
+    # A per-token LM output (N, T, C): Omega sums the loss over the T positions, the metric is
+    # a mean per position, so the report divides the prediction by T before comparing.
+    from mpq_core.report import metric_units
+
+    spec = JobSpec(budgets=["avg-bits=4"])
+    per_position, unit = metric_units(6.0, torch.zeros(4, 3, 10), spec)
+    assert per_position == 2.0 and unit == "per position (3 per sample)"
+    assert metric_units(6.0, torch.zeros(4, 10), spec) == (6.0, "per sample")
+    mse, unit = metric_units(6.0, torch.zeros(4, 3, 1), spec)
+    assert mse == 4.0 and "mean squared error" in unit
+
+
+def test_report_states_the_prediction_in_the_metric_unit(job: Job) -> None:
+    report = job.result.report  # these models score one class vector per sample
+    assert report["loss_unit"] == "per sample"
+    assert report["predicted_metric_loss_increase"] == report["predicted_loss_increase"]
