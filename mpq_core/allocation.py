@@ -288,10 +288,10 @@ def _groups(names: Sequence[str], ties: Sequence[str]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def _infeasible_message(
-    budget: Budget, layers: Sequence[LayerInfo], float_params: int, cheapest: Sequence[int]
-) -> str:
-    best = achieved(budget, layers, float_params, cheapest)
+def _infeasible_message(budget: Budget, table: SensitivityTable, cheapest: Sequence[int]) -> str:
+    best = achieved(
+        budget, table.layers, table.float_params, cheapest, model_bytes=table.model_bytes
+    )
     word = "highest" if budget.kind == "compression" else "smallest"
     if len(set(cheapest)) == 1:
         where = f"all layers at {cheapest[0]} bits"
@@ -346,14 +346,14 @@ def _budget_constraints(
     layer_costs: list[NDArray[np.float64]] = []
     constraints: list[tuple[NDArray[np.float64], float]] = []
     for budget in budgets:
-        costs, cap = budget_constraint(budget, layers, cand, float_params=table.float_params)
+        costs, cap = budget_constraint(
+            budget, layers, cand, float_params=table.float_params, model_bytes=table.model_bytes
+        )
         grouped = _per_group(costs, owner, groups)
         low = np.where(allowed, grouped, np.inf).argmin(axis=1)
         if not fits(float(grouped[np.arange(groups), low].sum()), cap):
             cheapest = [cand[int(low[owner[i]])] for i in range(len(layers))]
-            raise BudgetInfeasible(
-                _infeasible_message(budget, layers, table.float_params, cheapest)
-            )
+            raise BudgetInfeasible(_infeasible_message(budget, table, cheapest))
         layer_costs.append(costs)
         constraints.append((grouped, cap))
     return layer_costs, constraints
@@ -373,6 +373,18 @@ def allocate(table: SensitivityTable, spec: JobSpec) -> Allocation:
         ties=spec.ties,
         solver=spec.solver.value,
     )
+
+
+def _reports(
+    table: SensitivityTable, budgets: Sequence[Budget], chosen: Sequence[int]
+) -> list[BudgetReport]:
+    """Every budget with what the chosen bits reach in it."""
+    return [
+        BudgetReport(
+            b, achieved(b, table.layers, table.float_params, chosen, model_bytes=table.model_bytes)
+        )
+        for b in budgets
+    ]
 
 
 def allocate_bits(
@@ -443,7 +455,7 @@ def allocate_bits(
     ]
     return Allocation(
         layers=rows,
-        budgets=[BudgetReport(b, achieved(b, layers, table.float_params, chosen)) for b in budgets],
+        budgets=_reports(table, budgets, chosen),
         predicted_loss_increase=float(omega[np.arange(len(layers)), chosen_col].sum()),
         solver=sol.method,
         solve_seconds=seconds,

@@ -8,7 +8,8 @@ Budget kinds (DESIGN.md "Quantities"):
 - ``size=1.5MB``: bytes of all weights, quantized layers packed (codes + one fp16 scale per output
   channel) plus every float parameter at 4 bytes. Units B, KB, MB, GB, TB (powers of 1000),
   KiB, MiB, GiB, TiB (powers of 1024); a bare number is bytes.
-- ``compression=8`` or ``8x``: fp32 size of all weights over the quantized size, at least this.
+- ``compression=8`` or ``8x``: the model's own size (in its dtype: float32, or 2 bytes a
+  parameter for a bfloat16/float16 model) over the quantized size, at least this.
 - ``bitops=1.2e9`` or ``1.2G``: sum over layers of MACs * weight bits * activation bits.
 - ``table=12.5``: any additive per-layer, per-bit cost from a user JSON (e.g. measured latency),
   given with ``--cost-table FILE``: ``{"schema_version": 1, "layers": {name: {"4": cost, ...}}}``.
@@ -260,12 +261,23 @@ def load_cost_table(path: str | Path) -> CostTable:
     return _table_from_json(data["layers"], f"cost table {path}")
 
 
-def _fp32_bytes(layers: Sequence[LayerInfo], float_params: int) -> float:
+def _model_bytes(
+    layers: Sequence[LayerInfo], float_params: int, model_bytes: float | None
+) -> float:
+    """The model's own size, the baseline of ``compression``: as measured in its dtype (a
+    bfloat16 model is 2 bytes a parameter), or float32 where it was not recorded."""
+    if model_bytes:
+        return float(model_bytes)
     return 4.0 * (sum(layer.params for layer in layers) + float_params)
 
 
 def budget_constraint(
-    budget: Budget, layers: Sequence[LayerInfo], bits: Sequence[int], *, float_params: int = 0
+    budget: Budget,
+    layers: Sequence[LayerInfo],
+    bits: Sequence[int],
+    *,
+    float_params: int = 0,
+    model_bytes: float | None = None,
 ) -> tuple[NDArray[np.float64], float]:
     """The budget as a knapsack constraint: ``sum_i costs[i][choice_i] <= capacity``.
 
@@ -273,7 +285,10 @@ def budget_constraint(
         budget: the budget.
         layers: the quantizable layers.
         bits: candidate bit widths (the columns).
-        float_params: parameters kept in float32 (count towards ``size`` and ``compression``).
+        float_params: parameters kept in float (stored as float32: count towards ``size`` and
+            ``compression``).
+        model_bytes: the model's size in its own dtype, the baseline of ``compression``
+            (float32 of every parameter when None).
 
     Returns:
         ``(costs, capacity)`` with ``costs`` of shape ``(len(layers), len(bits))``.
@@ -296,7 +311,7 @@ def budget_constraint(
         packed = (params * b + channels * 16.0) / 8.0
         total = budget.value
         if budget.kind == "compression":
-            total = _fp32_bytes(layers, float_params) / budget.value
+            total = _model_bytes(layers, float_params, model_bytes) / budget.value
         return packed, total - 4.0 * float_params
     if budget.kind == "bitops":
         macs = np.array([layer.macs for layer in layers], dtype=np.float64)[:, None]
@@ -321,6 +336,8 @@ def achieved(
     layers: Sequence[LayerInfo],
     float_params: int,
     chosen_bits: Sequence[int],
+    *,
+    model_bytes: float | None = None,
 ) -> float:
     """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...).
 
@@ -340,7 +357,7 @@ def achieved(
         size = packed / 8.0 + 4.0 * float_params
         if budget.kind == "size":
             return size
-        return _fp32_bytes(layers, float_params) / size if size else math.inf
+        return _model_bytes(layers, float_params, model_bytes) / size if size else math.inf
     if budget.kind == "bitops":
         return float(
             sum(

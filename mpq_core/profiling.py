@@ -29,6 +29,8 @@ class ModelProfile:
     #: Matrices and kernels (2-D or more) left in float, with why; vectors (biases, norms) are
     #: always float and not listed.
     left_in_float: dict[str, str] = field(default_factory=dict)
+    #: The model's size in its own dtype(s): the baseline of compression ratios.
+    model_bytes: int = 0
 
     @property
     def quantized_params(self) -> int:
@@ -250,6 +252,11 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         for name, p in model.named_weights().items()
         if p.dim() >= 2 and name not in seen
     }
+    all_params = model.named_weights().values()
     return ModelProfile(
-        layers=layers, float_params=total - quantized, total_params=total, left_in_float=left
+        layers=layers,
+        float_params=total - quantized,
+        total_params=total,
+        left_in_float=left,
+        model_bytes=sum(p.numel() * p.element_size() for p in all_params),
     )

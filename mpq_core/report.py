@@ -51,6 +51,7 @@ def build_report(
     """The report of a job run in memory. Its export timing, ``packed_checkpoint_bytes`` and
     ``artifacts`` are filled in when the artefacts are written."""
     model, spec, scores = ctx.model, ctx.spec, quant.scores
+    weights = model.named_weights().values()
     bits = allocation.bits_by_layer()
     comparable, unit = metric_units(allocation.predicted_loss_increase, scores.reference, spec)
     predicted_bytes = achieved(
@@ -94,6 +95,9 @@ def build_report(
         },
         "finetune": tuned.to_dict() if tuned is not None else None,
         "sizes": {
+            # The model as uploaded, in its own dtype(s): what compression is measured against.
+            "model_bytes": profile.model_bytes,
+            "model_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in weights}),
             "float32_bytes": 4 * profile.total_params,
             "predicted_bytes": predicted_bytes,
             "packed_checkpoint_bytes": None,

@@ -30,6 +30,8 @@ class SensitivityTable:
         omega: ``omega[i][j]`` is the predicted loss increase of layer ``i`` at ``bits[j]``.
         float_params: parameters that stay in float32 (biases, norms, unquantized weights);
             they count towards the ``size`` and ``compression`` budgets.
+        model_bytes: the model's size in its own dtype (the ``compression`` baseline); 0 when
+            unknown (tables written before it was recorded: float32 is assumed).
         meta: free-form provenance (model sha256, format, samples, seconds, loss used).
     """
 
@@ -39,6 +41,7 @@ class SensitivityTable:
     omega: list[list[float]]
     float_params: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    model_bytes: int = 0
 
     def __post_init__(self) -> None:
         if list(self.bits) != sorted(set(self.bits)):
@@ -64,6 +67,7 @@ class SensitivityTable:
             "method": self.method,
             "bits": list(self.bits),
             "float_params": self.float_params,
+            "model_bytes": self.model_bytes,
             "meta": self.meta,
             "layers": [
                 {**layer.to_dict(), "omega": dict(zip(map(str, self.bits), row, strict=True))}
@@ -90,6 +94,7 @@ class SensitivityTable:
             omega=omega,
             float_params=int(d.get("float_params", 0)),
             meta=dict(d.get("meta", {})),
+            model_bytes=int(d.get("model_bytes", 0)),
         )
 
     def save(self, path: str | Path) -> None:

@@ -59,7 +59,7 @@ def summary(report: dict[str, Any]) -> str:
     sizes = report["sizes"]
     lines.append(
         f"size: {sizes['packed_checkpoint_bytes']:,} B packed (predicted {sizes['predicted_bytes']:,.0f} B, "
-        f"float32 {sizes['float32_bytes']:,} B)"
+        f"model {sizes['model_bytes']:,} B {'/'.join(sizes['model_dtypes'])})"
     )
     rise = report["measured_loss_increase"]
     lines.append(

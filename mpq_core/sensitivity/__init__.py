@@ -66,6 +66,7 @@ def compute_sensitivity(
         layers=profile.layers,
         omega=omega,
         float_params=profile.float_params,
+        model_bytes=profile.model_bytes,
         meta={
             "model_sha256": model.sha256,
             "model_format": model.format,

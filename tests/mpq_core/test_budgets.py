@@ -159,3 +159,16 @@ def test_format_value_uses_units() -> None:
     assert format_value("size", 14_200) == "14.2 KB"
     assert format_value("compression", 7.6) == "7.6x"
     assert format_value("avg-bits", 3.25) == "3.25 bits"
+
+
+def test_compression_is_against_the_models_own_size() -> None:
+    # A bfloat16 model of 1,000 parameters is 2,000 bytes, not 4,000: 8 bits everywhere is a
+    # compression of about 2x, not 4x.
+    fc = LayerInfo("fc.weight", "linear", (10, 100), 1000, 10, 1000)
+    packed = (1000 * 8 + 10 * 16) / 8
+    assert achieved(Budget("compression", 2), [fc], 0, [8]) == pytest.approx(4000 / packed)
+    assert achieved(Budget("compression", 2), [fc], 0, [8], model_bytes=2000) == pytest.approx(
+        2000 / packed
+    )
+    costs, capacity = budget_constraint(Budget("compression", 2), [fc], [8], model_bytes=2000)
+    assert capacity == pytest.approx(1000.0) and costs[0, 0] == pytest.approx(packed)

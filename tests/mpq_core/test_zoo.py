@@ -247,6 +247,11 @@ def test_whole_job_in_half_precision(
     del tolerance
     result = _check_whole_job(_case(name, fmt, dtype), tmp_path)
     assert {p.dtype for p in result.model.named_weights().values()} == {dtype}
+    # Sizes and ratios are against the model as uploaded: 2 bytes a parameter, not 4.
+    sizes, params = result.report["sizes"], result.report["model"]["params"]
+    assert sizes["model_bytes"] == 2 * params
+    assert sizes["model_dtypes"] == [str(dtype).removeprefix("torch.")]
+    assert result.sensitivity.model_bytes == 2 * params
 
 
 def _check_whole_job(case: Case, tmp_path: Path) -> JobResult:
