@@ -290,7 +290,12 @@ def _groups(names: Sequence[str], ties: Sequence[str]) -> list[list[int]]:
 
 def _infeasible_message(budget: Budget, table: SensitivityTable, cheapest: Sequence[int]) -> str:
     best = achieved(
-        budget, table.layers, table.float_params, cheapest, model_bytes=table.model_bytes
+        budget,
+        table.layers,
+        table.float_params,
+        cheapest,
+        model_bytes=table.model_bytes,
+        float_bytes=table.float_bytes,
     )
     word = "highest" if budget.kind == "compression" else "smallest"
     if len(set(cheapest)) == 1:
@@ -347,7 +352,12 @@ def _budget_constraints(
     constraints: list[tuple[NDArray[np.float64], float]] = []
     for budget in budgets:
         costs, cap = budget_constraint(
-            budget, layers, cand, float_params=table.float_params, model_bytes=table.model_bytes
+            budget,
+            layers,
+            cand,
+            float_params=table.float_params,
+            model_bytes=table.model_bytes,
+            float_bytes=table.float_bytes,
         )
         grouped = _per_group(costs, owner, groups)
         low = np.where(allowed, grouped, np.inf).argmin(axis=1)
@@ -381,7 +391,15 @@ def _reports(
     """Every budget with what the chosen bits reach in it."""
     return [
         BudgetReport(
-            b, achieved(b, table.layers, table.float_params, chosen, model_bytes=table.model_bytes)
+            b,
+            achieved(
+                b,
+                table.layers,
+                table.float_params,
+                chosen,
+                model_bytes=table.model_bytes,
+                float_bytes=table.float_bytes,
+            ),
         )
         for b in budgets
     ]

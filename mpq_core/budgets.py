@@ -271,6 +271,10 @@ def _model_bytes(
     return 4.0 * (sum(layer.params for layer in layers) + float_params)
 
 
+def _float_bytes(float_params: int, float_bytes: float | None) -> float:
+    return 4.0 * float_params if float_bytes is None else float(float_bytes)
+
+
 def budget_constraint(
     budget: Budget,
     layers: Sequence[LayerInfo],
@@ -278,6 +282,7 @@ def budget_constraint(
     *,
     float_params: int = 0,
     model_bytes: float | None = None,
+    float_bytes: float | None = None,
 ) -> tuple[NDArray[np.float64], float]:
     """The budget as a knapsack constraint: ``sum_i costs[i][choice_i] <= capacity``.
 
@@ -289,6 +294,8 @@ def budget_constraint(
             ``compression``).
         model_bytes: the model's size in its own dtype, the baseline of ``compression``
             (float32 of every parameter when None).
+        float_bytes: what the float parameters take in the packed checkpoint (4 bytes each
+            when None; 2 for a model whose float parameters are all float16 or bfloat16).
 
     Returns:
         ``(costs, capacity)`` with ``costs`` of shape ``(len(layers), len(bits))``.
@@ -312,7 +319,7 @@ def budget_constraint(
         total = budget.value
         if budget.kind == "compression":
             total = _model_bytes(layers, float_params, model_bytes) / budget.value
-        return packed, total - 4.0 * float_params
+        return packed, total - _float_bytes(float_params, float_bytes)
     if budget.kind == "bitops":
         macs = np.array([layer.macs for layer in layers], dtype=np.float64)[:, None]
         return macs * b * float(budget.act_bits), budget.value
@@ -338,6 +345,7 @@ def achieved(
     chosen_bits: Sequence[int],
     *,
     model_bytes: float | None = None,
+    float_bytes: float | None = None,
 ) -> float:
     """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...).
 
@@ -354,7 +362,7 @@ def achieved(
         return bits_sum / total if total else 0.0
     if budget.kind in ("size", "compression"):
         packed = sum(layer.storage_bits(b) for layer, b in zip(layers, chosen_bits, strict=True))
-        size = packed / 8.0 + 4.0 * float_params
+        size = packed / 8.0 + _float_bytes(float_params, float_bytes)
         if budget.kind == "size":
             return size
         return _model_bytes(layers, float_params, model_bytes) / size if size else math.inf

@@ -9,7 +9,9 @@ tensors, each one-dimensional:
   ``ceil(params*bits/8)`` bytes;
 - ``s`` (``float16``): every quantized layer's per-output-channel scales, concatenated
   (``shape[0]`` each);
-- ``f`` (``float32``): every other parameter of the model (biases, norms, weights left in float;
+- ``f`` (``float32``; ``float16``, or ``bfloat16`` as its raw bits in ``uint16``, when every such
+  parameter has that dtype, named by the metadata key ``f_dtype``): every other parameter of the
+  model (biases, norms, weights left in float;
   a tied weight once), flattened in C order and concatenated;
 
 and string metadata:
@@ -60,6 +62,7 @@ __all__ = [
     "FORMAT",
     "SCHEMA_VERSION",
     "PackedCheckpoint",
+    "float_storage_dtype",
     "load_packed_checkpoint",
     "restore_into",
     "save_packed_checkpoint",
@@ -71,6 +74,31 @@ SCHEMA_VERSION = 2
 _HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
 _CODES, _SCALES, _FLOATS = "q", "s", "f"
 _TABLE = "table"
+_FLOAT_DTYPE = "f_dtype"
+# How ``f`` holds each storage dtype in numpy (which has no bfloat16: its raw 16 bits).
+_NUMPY_OF = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def float_storage_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype the checkpoint stores the float parameters in: theirs when they all share a
+    16-bit one (a bfloat16 or float16 model keeps 2 bytes a parameter), else float32, which
+    holds every float16 and bfloat16 value exactly."""
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
+        return next(iter(dtypes))
+    return torch.float32
+
+
+def _to_numpy(t: torch.Tensor, dtype: torch.dtype) -> NDArray[Any]:
+    t = t.detach().to("cpu", dtype).contiguous()
+    if dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _from_numpy(a: NDArray[Any], dtype_name: str) -> torch.Tensor:
+    if dtype_name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
 
 
 @dataclass
@@ -154,7 +182,8 @@ def save_packed_checkpoint(
 
     Args:
         path: the file to write, or a directory to write ``model.mpq.safetensors`` into.
-        model: the model; its parameters outside ``layers`` are stored as float32.
+        model: the model; its parameters outside ``layers`` are stored in their own dtype when
+            they share a 16-bit one, else as float32 (:func:`float_storage_dtype`).
         layers: the quantized layers (from ``quantize_weights``).
         metadata: JSON-serialisable caller metadata, stored compactly under ``mpq``.
 
@@ -188,15 +217,20 @@ def save_packed_checkpoint(
         codes.append(pack_codes(layer.codes.detach().cpu().numpy(), layer.bits))
         scales.append(half.numpy())
         table.layers.append((name, int(layer.bits), tuple(int(d) for d in shape)))
-    for name, p in model.named_weights().items():
-        if name in layers or (p.data_ptr(), tuple(p.shape)) in quantized_ptrs:
-            continue
-        floats.append(p.detach().to("cpu", torch.float32).contiguous().numpy())
+    kept = {
+        name: p
+        for name, p in model.named_weights().items()
+        if name not in layers and (p.data_ptr(), tuple(p.shape)) not in quantized_ptrs
+    }
+    storage = float_storage_dtype({p.dtype for p in kept.values()})
+    storage_name = str(storage).removeprefix("torch.")
+    for name, p in kept.items():
+        floats.append(_to_numpy(p, storage))
         table.floats.append((name, tuple(int(d) for d in p.shape)))
     tensors = {
         _CODES: _concat(codes, np.uint8),
         _SCALES: _concat(scales, np.float16),
-        _FLOATS: _concat(floats, np.float32),
+        _FLOATS: _concat(floats, _NUMPY_OF[storage_name]),
     }
     meta = {
         "format": FORMAT,
@@ -204,6 +238,8 @@ def save_packed_checkpoint(
         _TABLE: _encode_table(table),
         "crc32": _crc(tensors),
     }
+    if storage != torch.float32:
+        meta[_FLOAT_DTYPE] = storage_name
     if metadata is not None:
         meta["mpq"] = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
     data = st_save(tensors, metadata=meta)
@@ -276,7 +312,10 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
         raise _corrupt(where, "its tensor data does not match the stored CRC-32 (corrupted)")
     q = _tensor(tensors, _CODES, np.uint8, where)
     s = _tensor(tensors, _SCALES, np.float16, where)
-    f = _tensor(tensors, _FLOATS, np.float32, where)
+    float_dtype = meta.get(_FLOAT_DTYPE, "float32")
+    if float_dtype not in _NUMPY_OF:
+        raise _corrupt(where, f"its float parameters are stored as {float_dtype!r}")
+    f = _tensor(tensors, _FLOATS, _NUMPY_OF[float_dtype], where)
     sizes = (
         sum(packed_nbytes(math.prod(shape), bits) for _, bits, shape in table.layers),
         sum(shape[0] for _, _, shape in table.layers),
@@ -308,7 +347,7 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
     fo = 0
     for name, shape in table.floats:
         count = math.prod(shape)
-        float_params[name] = torch.from_numpy(f[fo : fo + count].reshape(shape).copy())
+        float_params[name] = _from_numpy(f[fo : fo + count].reshape(shape), float_dtype)
         fo += count
     user: dict[str, Any] = {}
     if "mpq" in meta:

@@ -14,6 +14,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.layers import LayerInfo
+from mpq_core.packed_checkpoint import float_storage_dtype
 from mpq_core.runner import iter_batches
 
 __all__ = ["ModelProfile", "candidate_weights", "profile_model", "rows_of"]
@@ -31,6 +32,8 @@ class ModelProfile:
     left_in_float: dict[str, str] = field(default_factory=dict)
     #: The model's size in its own dtype(s): the baseline of compression ratios.
     model_bytes: int = 0
+    #: What the parameters left in float take in the packed checkpoint.
+    float_bytes: int = 0
 
     @property
     def quantized_params(self) -> int:
@@ -180,6 +183,22 @@ def _probe_shared(
     ]
 
 
+def _what_stays_float(model: LoadedModel, quantized: set[str]) -> tuple[dict[str, str], int, int]:
+    """The matrices left in float (with why), the model's size in its own dtypes, and what the
+    parameters left in float take in the packed checkpoint."""
+    weights = model.named_weights()
+    left = {
+        name: _UNUSED_MATRIX
+        for name, p in weights.items()
+        if p.dim() >= 2 and name not in quantized
+    }
+    kept = [p for name, p in weights.items() if name not in quantized]
+    storage = float_storage_dtype({p.dtype for p in kept})
+    float_bytes = sum(p.numel() for p in kept) * torch.empty(0, dtype=storage).element_size()
+    model_bytes = sum(p.numel() * p.element_size() for p in weights.values())
+    return left, model_bytes, float_bytes
+
+
 def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 32) -> ModelProfile:
     """Run one batch through the model and describe every quantizable weight it uses.
 
@@ -246,17 +265,12 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         )
     total = sum(p.numel() for p in model.named_weights().values())
     quantized = sum(layer.params for layer in layers)
-    seen = {layer.name for layer in layers}
-    left = {
-        name: _UNUSED_MATRIX
-        for name, p in model.named_weights().items()
-        if p.dim() >= 2 and name not in seen
-    }
-    all_params = model.named_weights().values()
+    left, model_bytes, float_bytes = _what_stays_float(model, {layer.name for layer in layers})
     return ModelProfile(
         layers=layers,
         float_params=total - quantized,
         total_params=total,
         left_in_float=left,
-        model_bytes=sum(p.numel() * p.element_size() for p in all_params),
+        model_bytes=model_bytes,
+        float_bytes=float_bytes,
     )

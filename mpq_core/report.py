@@ -59,6 +59,7 @@ def build_report(
         profile.layers,
         profile.float_params,
         [bits[layer.name] for layer in profile.layers],
+        float_bytes=profile.float_bytes,
     )
     report = {
         "schema_version": SCHEMA_VERSION,

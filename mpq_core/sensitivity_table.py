@@ -42,6 +42,7 @@ class SensitivityTable:
     float_params: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     model_bytes: int = 0
+    float_bytes: int | None = None  # bytes of float_params in the checkpoint (None: 4 each)
 
     def __post_init__(self) -> None:
         if list(self.bits) != sorted(set(self.bits)):
@@ -68,6 +69,7 @@ class SensitivityTable:
             "bits": list(self.bits),
             "float_params": self.float_params,
             "model_bytes": self.model_bytes,
+            "float_bytes": self.float_bytes,
             "meta": self.meta,
             "layers": [
                 {**layer.to_dict(), "omega": dict(zip(map(str, self.bits), row, strict=True))}
@@ -95,6 +97,7 @@ class SensitivityTable:
             float_params=int(d.get("float_params", 0)),
             meta=dict(d.get("meta", {})),
             model_bytes=int(d.get("model_bytes", 0)),
+            float_bytes=None if d.get("float_bytes") is None else int(d["float_bytes"]),
         )
 
     def save(self, path: str | Path) -> None:

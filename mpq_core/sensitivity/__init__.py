@@ -67,6 +67,7 @@ def compute_sensitivity(
         omega=omega,
         float_params=profile.float_params,
         model_bytes=profile.model_bytes,
+        float_bytes=profile.float_bytes,
         meta={
             "model_sha256": model.sha256,
             "model_format": model.format,

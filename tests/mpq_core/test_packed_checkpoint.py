@@ -483,3 +483,13 @@ def test_non_fp16_scales_are_refused(archive: Callable[[str, str], bytes], tmp_p
     with pytest.raises(ValueError, match="fp16"):
         save_packed_checkpoint(tmp_path / "x.safetensors", model, {"net.0.weight": layer})
     assert not list(tmp_path.iterdir())
+
+
+def test_float_parameters_keep_a_shared_16_bit_dtype_else_float32() -> None:
+    from mpq_core.packed_checkpoint import float_storage_dtype
+
+    assert float_storage_dtype({torch.bfloat16}) == torch.bfloat16
+    assert float_storage_dtype({torch.float16}) == torch.float16
+    assert float_storage_dtype({torch.float16, torch.bfloat16}) == torch.float32  # exact for both
+    assert float_storage_dtype({torch.float32}) == torch.float32
+    assert float_storage_dtype(set()) == torch.float32

@@ -13,6 +13,7 @@ torch.export, through the engine as a user runs them:
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +253,12 @@ def test_whole_job_in_half_precision(
     assert sizes["model_bytes"] == 2 * params
     assert sizes["model_dtypes"] == [str(dtype).removeprefix("torch.")]
     assert result.sensitivity.model_bytes == 2 * params
+    # The packed checkpoint keeps the float parameters at 2 bytes too, as the size budget counts.
+    ck = load_packed_checkpoint(tmp_path / "model.mpq.safetensors")
+    assert {t.dtype for t in ck.float_params.values()} == {dtype}
+    raw = (tmp_path / "model.mpq.safetensors").read_bytes()
+    payload = len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+    assert 0 <= payload - sizes["predicted_bytes"] < len(ck.layers)  # codes padded per layer
 
 
 def _check_whole_job(case: Case, tmp_path: Path) -> JobResult:
