@@ -9,8 +9,10 @@ weight, ``y = f(x; W)``, the per-sample directional derivative is
 
 so each (layer, bit width) costs one application of the layer to its own input with the
 quantization error as weight (conv, embedding), or, for linear layers, one contraction of the
-per-sample gradient ``delta_n^T x_n`` with every ``dW_b`` at once. Recurrent weights (fused
-LSTM/GRU kernels) fall back to a central finite difference of the per-sample losses.
+per-sample gradient ``delta_n^T x_n`` with every ``dW_b`` at once. The weights of fused
+recurrent kernels (an LSTM on the CPU) take one backward pass per sample; a layer whose output
+the batch shares and whose path to the batch cannot be followed (``shared_flow.py``) falls back
+to a five-point finite difference of the per-sample losses.
 """
 
 from __future__ import annotations
@@ -228,9 +230,11 @@ def fisher_sensitivity(
             # Fused recurrent kernels (LSTM on CPU) hide their per-step products; a GRU that
             # runs as matrix products is scored exactly like any linear.
             rnn_names = list(dict.fromkeys(r.name for r in cap.records if r.kind == "rnn"))
+            dots: dict[str, torch.Tensor] = _recurrent_directional(
+                losses[: batch.valid], rnn_names, weights, dws
+            )
             deltas, flow_deltas = _output_gradients(records, losses[: batch.valid].sum(), params)
-            dots: dict[str, torch.Tensor] = {}
-            by_difference = list(rnn_names)
+            by_difference: list[str] = []
             seen: dict[str, int] = defaultdict(int)
             for k, rec in enumerate(records):
                 use = seen[rec.name]
@@ -279,6 +283,35 @@ def fisher_sensitivity(
     if first_order:
         omega = omega + linear_sums / data.num_samples
     return omega.tolist()
+
+
+def _recurrent_directional(
+    losses: torch.Tensor,
+    names: list[str],
+    weights: dict[str, torch.Tensor],
+    dws: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``<g_n, dW_b>`` ``(n, B)`` of the weights of fused recurrent kernels (an LSTM on the
+    CPU runs all its steps in one op, whose per-step products are out of reach), from one
+    backward pass per sample through the batch's graph (kept for the pass that follows).
+
+    Exact, unlike a finite difference of the losses (which float32 rounding limits to about
+    1e-3 on these weights), and cheaper too: n backward passes give every recurrent matrix at
+    every bit width, where a five-point difference needs 4 forward passes per matrix and width.
+    """
+    if not names:
+        return {}
+    params = [weights[name] for name in names]
+    flat = {name: dws[name].reshape(dws[name].shape[0], -1).float() for name in names}
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for i in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        for name, g in zip(names, grads, strict=True):
+            if g is None:
+                rows[name].append(torch.zeros(flat[name].shape[0], device=flat[name].device))
+            else:
+                rows[name].append(flat[name] @ g.reshape(-1).float())
+    return {name: torch.stack(r) for name, r in rows.items()}
 
 
 def _output_gradients(
@@ -353,7 +386,8 @@ def _finite_difference(
     sums: torch.Tensor,
     linear_sums: torch.Tensor,
 ) -> None:
-    """``<g_n, dW>`` by central differences of the per-sample losses, for fused recurrent ops."""
+    """``<g_n, dW>`` by central differences of the per-sample losses, for the layers no exact
+    path reaches."""
     with capture_context(grad=False):
         for name in names:
             w = weights[name]

@@ -186,10 +186,7 @@ def test_independent_of_batch_size(zoo_bytes: ZooBytes, name: str, fmt: str, mod
         )
         for bs in (N, BATCH, 2)
     }
-    # The LSTM's fused kernel has no per-sample gradient path: its Omega comes from a finite
-    # difference, which magnifies float32 rounding (and the kernel rounds differently per batch
-    # shape) to about 2e-4; the exact paths agree to 1e-7. A batching bug shows as O(1).
-    tolerance = 5e-4 if name == "lstm" else 1e-4
+    tolerance = 1e-4
     for bs in (BATCH, 2):
         rel = float(((tables[bs] - tables[N]).abs() / tables[N]).max())
         # Without labels (model-sampled labels, Gaussian probes) each sample's random target
