@@ -22,6 +22,10 @@ __all__ = ["SCHEMA_VERSION", "build_report", "finite", "write_json"]
 SCHEMA_VERSION = 1
 
 
+def _ratio(measured: float, predicted: float) -> float | None:
+    return measured / predicted if predicted > 0 and math.isfinite(measured) else None
+
+
 def metric_units(predicted: float, reference: Any, spec: Any) -> tuple[float, str]:
     """The predicted loss rise in the unit of the measured one, and that unit.
 
@@ -84,6 +88,12 @@ def build_report(
         "predicted_loss_increase": allocation.predicted_loss_increase,
         "predicted_metric_loss_increase": comparable,
         "loss_unit": unit,
+        # How far to trust the prediction on this job: the measured rise over the predicted one
+        # on the calibration data, before fine-tuning (1 is perfect; the second-order model
+        # ignores cross-layer terms and, without labels, samples its targets).
+        "measured_over_predicted": _ratio(
+            scores.quantized_calib.loss - scores.float_calib.loss, comparable
+        ),
         "omega_raised": {name: list(b) for name, b in allocation.raised.items()},
         "measured_loss_increase": {
             "calibration": scores.quantized_calib.loss - scores.float_calib.loss,

@@ -66,6 +66,11 @@ def summary(report: dict[str, Any]) -> str:
         f"loss increase {report['loss_unit']}: predicted "
         f"{report['predicted_metric_loss_increase']:.4g}, measured "
         f"{rise['calibration']:.4g} (calibration) / {rise['eval']:.4g} (eval)"
+        + (
+            f"; measured/predicted {report['measured_over_predicted']:.2f}"
+            if report.get("measured_over_predicted") is not None
+            else ""
+        )
     )
     m = report["metrics"]
     cols = ["float", "quantized", "finetuned"]

@@ -452,3 +452,7 @@ def test_report_states_the_prediction_in_the_metric_unit(job: Job) -> None:
     report = job.result.report  # these models score one class vector per sample
     assert report["loss_unit"] == "per sample"
     assert report["predicted_metric_loss_increase"] == report["predicted_loss_increase"]
+    rise = report["measured_loss_increase"]["calibration"]
+    assert report["measured_over_predicted"] == pytest.approx(
+        rise / report["predicted_metric_loss_increase"]
+    )
