@@ -15,7 +15,7 @@ from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.layers import LayerInfo
 from mpq_core.packed_checkpoint import float_storage_dtype
-from mpq_core.runner import iter_batches
+from mpq_core.runner import MODEL_ERRORS, iter_batches
 
 __all__ = ["ModelProfile", "candidate_weights", "profile_model", "rows_of"]
 
@@ -156,9 +156,12 @@ def _probe_shared(
     """Which uses of linear/embedding weights produce one output for the whole batch (a position
     table looked up with ``(1, T)`` indices): their rows do not grow with the batch.
 
-    A dynamic-batch model runs sample 0 alone and twice over; a fixed-batch program cannot, so
-    there a use is shared when its rows do not divide among the samples or its input has a
-    leading dimension of 1 (``records`` are from one run at the fixed batch).
+    A dynamic-batch model runs sample 0 repeated twice and three times (never alone: models
+    special-case a batch of 1, and BatchNorm traced in training mode refuses it); a fixed-batch
+    program cannot, so there a use is shared when its rows do not divide among the samples or
+    its input has a leading dimension of 1 (``records`` are from one run at the fixed batch).
+    A model that fails on the probes, or runs other layers for them, is scored as per-sample,
+    with a warning.
     """
     fixed = model.fixed_batch
     if fixed is not None:
@@ -168,19 +171,26 @@ def _probe_shared(
             and (rows_of(rec).shape[0] % fixed != 0 or (rec.x.dim() >= 2 and rec.x.shape[0] == 1))
             for rec in records
         ]
-    one = _records(model, refs, [t[:1] for t in data.inputs])
-    two = _records(model, refs, [torch.cat([t[:1], t[:1]]) for t in data.inputs])
-    if len(one) != len(two):
-        warnings.warn(
-            "the model runs other layers for a batch of 1 than for 2; layers shared by the whole "
-            "batch (position tables) cannot be detected and are scored as per-sample",
-            stacklevel=3,
+    try:
+        two, three = (
+            _records(model, refs, [t[:1].repeat(k, *([1] * (t.dim() - 1))) for t in data.inputs])
+            for k in (2, 3)
         )
-        return [False] * len(records)
-    return [
-        a.kind in ("linear", "embedding") and rows_of(a).shape[0] == rows_of(b).shape[0]
-        for a, b in zip(one, two, strict=True)
-    ]
+    except MODEL_ERRORS as exc:
+        why = f"it fails on them ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"
+    else:
+        if len(two) == len(three):
+            return [
+                a.kind in ("linear", "embedding") and rows_of(a).shape[0] == rows_of(b).shape[0]
+                for a, b in zip(two, three, strict=True)
+            ]
+        why = "it runs other layers for them"
+    warnings.warn(
+        f"probing the model with batches of 2 and 3 copies of one sample, {why}: layers shared "
+        "by the whole batch (position tables) cannot be detected and are scored as per-sample",
+        stacklevel=3,
+    )
+    return [False] * len(records)
 
 
 def _what_stays_float(model: LoadedModel, quantized: set[str]) -> tuple[dict[str, str], int, int]:

@@ -16,7 +16,18 @@ from mpq_core.data import CalibrationData
 from mpq_core.errors import DataMismatch
 from mpq_core.intake import LoadedModel, select_output
 
-__all__ = ["Batch", "check_data_fits", "iter_batches", "run_model"]
+__all__ = ["MODEL_ERRORS", "Batch", "check_data_fits", "iter_batches", "run_model"]
+
+#: What an uploaded model's own forward raises when it cannot run an input (TorchScript raises
+#: ``torch.jit.Error``, which is not a RuntimeError).
+MODEL_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    IndexError,
+    TypeError,
+    AssertionError,
+    torch.jit.Error,
+)
 
 
 @dataclass
@@ -64,7 +75,7 @@ def check_data_fits(model: LoadedModel, data: CalibrationData, *, output_key: An
     try:
         with torch.no_grad():
             out = select_output(model(*probe.inputs), output_key)
-    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+    except MODEL_ERRORS as exc:
         msg = str(exc).strip().splitlines()
         detail = msg[0][:300] if msg else type(exc).__name__
         raise DataMismatch(

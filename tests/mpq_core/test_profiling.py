@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from mpq_core.data import CalibrationData
+from mpq_core.errors import DataMismatch
 from mpq_core.intake import load_model
 from mpq_core.profiling import profile_model
+from mpq_core.runner import check_data_fits
 from tests.conftest import save_bytes, zoo_data, zoo_module
 
 ZooBytes = Callable[[str, str], bytes]
@@ -214,3 +216,50 @@ def test_tied_weight_appears_once_with_macs_summed(fmt: str) -> None:
         f"{fmt}: the tied weight was counted as {profile.total_params} parameters with "
         f"{profile.float_params} left in float"
     )
+
+
+class _Positions(nn.Module):
+    """A position table looked up with (1, T) indices, refusing some batch size (as models that
+    special-case a batch of 1 do)."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.pos = nn.Embedding(6, 8)
+        self.tok = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] == self.refuse:
+            raise RuntimeError("this model refuses that batch size")
+        p = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        return self.fc((self.tok(ids) + p).mean(1))
+
+
+def _layouts(refuse: int) -> dict[str, list[str]]:
+    model = load_model(save_bytes(_Positions(refuse), (torch.randint(0, 20, (4, 6)),), "script"))
+    data = CalibrationData([torch.randint(0, 20, (8, 6))], None)
+    return {layer.name: layer.extra["layouts"] for layer in profile_model(model, data).layers}
+
+
+def test_a_model_refusing_a_batch_of_one_still_has_its_shared_table_found() -> None:
+    assert _layouts(refuse=1) == {
+        "pos.weight": ["shared"],
+        "tok.weight": ["blocked"],
+        "fc.weight": ["blocked"],
+    }
+
+
+def test_a_model_failing_on_the_probes_is_scored_per_sample_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="fails on them"):
+        layouts = _layouts(refuse=3)
+    assert layouts["pos.weight"] == ["blocked"]
+
+
+def test_a_scripted_model_that_raises_on_the_data_is_refused_with_a_code() -> None:
+    # TorchScript raises torch.jit.Error, which is not a RuntimeError: still a data_mismatch,
+    # not an internal error.
+    model = load_model(save_bytes(_Positions(refuse=2), (torch.randint(0, 20, (4, 6)),), "script"))
+    with pytest.raises(DataMismatch) as err:
+        check_data_fits(model, CalibrationData([torch.randint(0, 20, (8, 6))], None))
+    assert err.value.code == "data_mismatch" and "refuses that batch size" in err.value.message
