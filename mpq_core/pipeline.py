@@ -28,7 +28,7 @@ from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.report import build_report
-from mpq_core.runner import MODEL_ERRORS, check_data_fits
+from mpq_core.runner import MODEL_ERRORS, check_data_fits, error_summary
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
@@ -380,7 +380,7 @@ def _move_if_it_runs(model: LoadedModel, data: CalibrationData, device: torch.de
             model(*probe.inputs)
     except MODEL_ERRORS as exc:
         model.module.to("cpu")
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = error_summary(exc, 200)
         return f"the model does not run on {device} ({first}); ran on cpu"
     return None
 

@@ -15,7 +15,7 @@ from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.layers import LayerInfo
 from mpq_core.packed_checkpoint import float_storage_dtype
-from mpq_core.runner import MODEL_ERRORS, iter_batches
+from mpq_core.runner import MODEL_ERRORS, error_summary, iter_batches
 
 __all__ = ["ModelProfile", "candidate_weights", "profile_model", "rows_of"]
 
@@ -177,7 +177,7 @@ def _probe_shared(
             for k in (2, 3)
         )
     except MODEL_ERRORS as exc:
-        why = f"it fails on them ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"
+        why = f"it fails on them ({error_summary(exc, 200)})"
     else:
         if len(two) == len(three):
             return [

@@ -16,7 +16,14 @@ from mpq_core.data import CalibrationData
 from mpq_core.errors import DataMismatch
 from mpq_core.intake import LoadedModel, select_output
 
-__all__ = ["MODEL_ERRORS", "Batch", "check_data_fits", "iter_batches", "run_model"]
+__all__ = [
+    "MODEL_ERRORS",
+    "Batch",
+    "check_data_fits",
+    "error_summary",
+    "iter_batches",
+    "run_model",
+]
 
 #: What an uploaded model's own forward raises when it cannot run an input (TorchScript raises
 #: ``torch.jit.Error``, which is not a RuntimeError).
@@ -28,6 +35,17 @@ MODEL_ERRORS: tuple[type[Exception], ...] = (
     AssertionError,
     torch.jit.Error,
 )
+
+
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """One line saying why ``exc`` was raised. TorchScript wraps a model's own error in a
+    serialized-code traceback whose first line is generic; its last ``...Error: ...`` line is
+    the cause."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    causes = [line for line in lines if "Error: " in line or "Exception: " in line]
+    return (causes[-1] if isinstance(exc, torch.jit.Error) and causes else lines[0])[:limit]
 
 
 @dataclass
@@ -76,10 +94,8 @@ def check_data_fits(model: LoadedModel, data: CalibrationData, *, output_key: An
         with torch.no_grad():
             out = select_output(model(*probe.inputs), output_key)
     except MODEL_ERRORS as exc:
-        msg = str(exc).strip().splitlines()
-        detail = msg[0][:300] if msg else type(exc).__name__
         raise DataMismatch(
-            f"the model fails on the data: {detail}. Check the per-sample input shapes "
+            f"the model fails on the data: {error_summary(exc)}. Check the per-sample input shapes "
             f"{[tuple(t.shape[1:]) for t in data.inputs]} and dtypes "
             f"{[str(t.dtype) for t in data.inputs]}",
             code="data_mismatch",

@@ -87,7 +87,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> i
     except Exception as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        from mpq_core.runner import error_summary
+
+        first = error_summary(exc, 500)
         print(
             f"mpq: error [internal_error]: {type(exc).__name__}: {first} (this is a bug in mpq or "
             "an architecture it does not handle yet; run with --debug for the traceback and "
