@@ -288,15 +288,20 @@ def _groups(names: Sequence[str], ties: Sequence[str]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def _infeasible_message(budget: Budget, table: SensitivityTable, cheapest: Sequence[int]) -> str:
-    best = achieved(
+def _achieved(budget: Budget, table: SensitivityTable, chosen: Sequence[int]) -> float:
+    """What ``chosen`` reaches in ``budget``, with the table's sizes of what stays float."""
+    return achieved(
         budget,
         table.layers,
         table.float_params,
-        cheapest,
+        chosen,
         model_bytes=table.model_bytes,
         float_bytes=table.float_bytes,
     )
+
+
+def _infeasible_message(budget: Budget, table: SensitivityTable, cheapest: Sequence[int]) -> str:
+    best = _achieved(budget, table, cheapest)
     word = "highest" if budget.kind == "compression" else "smallest"
     if len(set(cheapest)) == 1:
         where = f"all layers at {cheapest[0]} bits"
@@ -389,20 +394,7 @@ def _reports(
     table: SensitivityTable, budgets: Sequence[Budget], chosen: Sequence[int]
 ) -> list[BudgetReport]:
     """Every budget with what the chosen bits reach in it."""
-    return [
-        BudgetReport(
-            b,
-            achieved(
-                b,
-                table.layers,
-                table.float_params,
-                chosen,
-                model_bytes=table.model_bytes,
-                float_bytes=table.float_bytes,
-            ),
-        )
-        for b in budgets
-    ]
+    return [BudgetReport(b, _achieved(b, table, chosen)) for b in budgets]
 
 
 def allocate_bits(

@@ -11,11 +11,14 @@ from mpq_core.budgets import Budget, achieved
 from mpq_core.evaluate import is_class_scores
 
 if TYPE_CHECKING:
+    import torch
+
     from mpq_core.allocation import Allocation
     from mpq_core.evaluate import Metrics
     from mpq_core.finetune import FinetuneResult
     from mpq_core.pipeline import JobContext, Quantization
     from mpq_core.profiling import ModelProfile
+    from mpq_core.spec import JobSpec
 
 __all__ = ["SCHEMA_VERSION", "build_report", "finite", "write_json"]
 
@@ -26,7 +29,7 @@ def _ratio(measured: float, predicted: float) -> float | None:
     return measured / predicted if predicted > 0 and math.isfinite(measured) else None
 
 
-def metric_units(predicted: float, reference: Any, spec: Any) -> tuple[float, str]:
+def metric_units(predicted: float, reference: torch.Tensor, spec: JobSpec) -> tuple[float, str]:
     """The predicted loss rise in the unit of the measured one, and that unit.
 
     Omega predicts the rise of each sample's loss *summed* over what it scores: every position

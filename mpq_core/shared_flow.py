@@ -93,7 +93,9 @@ def follow(
     """Extend the flows ``func`` continues (``flows`` maps id(tensor) to the flows that reach it
     and the tensor itself, kept alive so the id stays its own). Returns the step when it is a
     consumer, whose autograd node the caller must resolve after the op returns."""
-    if out is None or not _touches(flows, args, kwargs):  # the fast path: most ops
+    # The fast path (most ops touch no followed tensor); checks like torch.export's
+    # aten._assert_tensor_metadata return nothing and change nothing.
+    if out is None or not _touches(flows, args, kwargs):
         return None
     leaves = _leaves(args, kwargs)
     followed = [
@@ -101,7 +103,7 @@ def follow(
         for i, leaf in enumerate(leaves)
         if isinstance(leaf, torch.Tensor) and id(leaf) in flows and flows[id(leaf)][1] is leaf
     ]
-    if not followed or out is None:  # checks like aten._assert_tensor_metadata return nothing
+    if not followed:
         return None
     reached: list[SharedFlow] = []
     for i in followed:

@@ -5,7 +5,7 @@ Markers are set here from the fixtures a test uses, so no test can forget one:
 
 - ``postgres``, ``redis``, ``s3``: the test talks to that real server (a parametrized test only in
   the variants that do, e.g. ``engine[postgres]`` or ``storage[s3]``);
-- ``browser``: a headless Chromium; ``slow``: a long end-to-end check (set by hand).
+- ``browser`` (a headless Chromium) and ``slow`` (a long end-to-end check) are set by hand.
 
 ``make test`` runs everything; ``pytest -m "not postgres and not redis and not s3 and not
 browser"`` runs what needs no server (README: "Tests").
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,26 +33,21 @@ from tests.zoo import (
 
 pytest_plugins = ["tests.support.fixtures"]
 
-#: Fixtures whose use means a test needs that service.
-SERVICE_FIXTURES: dict[str, frozenset[str]] = {
-    "postgres": frozenset({"pg_admin", "pg_url", "new_pg_url", "migrated_pg_engine"}),
-    "redis": frozenset({"redis_url"}),
-    "s3": frozenset({"s3_server", "module_s3_storage"}),
-    "browser": frozenset({"browser", "page"}),
-}
+#: The fixture whose use (directly or through other fixtures: ``fixturenames`` holds the whole
+#: closure) means a test needs that service.
+SERVICE_FIXTURES: dict[str, str] = {"postgres": "pg_admin", "redis": "redis_url", "s3": "s3_server"}
 #: Parameter values of backend-parametrized fixtures (``engine``, ``fresh_url``, ``storage``)
 #: that reach a service through ``request.getfixturevalue``, invisible in ``fixturenames``.
-SERVICE_PARAMS: dict[str, str] = {"postgres": "postgres", "s3": "s3"}
+SERVICE_PARAMS = frozenset({"postgres", "s3"})
 
 
 def service_markers(item: pytest.Item) -> set[str]:
     """The service markers ``item`` needs, from its fixtures and backend parameters."""
     names = set(getattr(item, "fixturenames", ()))
-    found = {marker for marker, fixtures in SERVICE_FIXTURES.items() if names & fixtures}
+    found = {marker for marker, fixture in SERVICE_FIXTURES.items() if fixture in names}
     callspec = getattr(item, "callspec", None)
     if callspec is not None:
-        values = {v for v in callspec.params.values() if isinstance(v, str)}
-        found |= {marker for value, marker in SERVICE_PARAMS.items() if value in values}
+        found |= SERVICE_PARAMS & {v for v in callspec.params.values() if isinstance(v, str)}
     return found
 
 
@@ -127,6 +123,16 @@ def save_bytes(model: nn.Module, example: tuple[torch.Tensor, ...], fmt: str) ->
         if fmt == "export_fixed":
             return export_bytes(model, example, dynamic_batch=False)
     raise KeyError(fmt)
+
+
+def stock_load(path: Path, fmt: str) -> nn.Module:
+    """A written model as a user loads it, with stock torch and no mpq (``fmt``: the upload's
+    format, ``export`` or a TorchScript one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "export":
+            return torch.export.load(str(path)).module()
+        return torch.jit.load(str(path))
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 The app is :func:`mpq_service.celery_config.make_celery` (the configuration the API sends tasks
 with) plus this package's task module, :mod:`worker.tasks`. It is built lazily on first access
 (module ``__getattr__``) from the environment, so importing this module reads no settings,
-creates no folders and imports no torch. Tests and the embedded server build their own app with
-:func:`make_worker_celery` and their own settings.
+creates no folders and imports no torch. ``mpq serve`` starts its worker as a ``celery -A
+worker.celery_app`` subprocess too.
 """
 
 from __future__ import annotations

@@ -51,13 +51,11 @@ from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 
 if TYPE_CHECKING:
     from mpq_core.sensitivity_table import SensitivityTable
-    from mpq_core.spec import JobSpec
     from mpq_service.settings import Settings
 
 __all__ = [
     "PROGRESS_INTERVAL_S",
     "STAGE_WEIGHTS",
-    "analysis_settings",
     "fail_running_job",
     "run_job",
     "time_limit_message",
@@ -144,11 +142,6 @@ class _Progress:
         self.writes += 1
         if rows == 0:
             raise _Aborted(self.job_id)
-
-
-def analysis_settings(spec: JobSpec, *, has_eval_data: bool) -> dict[str, Any]:
-    """What, beside the model and the data, decides the sensitivity table of a job."""
-    return spec.sensitivity_settings(has_eval_data=has_eval_data)
 
 
 def time_limit_message(limit_s: int) -> str:
@@ -421,7 +414,7 @@ def _attempt(
     key = SensitivityCache.make_key(
         inputs.model_sha256,
         inputs.data_sha256,
-        analysis_settings(spec, has_eval_data=eval_path is not None),
+        spec.sensitivity_settings(has_eval_data=eval_path is not None),
     )
     cached = _cached_table(factory, storage, inputs.tenant_id, key, tmp)
     seconds["download"] = round(time.perf_counter() - start, 4)

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01
 
-Hand-written and self-contained (no imports from ``api``), so it keeps describing this revision
+Hand-written and self-contained (no imports from ``mpq_service``), so it keeps describing this revision
 even as the models move on. Constraint names follow ``mpq_service.tables.NAMING_CONVENTION``.
 """
 

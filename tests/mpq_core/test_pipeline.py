@@ -29,7 +29,7 @@ from mpq_core.pipeline import run as quantize
 from mpq_core.quant_primitives import qmax
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import FinetuneSpec, JobSpec
-from tests.conftest import save_bytes, zoo_data, zoo_inputs, zoo_module
+from tests.conftest import save_bytes, stock_load, zoo_data, zoo_inputs, zoo_module
 from tests.zoo import TinyTextEncoder
 
 CASES = [("cnn", "script"), ("text", "script"), ("text", "export")]
@@ -89,15 +89,6 @@ def job(
     out = tmp_path_factory.mktemp(f"job-{name}-{fmt}")
     result, events, data, test = _run(model_bytes, name, fmt, out)
     return Job(name, fmt, model_bytes, data, test, result, events)
-
-
-def _stock_load(path: Path, fmt: str) -> torch.nn.Module:
-    """The exported model as a user loads it, without mpq."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "export":
-            return torch.export.load(str(path)).module()
-        return torch.jit.load(str(path))
 
 
 def _stock_outputs(module: torch.nn.Module, data: CalibrationData) -> torch.Tensor:
@@ -187,7 +178,7 @@ def test_progress_reports_every_stage_in_order(job: Job) -> None:
 
 
 def test_exported_model_reproduces_final_metrics(job: Job) -> None:
-    quantized = _stock_load(job.model_file, job.fmt)
+    quantized = stock_load(job.model_file, job.fmt)
     original = _stock_load_bytes(job.model_bytes, job.fmt)
     out = _stock_outputs(quantized, job.test)
     ref = _stock_outputs(original, job.test)
@@ -226,7 +217,7 @@ def test_packed_checkpoint_restores_bit_exactly(job: Job) -> None:
     fresh = load_model(job.model_bytes)
     before = {n: p.detach().clone() for n, p in fresh.named_weights().items()}
     restore_into(fresh, ck)
-    exported = _weights(_stock_load(job.model_file, job.fmt))
+    exported = _weights(stock_load(job.model_file, job.fmt))
     restored = {n: p.detach() for n, p in fresh.named_weights().items()}
     assert set(restored) <= set(exported)
     for name, p in restored.items():
@@ -235,7 +226,7 @@ def test_packed_checkpoint_restores_bit_exactly(job: Job) -> None:
             assert torch.equal(p, ck.layers[name].dequantized())
             assert not torch.equal(p, before[name])  # really quantized
     # And it computes what the exported model computes.
-    want = _stock_outputs(_stock_load(job.model_file, job.fmt), job.test)
+    want = _stock_outputs(stock_load(job.model_file, job.fmt), job.test)
     got = model_outputs(fresh, job.test)
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
 

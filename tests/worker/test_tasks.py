@@ -38,8 +38,10 @@ def test_the_workers_app_registers_the_task_without_importing_torch(tmp_path: Pa
     # torch belongs in the prefork child that runs the task (imported inside it), never in the
     # parent (no CUDA before the fork). import-linter cannot tell a function-level import from a
     # module-level one, so this stays a runtime check.
+    # The worker imports its task modules itself (conf.imports): the probe must not.
     code = (
-        "import sys, worker.celery_app as m, worker.tasks;"
+        "import sys, worker.celery_app as m;"
+        "m.app.loader.import_default_modules();"
         "assert 'torch' not in sys.modules, 'torch imported';"
         f"assert {TASK_RUN_JOB!r} in m.app.tasks"
     )
