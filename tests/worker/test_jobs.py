@@ -96,7 +96,6 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     assert second.status == "succeeded", second.error_message
     assert second.sensitivity_key == job.sensitivity_key
     assert second.result is not None and second.result["sensitivity"]["reused"] is True
-    assert second.result["timings"]["analyze"] < result["timings"]["analyze"]
     assert _count(env, SensitivityCache) == 1
 
 
