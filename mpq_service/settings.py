@@ -46,6 +46,16 @@ class Settings(BaseSettings):
             broker's visibility timeout.
         job_max_attempts: how many times a job is started before it is failed for good (a job
             that kills its worker every time must fail, not loop).
+        job_heartbeat_interval_s: how often a running attempt stamps ``jobs.heartbeat_at``.
+        job_stale_after_s: a running job whose heartbeat is older than this is presumed
+            orphaned (its worker died) and is re-queued by the reaper, or failed with
+            ``worker_lost_repeatedly`` once it has been started ``job_max_attempts`` times. Keep
+            it well above the heartbeat interval and above the database blips you expect to
+            ride out; at least three heartbeat intervals.
+        reaper_interval_s: how often each worker process (and ``mpq serve``) looks for
+            orphaned jobs.
+        job_final_write_retry_s: how long an attempt keeps retrying its final status write
+            through database errors (with backoff) before leaving the job to the reaper.
     """
 
     model_config = SettingsConfigDict(
@@ -67,6 +77,10 @@ class Settings(BaseSettings):
     api_key_pepper: SecretStr = SecretStr("")
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    job_heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    job_stale_after_s: float = Field(default=120.0, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    job_final_write_retry_s: float = Field(default=120.0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:
@@ -77,6 +91,11 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("MPQ_S3_BUCKET is required when MPQ_STORAGE=s3")
+        if self.job_stale_after_s < 3 * self.job_heartbeat_interval_s:
+            # A live attempt would look orphaned after one late heartbeat and be re-queued.
+            raise ValueError(
+                "MPQ_JOB_STALE_AFTER_S must be at least 3 x MPQ_JOB_HEARTBEAT_INTERVAL_S"
+            )
         return self
 
     @property

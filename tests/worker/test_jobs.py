@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import mpq_core.pipeline
 from mpq_service.db import session_scope
 from mpq_service.storage import LocalStorage
 from mpq_service.storage_keys import artifact_key, tenant_prefix
-from mpq_service.tables import Artifact, Job, SensitivityCache
+from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from tests.support.files import npz_bytes
 from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import run_job
@@ -144,13 +145,16 @@ def test_missing_upload_fails_with_input_missing(env: Env) -> None:
 
 
 def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]) -> None:
+    # A message redelivered after the worker died: the job is still "running", its heartbeat
+    # stale (older than job_stale_after_s).
     env = make_env(job_max_attempts=2)
-    job_id = env.create_job(status="running", attempts=2)
+    dead = utcnow() - timedelta(hours=1)
+    job_id = env.create_job(status="running", attempts=2, heartbeat_at=dead)
     job = _run(env, job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost_repeatedly", 2)
     assert job.error_message and "2 time(s)" in job.error_message
     # One attempt left: it runs (and counts).
-    other = _run(env, env.create_job(status="running", attempts=1))
+    other = _run(env, env.create_job(status="running", attempts=1, heartbeat_at=dead))
     assert (other.status, other.attempts) == ("succeeded", 2)
 
 
