@@ -4,11 +4,11 @@
 process; the sandboxed child that runs the model holds no database credentials). Each beat is a
 conditional update on the job id, the attempt number and status ``running``: when it matches no
 row, the attempt is no longer the job's current one (cancelled, deleted, or presumed dead and
-re-queued by :mod:`worker.reaper`) and :attr:`Heartbeat.lost` is set. A beat that fails (database
+re-queued by :mod:`mpq_service.reaper`) and :attr:`Heartbeat.lost` is set. A beat that fails (database
 unreachable) is logged and retried at the next interval; the reaper's stale limit decides how long
 an attempt may go without one.
 
-Times come from the database's clock (:func:`db_now`), not the worker's, so workers on machines
+Times come from the database's clock (:func:`mpq_service.reaper.db_now`), not the worker's, so workers on machines
 whose clocks disagree still compare heartbeats correctly.
 """
 
@@ -16,39 +16,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 from types import TracebackType
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
-from mpq_service.tables import Job, utcnow
+from mpq_service.reaper import db_now, first_line
+from mpq_service.tables import Job
 
-__all__ = ["Heartbeat", "beat", "db_now", "first_line"]
+__all__ = ["Heartbeat", "beat"]
 
 log = logging.getLogger(__name__)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (driver errors run to many lines)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def db_now(session: Session) -> datetime:
-    """The database server's current time, timezone-aware UTC.
-
-    Postgres answers with its own clock (one clock for every worker machine); SQLite is a file on
-    this machine, so this machine's clock is the database's.
-    """
-    if session.get_bind().dialect.name == "sqlite":
-        return utcnow()
-    now = session.execute(select(func.now())).scalar_one()
-    return cast("datetime", now)
 
 
 def beat(factory: sessionmaker[Session], job_id: str, attempt: int) -> bool:

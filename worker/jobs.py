@@ -14,7 +14,7 @@ Life of an attempt:
    it too). A job already started ``job_max_attempts`` times (it killed its worker each time) is
    failed with ``worker_lost_repeatedly``.
 1b. While the attempt runs, a :class:`~worker.heartbeat.Heartbeat` thread stamps
-   ``heartbeat_at``; :mod:`worker.reaper` re-queues the job if those stop.
+   ``heartbeat_at``; :mod:`mpq_service.reaper` re-queues the job if those stop.
 2. Inputs are downloaded from storage into a private temporary folder under ``workdir``.
 3. A stored sensitivity table for the same tenant, model, data and analysis settings is reused.
 4. The pipeline runs; progress (stage and overall fraction) is written at most every
@@ -58,9 +58,10 @@ from mpq_core.errors import MpqError
 from mpq_service import storage_keys
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
 from mpq_service.storage import ObjectNotFound, Storage
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
-from worker.heartbeat import Heartbeat, db_now, first_line
+from worker.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from mpq_core.sensitivity_table import SensitivityTable
@@ -221,11 +222,6 @@ def _retrying(call: Callable[[], _T], budget_s: float, what: str) -> _T:
         delay = min(delay * 2, 5.0)
 
 
-def time_limit_message(limit_s: int) -> str:
-    """The error message of a job stopped by its time limit."""
-    return f"the job ran past its time limit of {limit_s} s and was stopped"
-
-
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -238,14 +234,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def lost_repeatedly_message(attempts: int) -> str:
-    """The error message of a job failed with ``worker_lost_repeatedly``."""
-    return (
-        f"the job was started {attempts} time(s) and its worker stopped each time "
-        f"(crash, out of memory or killed) before it finished; it is not retried again"
-    )
 
 
 def _claimable(job_id: str, now: Any, stale_after_s: float) -> Any:

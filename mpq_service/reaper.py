@@ -23,7 +23,10 @@ recording anything.
 
 Where reapers run: a :class:`Reaper` thread in every Celery worker's main process (see
 :mod:`worker.lifecycle`): wherever jobs can run, orphans are looked for, with no extra service to
-deploy. ``mpq serve`` also calls :func:`recover_on_start` before it starts its worker.
+deploy (and when no worker is left, nothing could run a re-queued job anyway). ``mpq serve``
+calls :func:`recover_on_start` before it starts (or restarts) its worker. This module lives in
+the service core, not in ``worker``, because ``mpq serve`` (the API side) uses it too; it never
+imports torch.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, and_, func, select, update
@@ -42,14 +45,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
-from mpq_service.tables import Job
-from worker.heartbeat import db_now, first_line
-from worker.jobs import lost_repeatedly_message, time_limit_message
+from mpq_service.tables import Job, utcnow
 
 if TYPE_CHECKING:
     from mpq_service.settings import Settings
 
-__all__ = ["Enqueue", "Reaped", "Reaper", "reap", "recover_on_start"]
+__all__ = [
+    "Enqueue",
+    "Reaped",
+    "Reaper",
+    "db_now",
+    "first_line",
+    "lost_repeatedly_message",
+    "reap",
+    "recover_on_start",
+    "time_limit_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,37 @@ class Reaped:
             self.failed + other.failed,
             self.timed_out + other.timed_out,
         )
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's current time, timezone-aware UTC.
+
+    Heartbeats are stamped and compared with it: Postgres answers with its own clock (one clock
+    for every worker machine, whatever theirs say); SQLite is a file on this machine, so this
+    machine's clock is the database's.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return utcnow()
+    return cast("datetime", session.execute(select(func.now())).scalar_one())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (driver errors run to many lines)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def lost_repeatedly_message(attempts: int) -> str:
+    """The error message of a job failed with ``worker_lost_repeatedly``."""
+    return (
+        f"the job was started {attempts} time(s) and its worker stopped each time "
+        f"(crash, out of memory or killed) before it finished; it is not retried again"
+    )
+
+
+def time_limit_message(limit_s: int) -> str:
+    """The error message of a job stopped by its time limit."""
+    return f"the job ran past its time limit of {limit_s} s and was stopped"
 
 
 def _last_sign_of_life() -> ColumnElement[Any]:
@@ -203,7 +245,7 @@ def recover_on_start(
     factory: sessionmaker[Session],
     enqueue: Enqueue,
     *,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
 ) -> Reaped:
     """What ``mpq serve`` does before it starts its worker: jobs left ``running`` by a worker
     that was killed or stopped are re-queued (or failed after the attempt cap) and every
