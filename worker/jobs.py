@@ -550,10 +550,10 @@ def _record_success(
                 JobStatus.SUCCEEDED.value,
             ):
                 return  # an earlier try committed; only its answer was lost
+            if job is not None and job.attempts != inputs.attempt:
+                raise _Superseded(job_id)  # first: a newer attempt may have finished already
             if job is None or job.status != JobStatus.RUNNING.value:
                 raise _Aborted(job_id)
-            if job.attempts != inputs.attempt:
-                raise _Superseded(job_id)
             for old in list(job.artifacts):  # none unless an earlier attempt got this far
                 session.delete(old)
             session.flush()
