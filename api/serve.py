@@ -16,7 +16,8 @@ The worker is kept by a :class:`WorkerSupervisor` thread:
 - ``/readyz`` answers 503 while no worker is running (``app.state.readiness_probes["worker"]``).
 
 When uvicorn stops (Ctrl-C, SIGINT, SIGTERM or an error), the worker is stopped: SIGTERM (a warm
-shutdown), then SIGKILL if it has not exited after ``worker_stop_timeout_s``; a job it was
+shutdown), then SIGKILL if it has not exited after ``worker_stop_timeout_s`` (the setting
+``MPQ_WORKER_STOP_TIMEOUT_S``, 10 s by default); a job it was
 running is re-queued at the next start. If this process is killed outright, the worker gets
 SIGTERM from the kernel (``MPQ_WORKER_PARENT_PID``, see :mod:`worker.lifecycle`), finishes its
 job and exits; the next start leaves a job alone while its heartbeat is live.
@@ -223,7 +224,7 @@ def serve(
     port: int = 8000,
     worker: bool = True,
     log_level: str = "info",
-    worker_stop_timeout_s: float = WORKER_STOP_TIMEOUT_S,
+    worker_stop_timeout_s: float | None = None,
 ) -> int:
     """Run the embedded service in the foreground until interrupted; returns the exit code.
 
@@ -257,7 +258,10 @@ def serve(
         log.info("database migrated to the latest schema")
         app = create_app(settings)
         if worker:
-            supervisor = WorkerSupervisor(settings, worker_stop_timeout_s).start()
+            stop_s = worker_stop_timeout_s
+            if stop_s is None:
+                stop_s = settings.worker_stop_timeout_s
+            supervisor = WorkerSupervisor(settings, stop_s).start()
             app.state.readiness_probes["worker"] = supervisor.problem
         else:
             log.info("no worker started (--no-worker): run workers yourself")

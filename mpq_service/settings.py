@@ -56,6 +56,9 @@ class Settings(BaseSettings):
             orphaned jobs.
         job_final_write_retry_s: how long an attempt keeps retrying its final status write
             through database errors (with backoff) before leaving the job to the reaper.
+        worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
+            shutdown: it finishes its job) before it is killed; a killed worker's job is
+            re-queued at the next start.
     """
 
     model_config = SettingsConfigDict(
@@ -81,6 +84,7 @@ class Settings(BaseSettings):
     job_stale_after_s: float = Field(default=120.0, gt=0)
     reaper_interval_s: float = Field(default=30.0, gt=0)
     job_final_write_retry_s: float = Field(default=120.0, ge=0)
+    worker_stop_timeout_s: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:
