@@ -489,7 +489,7 @@ def _run_claimed(
         )
         return
     except _Aborted:
-        log.info("job %s: cancelled or deleted while running; stopped", job_id)
+        log.info("job %s: stopped: cancelled, deleted or failed by the reaper meanwhile", job_id)
         _delete(storage, uploaded)
         return
     except MpqError as exc:

@@ -262,10 +262,10 @@ def test_postgres_unreachable_for_30_s_mid_job_finishes_once(
 class Embedded:
     """``mpq serve`` on ``data_dir``: started, stopped and started again by the test."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, **settings: str) -> None:
         self.tmp = tmp
         self.data_dir = tmp / "data"
-        self.env = _service_env(self.data_dir, MPQ_WORKER_STOP_TIMEOUT_S="1")
+        self.env = _service_env(self.data_dir, MPQ_WORKER_STOP_TIMEOUT_S="1", **settings)
         self.log_path = tmp / "serve.log"
         self.settings = Settings(data_dir=self.data_dir)
         upgrade(self.settings.database_url)
@@ -390,3 +390,28 @@ def test_embedded_worker_killed_is_restarted_and_its_job_requeued(
     jobs = assert_settled_once(embedded.factory, embedded.storage, [slow], [embedded.log_path])
     assert (jobs[slow].status, jobs[slow].attempts) == ("succeeded", 2)
     assert httpx.get(f"{embedded.base}/readyz", timeout=10).status_code == 200
+
+
+def test_embedded_time_limit_fails_the_job_and_frees_the_worker(
+    tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]
+) -> None:
+    # The solo pool has no Celery time limits: the reaper's backstop fails a job still running
+    # job_time_limit_s + job_stale_after_s after its attempt started, and the attempt stops at
+    # its next progress report.
+    service = Embedded(tmp_path, MPQ_JOB_TIME_LIMIT_S="3")
+    try:
+        service.start()
+        assert service.proc is not None
+        endless = {**SLOW_SPEC, "finetune": {**SLOW_SPEC["finetune"], "epochs": 1_000_000}}
+        stuck = service.submit(endless, zoo_bytes("mlp", "script"))
+        quick = service.submit(QUICK_SPEC, zoo_bytes("mlp", "script"))
+        _wait("both jobs final", _final(service.factory, [stuck, quick]), [service.proc])
+        jobs = assert_settled_once(
+            service.factory, service.storage, [stuck, quick], [service.log_path]
+        )
+        assert (jobs[stuck].status, jobs[stuck].error_code) == ("failed", "time_limit_exceeded")
+        assert jobs[stuck].artifacts == [] and jobs[stuck].attempts == 1
+        assert jobs[quick].status == "succeeded"  # the worker went on to the next job
+        assert "stopped: cancelled, deleted or failed by the reaper" in service.log_path.read_text()
+    finally:
+        service.close()
