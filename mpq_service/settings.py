@@ -46,6 +46,15 @@ class Settings(BaseSettings):
             broker's visibility timeout.
         job_max_attempts: how many times a job is started before it is failed for good (a job
             that kills its worker every time must fail, not loop).
+        sandbox: how jobs are isolated (see README, "Security"): ``auto`` uses Linux user
+            namespaces where the host allows them and falls back to a limited child process
+            (clean environment, resource limits, seccomp, but the host's files readable) with a
+            warning; ``required`` refuses to run jobs without namespaces (use it in
+            production); ``process`` never uses namespaces.
+        sandbox_memory_bytes: memory limit of a job's process (``RLIMIT_DATA``); 0 means 80% of
+            the machine's memory.
+        sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
+            times the number of CPUs.
     """
 
     model_config = SettingsConfigDict(
@@ -67,6 +76,9 @@ class Settings(BaseSettings):
     api_key_pepper: SecretStr = SecretStr("")
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    sandbox: Literal["auto", "required", "process"] = "auto"
+    sandbox_memory_bytes: int = Field(default=0, ge=0)
+    sandbox_cpu_seconds: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:
