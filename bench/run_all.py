@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from bench import bench_allocation, bench_api, bench_pipeline, bench_sensitivity, bench_zoo
+from bench import (
+    bench_allocation,
+    bench_api,
+    bench_pipeline,
+    bench_sandbox,
+    bench_sensitivity,
+    bench_zoo,
+)
 
 
 def main() -> None:
@@ -11,6 +18,7 @@ def main() -> None:
     bench_pipeline.main([])
     bench_api.main([])
     bench_zoo.main([])
+    bench_sandbox.main([])
 
 
 if __name__ == "__main__":

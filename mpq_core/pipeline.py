@@ -25,7 +25,7 @@ from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.report import build_report
 from mpq_core.runner import MODEL_ERRORS, check_data_fits, error_summary
@@ -43,7 +43,6 @@ __all__ = [
     "run",
 ]
 
-STAGES = ("intake", "profile", "analyze", "allocate", "quantize", "finetune", "evaluate", "export")
 
 ModelSource = LoadedModel | str | Path | bytes
 DataSource = CalibrationData | str | Path | bytes

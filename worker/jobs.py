@@ -1,8 +1,8 @@
 """One job attempt, from the database row to the stored artifacts: :func:`run_job`.
 
 No broker here: the Celery task in :mod:`worker.tasks` is a thin wrapper, and the tests call
-:func:`run_job` directly. The pipeline (and with it torch) is imported inside :func:`run_job`, so
-importing this module stays cheap.
+:func:`run_job` directly. The pipeline runs in a child process, so this module never imports
+torch.
 
 Life of an attempt:
 
@@ -12,16 +12,18 @@ Life of an attempt:
    job (cancelled while queued, or a redelivered message of a finished job), or one running
    with a live heartbeat (a duplicate message: the reaper re-queued it and the broker redelivered
    it too). A job already started ``job_max_attempts`` times (it killed its worker each time) is
-   failed with ``worker_lost_repeatedly``.
-1b. While the attempt runs, a :class:`~worker.heartbeat.Heartbeat` thread stamps
-   ``heartbeat_at``; :mod:`mpq_service.reaper` re-queues the job if those stop.
-2. Inputs are downloaded from storage into a private temporary folder under ``workdir``.
-3. A stored sensitivity table for the same tenant, model, data and analysis settings is reused.
-4. The pipeline runs; progress (stage and overall fraction) is written at most every
-   :data:`PROGRESS_INTERVAL_S` seconds and at every stage change, with a conditional update that
-   also notices a cancellation (status set to ``cancelled`` by the API) or a deleted job and
-   aborts the attempt.
-5. Artifacts go to storage (keys from :mod:`mpq_service.storage_keys`) with Artifact rows, the
+   failed with ``worker_lost_repeatedly``. While the attempt runs, a
+   :class:`~worker.heartbeat.Heartbeat` thread stamps ``heartbeat_at``; :mod:`mpq_service.reaper`
+   re-queues the job if those stop.
+2. Inputs are downloaded from storage into a private temporary folder under ``workdir``,
+   with a stored sensitivity table for the same tenant, model, data and analysis settings.
+3. The pipeline runs in a sandboxed child process (:mod:`worker.child_job`, :mod:`worker.sandbox`):
+   the uploaded model is never loaded in this process, which holds the credentials. Progress
+   (stage and overall fraction) is written at most every :data:`PROGRESS_INTERVAL_S` seconds and
+   at every stage change, and at least every few seconds, with a conditional update that also
+   notices a cancellation (status set to ``cancelled`` by the API), a deleted job or a newer
+   attempt: the child is then killed with its whole process tree.
+4. Artifacts go to storage (keys from :mod:`mpq_service.storage_keys`) with Artifact rows, the
    sensitivity table into the cache, and the job is marked ``succeeded`` with a result
    summary, only if it is still running *this* attempt.
 
@@ -31,17 +33,20 @@ once. The final write is retried through database errors for ``job_final_write_r
 database stays away longer, the job is left ``running`` without a heartbeat and the reaper
 settles it. Progress writes that fail on a database error are skipped (the next one tries again).
 
-Every failure ends the attempt with a final status: :class:`MpqError` -> ``failed`` with its code
-and message; a soft time limit -> ``time_limit_exceeded``; anything else -> ``internal_error``
-with a one-line message (the traceback goes to the log).
+Every failure ends the attempt with a final status: :class:`MpqError` (raised here or reported
+by the child, including the sandbox's limits: ``time_limit_exceeded``,
+``cpu_time_limit_exceeded``, ``memory_limit_exceeded``, ``job_crashed``) -> ``failed`` with its
+code and message; Celery's soft time limit -> ``time_limit_exceeded``; anything else ->
+``internal_error`` with a one-line message (the traceback goes to the log).
 
-Device: the pipeline has no device option yet, so jobs run on the CPU even where CUDA is present.
+This module imports no torch: the worker's own process never needs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -55,16 +60,20 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_core.errors import MpqError
+from mpq_core.progress import STAGES
+from mpq_core.spec import JobSpec
 from mpq_service import storage_keys
+from mpq_service.celery_config import soft_time_limit
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
 from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
 from mpq_service.storage import ObjectNotFound, Storage
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
+from worker.child_job import ChildJob, run_child_job
 from worker.heartbeat import Heartbeat
+from worker.sandbox import SandboxLimits, SandboxUnavailable, choose_isolation
 
 if TYPE_CHECKING:
-    from mpq_core.sensitivity_table import SensitivityTable
     from mpq_service.settings import Settings
 
 __all__ = [
@@ -120,8 +129,6 @@ class _Inputs:
     eval_format: str | None = None
     #: This attempt's number (``jobs.attempts`` once claimed); every write checks it.
     attempt: int = 0
-    #: Wall-clock limit of the attempt (``job_time_limit_s``), for whatever runs the model.
-    time_limit_s: int = 0
     #: How long a final write (and the last progress check) retries through database errors.
     final_write_retry_s: float = 0.0
 
@@ -131,8 +138,10 @@ class _Progress:
     """The pipeline's progress callback: overall fraction to the database, cancellation back.
 
     ``attempt`` (the claimed attempt's number) makes every write conditional on this attempt
-    still owning the job. A write that fails on a database error is skipped by the callback
-    (progress is advisory) but retried for ``retry_s`` by :meth:`write`, the explicit check.
+    still owning the job. A write that fails on a database error is skipped with a warning:
+    progress is advisory, and :meth:`write` also serves as the sandbox loop's periodic check,
+    which must not stall while the database is away (the final write retries; the reaper
+    settles what remains).
     """
 
     job_id: str
@@ -143,11 +152,8 @@ class _Progress:
     last_write: float = field(default=-1e9)
     writes: int = 0
     attempt: int | None = None
-    retry_s: float = 0.0
 
     def overall_fraction(self, stage: str, fraction: float) -> float:
-        from mpq_core.pipeline import STAGES
-
         weights = [STAGE_WEIGHTS.get(s, 0.02) for s in STAGES]
         total = sum(weights)
         if stage not in STAGES:
@@ -164,15 +170,15 @@ class _Progress:
             return
         self.stage = stage
         self.last_write = now
-        try:
-            self._write_once()
-        except SQLAlchemyError as exc:
-            log.warning("job %s: progress not recorded: %s", self.job_id, first_line(exc))
+        self.write()
 
     def write(self) -> None:
         """Store stage and progress if this attempt still runs the job, else raise
         :class:`_Aborted` (:class:`_Superseded` when a newer attempt owns it)."""
-        _retrying(self._write_once, self.retry_s, f"job {self.job_id}: progress")
+        try:
+            self._write_once()
+        except SQLAlchemyError as exc:
+            log.warning("job %s: progress not recorded: %s", self.job_id, first_line(exc))
 
     def _write_once(self) -> None:
         with session_scope(self.session_factory) as session:
@@ -260,7 +266,6 @@ def _inputs_of(job: Job, settings: Settings) -> _Inputs:
         data_sha256=job.dataset.sha256,
         data_format=job.dataset.format,
         attempt=job.attempts,
-        time_limit_s=settings.job_time_limit_s,
         final_write_retry_s=settings.job_final_write_retry_s,
     )
     if job.eval_dataset is not None:
@@ -372,10 +377,10 @@ def fail_running_job(
 
 
 def _cached_table(
-    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, tmp: Path
-) -> SensitivityTable | None:
-    from mpq_core.sensitivity_table import SensitivityTable
-
+    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, dest: Path
+) -> bool:
+    """Download the stored sensitivity table for ``key`` to ``dest``; False when there is none.
+    The child parses it (and recomputes when it is unusable)."""
     try:
         with session_scope(factory) as session:
             row = session.scalars(
@@ -386,16 +391,15 @@ def _cached_table(
             storage_key = row.storage_key if row is not None else None
     except SQLAlchemyError as exc:  # a cache: a database blip costs a recomputation, not the job
         log.warning("sensitivity cache %s not readable (%s); computing", key, first_line(exc))
-        return None
+        return False
     if storage_key is None:
-        return None
-    path = tmp / "sensitivity.cached.json"
+        return False
     try:
-        storage.get_file(storage_key, path)
-        return SensitivityTable.load(path)
-    except (ObjectNotFound, MpqError) as exc:
-        log.warning("sensitivity cache %s unusable (%s); recomputing", key, exc)
-        return None
+        storage.get_file(storage_key, dest)
+        return True
+    except ObjectNotFound:
+        log.warning("sensitivity cache %s: its object is gone; recomputing", key)
+        return False
 
 
 def _store_table(
@@ -480,7 +484,7 @@ def _run_claimed(
     uploaded: list[str] = []
     try:
         with tempfile.TemporaryDirectory(dir=workdir, prefix=f"job-{job_id}-") as tmp_name:
-            _attempt(job_id, inputs, factory, storage, Path(tmp_name), uploaded)
+            _attempt(job_id, inputs, factory, storage, Path(tmp_name), uploaded, settings)
         return
     except _Superseded:
         # The artifact keys now belong to the newer attempt: delete nothing.
@@ -492,6 +496,9 @@ def _run_claimed(
         log.info("job %s: stopped: cancelled, deleted or failed by the reaper meanwhile", job_id)
         _delete(storage, uploaded)
         return
+    except SandboxUnavailable as exc:
+        log.error("job %s: %s", job_id, exc)
+        code, message = "sandbox_unavailable", str(exc)
     except MpqError as exc:
         log.info("job %s: failed: %s", job_id, exc)
         code, message = exc.code, exc.message
@@ -631,6 +638,41 @@ def _store_artifacts(
     return rows
 
 
+def _limits(settings: Settings, elapsed_s: float) -> SandboxLimits:
+    """The child's limits: the wall clock ends before Celery's soft limit would fire."""
+    wall = soft_time_limit(settings.job_time_limit_s) - elapsed_s - 1.0
+    memory = settings.sandbox_memory_bytes or int(
+        0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    cpu = settings.sandbox_cpu_seconds or settings.job_time_limit_s * (os.cpu_count() or 1)
+    return SandboxLimits(
+        wall_seconds=max(1.0, wall),
+        memory_bytes=memory,
+        cpu_seconds=cpu,
+        file_bytes=4 * settings.max_upload_bytes,
+    )
+
+
+def _download_inputs(
+    inputs: _Inputs, factory: sessionmaker[Session], storage: Storage, folder: Path, key: str
+) -> ChildJob:
+    folder.mkdir(parents=True)
+    _download(storage, inputs.model_key, folder / "model.bin", "model")
+    _download(storage, inputs.data_key, folder / f"data.{inputs.data_format}", "data set")
+    eval_name = None
+    if inputs.eval_key is not None:
+        eval_name = f"eval.{inputs.eval_format}"
+        _download(storage, inputs.eval_key, folder / eval_name, "evaluation data set")
+    cached = _cached_table(factory, storage, inputs.tenant_id, key, folder / "sensitivity.json")
+    return ChildJob(
+        spec=inputs.spec,
+        model="model.bin",
+        data=f"data.{inputs.data_format}",
+        eval=eval_name,
+        sensitivity="sensitivity.json" if cached else None,
+    )
+
+
 def _attempt(
     job_id: str,
     inputs: _Inputs,
@@ -638,57 +680,48 @@ def _attempt(
     storage: Storage,
     tmp: Path,
     uploaded: list[str],
+    settings: Settings,
 ) -> None:
-    from mpq_core.pipeline import quantize_model
-    from mpq_core.spec import JobSpec
-
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     spec = JobSpec.from_dict(inputs.spec)
-    progress = _Progress(
-        job_id, factory, attempt=inputs.attempt, retry_s=inputs.final_write_retry_s
-    )
+    progress = _Progress(job_id, factory, attempt=inputs.attempt)
     progress("intake", 0.0, {})  # also notices a cancellation that came in meanwhile
-
-    model_path = tmp / "input" / "model.bin"
-    data_path = tmp / "input" / f"data.{inputs.data_format}"
-    _download(storage, inputs.model_key, model_path, "model")
-    _download(storage, inputs.data_key, data_path, "data set")
-    eval_path: Path | None = None
-    if inputs.eval_key is not None:
-        eval_path = tmp / "input" / f"eval.{inputs.eval_format}"
-        _download(storage, inputs.eval_key, eval_path, "evaluation data set")
+    isolation = choose_isolation(settings.sandbox)
 
     key = SensitivityCache.make_key(
         inputs.model_sha256,
         inputs.data_sha256,
-        spec.sensitivity_settings(has_eval_data=eval_path is not None),
+        spec.sensitivity_settings(has_eval_data=inputs.eval_key is not None),
     )
-    cached = _cached_table(factory, storage, inputs.tenant_id, key, tmp)
+    child_job = _download_inputs(inputs, factory, storage, tmp / "input", key)
     seconds["download"] = round(time.perf_counter() - start, 4)
 
     t0 = time.perf_counter()
-    result = quantize_model(
-        model_path,
-        data_path,
-        spec,
-        tmp / "out",
-        eval_source=eval_path,
-        sensitivity=cached,
-        progress=progress,
+    result = run_child_job(
+        child_job,
+        tmp,
+        limits=_limits(settings, time.perf_counter() - start),
+        isolation=isolation,
+        on_progress=lambda stage, fraction: progress(stage, fraction, {}),
+        tick=progress.write,
     )
     seconds["pipeline"] = round(time.perf_counter() - t0, 4)
     progress.write()  # cancelled during the last stage? then nothing is uploaded
 
     t0 = time.perf_counter()
     rows = _store_artifacts(storage, inputs.tenant_id, job_id, result.artifacts, uploaded)
-    if cached is None:
-        table_path = tmp / "sensitivity.store.json"
-        result.sensitivity.save(table_path)
-        _store_table(factory, storage, inputs.tenant_id, key, table_path)
+    if child_job.sensitivity is None and result.table is not None:
+        _store_table(factory, storage, inputs.tenant_id, key, result.table)
     seconds["upload"] = round(time.perf_counter() - t0, 4)
     seconds["total"] = round(time.perf_counter() - start, 4)
 
-    summary = _summary(result.report, reused=cached is not None, key=key, seconds=seconds)
+    summary = _summary(
+        result.report, reused=child_job.sensitivity is not None, key=key, seconds=seconds
+    )
+    summary["sandbox"] = {
+        "isolation": isolation.value,
+        "cpu_seconds": result.outcome.cpu_seconds,
+    }
     _record_success(factory, job_id, inputs, rows, summary, key)
     log.info("job %s: succeeded in %.1f s", job_id, seconds["total"])

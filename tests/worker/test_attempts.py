@@ -22,7 +22,6 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
-import mpq_core.pipeline
 import worker.jobs
 from mpq_service.db import session_scope
 from mpq_service.reaper import reap
@@ -112,20 +111,24 @@ def test_attempt_presumed_dead_mid_pipeline_records_and_deletes_nothing(
 ) -> None:
     env = make_env(**QUIET)
     job_id = env.create_job()
-    original = mpq_core.pipeline.allocate
+    original = worker.jobs._Progress.__call__
     sent: list[str] = []
     calls: list[str] = []
     successor: list[tuple[Any, ...]] = []
 
-    def stall_while_replaced(*args: Any, **kwargs: Any) -> Any:
-        if not calls:  # attempt 1 stalls here; attempt 2 runs the real stage
+    def stall_while_replaced(
+        progress: worker.jobs._Progress, stage: str, fraction: float, metrics: dict[str, Any]
+    ) -> None:
+        # Attempt 1's worker stalls when its job reaches the allocation stage (attempt 2 goes
+        # through): long enough to be presumed dead and replaced.
+        if stage == "allocate" and not calls:
             calls.append("attempt 1")
             successor.append(_presume_dead_and_rerun(env, job_id, sent))
-        return original(*args, **kwargs)
+        original(progress, stage, fraction, metrics)
 
-    monkeypatch.setattr(mpq_core.pipeline, "allocate", stall_while_replaced)
+    monkeypatch.setattr(worker.jobs._Progress, "__call__", stall_while_replaced)
     _run(env, job_id)  # attempt 1 resumes after attempt 2 finished, and must stop
-    assert sent == [job_id]
+    assert calls and sent == [job_id]
     assert _snapshot(env, job_id) == successor[0]
     rows = env.job(job_id).artifacts
     assert rows and all(env.storage.exists(a.storage_key) for a in rows)
