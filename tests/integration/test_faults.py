@@ -52,7 +52,7 @@ OUTAGE_S = 30.0
 SLOW_SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=4"],
     "batch_size": 16,
-    "finetune": {"epochs": 2500, "batch_size": 8, "lr": 1e-3, "patience": 1000000},
+    "finetune": {"epochs": 1000, "batch_size": 8, "lr": 1e-3, "patience": 1000000},
 }
 QUICK_SPEC: dict[str, Any] = {
     "budgets": ["avg-bits=4"],
@@ -249,7 +249,8 @@ def test_postgres_unreachable_for_30_s_mid_job_finishes_once(
                 env.session_factory, env.storage, [job_id], [worker.log_path]
             )
             assert (jobs[job_id].status, jobs[job_id].attempts) == ("succeeded", 1)
-            assert "database error, retrying" in worker.log_path.read_text()
+            # The worker saw the outage (its heartbeats failed) and carried on.
+            assert "heartbeat failed" in worker.log_path.read_text()
             assert worker.alive()
         finally:
             worker.stop()
