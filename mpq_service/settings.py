@@ -55,6 +55,19 @@ class Settings(BaseSettings):
             the machine's memory.
         sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
             times the number of CPUs.
+        job_heartbeat_interval_s: how often a running attempt stamps ``jobs.heartbeat_at``.
+        job_stale_after_s: a running job whose heartbeat is older than this is presumed
+            orphaned (its worker died) and is re-queued by the reaper, or failed with
+            ``worker_lost_repeatedly`` once it has been started ``job_max_attempts`` times. Keep
+            it well above the heartbeat interval and above the database blips you expect to
+            ride out; at least three heartbeat intervals.
+        reaper_interval_s: how often each worker process (and ``mpq serve``) looks for
+            orphaned jobs.
+        job_final_write_retry_s: how long an attempt keeps retrying its final status write
+            through database errors (with backoff) before leaving the job to the reaper.
+        worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
+            shutdown: it finishes its job) before it is killed; a killed worker's job is
+            re-queued at the next start.
     """
 
     model_config = SettingsConfigDict(
@@ -79,6 +92,11 @@ class Settings(BaseSettings):
     sandbox: Literal["auto", "required", "process"] = "auto"
     sandbox_memory_bytes: int = Field(default=0, ge=0)
     sandbox_cpu_seconds: int = Field(default=0, ge=0)
+    job_heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    job_stale_after_s: float = Field(default=120.0, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    job_final_write_retry_s: float = Field(default=120.0, ge=0)
+    worker_stop_timeout_s: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:
@@ -89,6 +107,11 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("MPQ_S3_BUCKET is required when MPQ_STORAGE=s3")
+        if self.job_stale_after_s < 3 * self.job_heartbeat_interval_s:
+            # A live attempt would look orphaned after one late heartbeat and be re-queued.
+            raise ValueError(
+                "MPQ_JOB_STALE_AFTER_S must be at least 3 x MPQ_JOB_HEARTBEAT_INTERVAL_S"
+            )
         return self
 
     @property

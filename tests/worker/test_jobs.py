@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import worker.child_job
 from mpq_service.db import session_scope
 from mpq_service.storage import LocalStorage
 from mpq_service.storage_keys import artifact_key, tenant_prefix
-from mpq_service.tables import Artifact, Job, SensitivityCache
+from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from tests.support.files import npz_bytes
 from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import run_job
@@ -165,13 +166,16 @@ def test_missing_upload_fails_with_input_missing(env: Env) -> None:
 
 
 def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]) -> None:
+    # A message redelivered after the worker died: the job is still "running", its heartbeat
+    # stale (older than job_stale_after_s).
     env = make_env(job_max_attempts=2)
-    job_id = env.create_job(status="running", attempts=2)
+    dead = utcnow() - timedelta(hours=1)
+    job_id = env.create_job(status="running", attempts=2, heartbeat_at=dead)
     job = _run(env, job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost_repeatedly", 2)
     assert job.error_message and "2 time(s)" in job.error_message
     # One attempt left: it runs (and counts).
-    other = _run(env, env.create_job(status="running", attempts=1))
+    other = _run(env, env.create_job(status="running", attempts=1, heartbeat_at=dead))
     assert (other.status, other.attempts) == ("succeeded", 2)
 
 
