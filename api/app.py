@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import error_response, install_error_handlers
 from api.queue import Enqueue, celery_enqueue
+from api.request_guard import RejectNulCharacters
 from api.routes import api_router
 from mpq_service.db import make_engine, make_sessionmaker
 from mpq_service.settings import Settings, get_settings
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.state.storage = storage
     app.state.enqueue = enqueue if enqueue is not None else celery_enqueue(settings)
     install_error_handlers(app)
+    app.add_middleware(RejectNulCharacters)
     app.include_router(api_router)
 
     @app.get("/healthz", tags=["health"])
