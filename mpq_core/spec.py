@@ -74,7 +74,7 @@ DEFAULT_BATCH_SIZE = 64
 MAX_BATCH = 65_536
 MAX_EPOCHS = 10_000
 MAX_ITERATIONS = 100_000
-MAX_LR = 1.0
+MAX_LR = 10.0
 MAX_LOSS_WEIGHT = 1e4
 MAX_SEED = 2**32 - 1  # seeds are offset and multiplied (losses.py); 32 bits keep them in int64
 MAX_BUDGETS = 16
@@ -187,7 +187,7 @@ class FinetuneSpec:
         self.epochs = as_int("finetune.epochs", self.epochs, 0, MAX_EPOCHS)
         if self.steps is not None:
             self.steps = as_int("finetune.steps", self.steps, 0, MAX_ITERATIONS * 100)
-        # Adam beyond lr 1 diverges on any model; a learning rate that large is a typo.
+        # Adam diverges far below lr 10 on any model; a learning rate beyond it is a typo.
         self.lr = as_float("finetune.lr", self.lr, 0.0, MAX_LR, above_lo=True)
         self.val_fraction = as_float("finetune.val_fraction", self.val_fraction, 0.0, 0.9)
         self.batch_size = as_int("finetune.batch_size", self.batch_size, 1, MAX_BATCH)
