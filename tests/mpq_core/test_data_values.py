@@ -145,3 +145,21 @@ def test_device_index_past_the_last_gpu_is_device_unavailable() -> None:
         resolve_device(f"cuda:{torch.cuda.device_count()}")
     assert info.value.code == "device_unavailable"
     assert resolve_device("cuda:0").index == 0
+
+
+class _NanHead(torch.nn.Module):
+    """A model that answers NaN on any input (a broken export, an overflowing float16 model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * torch.log(-torch.ones_like(x[:, :1]))
+
+
+def test_model_answering_nan_on_finite_data_is_output_not_finite() -> None:
+    model = torchscript_bytes(_NanHead(), (torch.randn(2, FEATURES),))
+    with pytest.raises(DataMismatch) as info:
+        run(_spec(), model, npz_bytes(**_arrays()))
+    assert info.value.code == "output_not_finite"
