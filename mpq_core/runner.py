@@ -53,7 +53,9 @@ def error_summary(exc: BaseException, limit: int = 300) -> str:
     if not lines:
         return type(exc).__name__
     causes = [line for line in lines if "Error: " in line or "Exception: " in line]
-    return (causes[-1] if isinstance(exc, torch.jit.Error) and causes else lines[0])[:limit]
+    # The interpreter also raises plain RuntimeErrors that open with its generic line.
+    generic = isinstance(exc, torch.jit.Error) or lines[0].startswith("The following operation")
+    return (causes[-1] if generic and causes else lines[0])[:limit]
 
 
 @dataclass
@@ -101,6 +103,43 @@ def check_data_fits(
             code="output_not_finite",
         )
     _check_labels(data, out)
+    _probe_extremes(model, data, output_key)
+
+
+def _extreme_samples(data: CalibrationData) -> list[tuple[int, int, int]]:
+    """``(sample, input, value)`` for the samples holding the largest and the smallest value of
+    each integer input, outside the first probe batch (samples 0 and 1)."""
+    found: dict[int, tuple[int, int]] = {}
+    for i, tensor in enumerate(data.inputs):
+        flat = tensor.reshape(tensor.shape[0], -1)
+        if tensor.is_floating_point() or tensor.dtype == torch.bool or not flat.shape[1]:
+            continue
+        top, bottom = flat.max(dim=1).values, flat.min(dim=1).values
+        high, low = int(top.argmax()), int(bottom.argmin())
+        found.setdefault(high, (i, int(top[high])))
+        found.setdefault(low, (i, int(bottom[low])))
+    return [(sample, *found[sample]) for sample in sorted(found) if sample >= 2]
+
+
+def _probe_extremes(model: LoadedModel, data: CalibrationData, output_key: Any) -> None:
+    """Run the model on the samples holding each integer input's extreme values: a token id past
+    the vocabulary in sample 900 would otherwise fail the job halfway through the analysis."""
+    extremes = _extreme_samples(data)
+    if not extremes:
+        return
+    picked = data.subset(torch.tensor([sample for sample, _, _ in extremes]))
+    for batch in iter_batches(model, picked, 2):
+        try:
+            with torch.no_grad():
+                select_output(model(*batch.inputs), output_key)
+        except MODEL_ERRORS as exc:
+            rows = extremes[batch.start : batch.start + batch.valid]
+            where = " or ".join(f"sample {s} (input {i} holds {v})" for s, i, v in rows)
+            raise DataMismatch(
+                f"the model fails on {where}: {error_summary(exc)}; integer inputs such as token "
+                "ids must lie within what the model accepts (its vocabulary)",
+                code="data_out_of_range",
+            ) from exc
 
 
 def check_data_values(data: CalibrationData, *, min_samples: int = MIN_CALIBRATION_SAMPLES) -> None:

@@ -14,6 +14,7 @@ import torch
 from mpq_core.errors import DataMismatch, MpqError
 from mpq_core.pipeline import resolve_device, run
 from mpq_core.spec import JobSpec
+from tests.conftest import zoo_data, zoo_module
 from tests.support.files import npz_bytes
 from tests.zoo import SmallMLP, torchscript_bytes
 
@@ -163,3 +164,18 @@ def test_model_answering_nan_on_finite_data_is_output_not_finite() -> None:
     with pytest.raises(DataMismatch) as info:
         run(_spec(), model, npz_bytes(**_arrays()))
     assert info.value.code == "output_not_finite"
+
+
+def test_token_id_past_the_vocabulary_deep_in_the_data_is_data_out_of_range() -> None:
+    """The first probe batch is fine; sample 17 holds an id the embedding does not have."""
+    data = zoo_data("text", N)
+    model = torchscript_bytes(zoo_module("text"), tuple(t[:2] for t in data.inputs))
+    ids = data.inputs[0].clone()
+    ids[17, 3] = 30  # the vocabulary is 0..29
+    arrays = {"input_0": ids.numpy(), "input_1": data.inputs[1].numpy()}
+    with pytest.raises(DataMismatch) as info:
+        run(_spec(), model, npz_bytes(**arrays))
+    assert info.value.code == "data_out_of_range"
+    assert "sample 17 (input 0 holds 30)" in info.value.message
+    assert "index out of range" in info.value.message
+    run(_spec(), model, npz_bytes(input_0=data.inputs[0].numpy(), input_1=arrays["input_1"]))
