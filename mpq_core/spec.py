@@ -383,7 +383,10 @@ class JobSpec:
             unknown += sorted(f"{name}.{k}" for k in set(part) - part_known)
             parts[name] = part
         if unknown:
-            raise SpecError(f"unknown job spec field(s): {', '.join(unknown)}")
+            # A few names say what is wrong; 50,000 of them would only make a huge answer.
+            shown = ", ".join(name[:60] for name in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise SpecError(f"unknown job spec field(s): {shown}{more}")
         try:
             return cls(
                 **body,

@@ -160,6 +160,7 @@ TEXT_AND_SIZE = [
     _bad('"device": "cuda:99999999999999999999"', "invalid_spec", "device-huge-index"),
     _bad('"device": "tpu"', "invalid_spec", "device-tpu"),
     _bad('"colour": "red"', "invalid_spec", "unknown-field"),
+    _bad(", ".join(f'"f{i}": 0' for i in range(50_000)), "invalid_spec", "50k-unknown-fields"),
     _bad('"pins": {"(a)\\\\1": 4}', "invalid_regex", "pin-backreference"),
     _bad('"ties": ["(?=fc)fc"]', "invalid_regex", "tie-lookahead"),
     _bad('"pins": {"a{1000}{1000}": 4}', "invalid_regex", "pin-repetition-bomb"),
@@ -313,6 +314,7 @@ def _check(case: Case, r: Any) -> None:
     error = r.json()["error"]
     assert error["code"] == case.code, f"{case.id}: {error}"
     assert error["message"] and "Traceback" not in error["message"]
+    assert len(error["message"]) < 2000, f"{case.id}: a {len(error['message'])}-character message"
 
 
 def test_corpus_is_large_and_each_case_named_once() -> None:
