@@ -25,6 +25,7 @@ from api.readiness import (
     readiness_response,
     storage_probe,
 )
+from api.request_guard import RejectNulCharacters
 from api.routes import api_router
 from mpq_service.db import make_engine, make_sessionmaker
 from mpq_service.settings import Settings, get_settings
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         probes["broker"] = broker_probe(settings)
     app.state.readiness_probes = probes
     install_error_handlers(app)
+    app.add_middleware(RejectNulCharacters)
     app.include_router(api_router)
 
     @app.get("/healthz", tags=["health"])

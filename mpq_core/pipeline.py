@@ -28,7 +28,7 @@ from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.report import build_report
-from mpq_core.runner import MODEL_ERRORS, check_data_fits, error_summary
+from mpq_core.runner import MODEL_ERRORS, check_data_fits, check_finetune_samples, error_summary
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
@@ -232,13 +232,15 @@ def prepare_job(
     check_data_fits(model, data, output_key=spec.output_key)
     if eval_source is not None:
         test = _loaded(eval_source)
-        check_data_fits(model, test, output_key=spec.output_key)
+        check_data_fits(model, test, output_key=spec.output_key, min_samples=1)
         work, eval_from = data, "eval data"
     elif spec.eval_fraction > 0 and data.num_samples >= 2:
         work, test = split_holdout(data, spec.eval_fraction, spec.seed)
         eval_from = f"held-out {spec.eval_fraction:.0%} of the data"
     else:
         work, test, eval_from = data, data, "the calibration data itself (nothing held out)"
+    if spec.finetunes:
+        check_finetune_samples(work)
 
     device = resolve_device(spec.device)
     device_note = None
@@ -348,7 +350,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError("device 'cuda' was asked for but no CUDA device is available")
+        raise SpecError(
+            f"device {name!r} was asked for but no CUDA device is available; use 'auto' or 'cpu'",
+            code="device_unavailable",
+        )
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise SpecError(
+            f"device {name!r} was asked for but this worker has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1}); use 'cuda' or 'auto'",
+            code="device_unavailable",
+        )
     return device
 
 

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
             broker's visibility timeout.
         job_max_attempts: how many times a job is started before it is failed for good (a job
             that kills its worker every time must fail, not loop).
+        sandbox: how jobs are isolated (see README, "Security"): ``auto`` uses Linux user
+            namespaces where the host allows them and falls back to a limited child process
+            (clean environment, resource limits, seccomp, but the host's files readable) with a
+            warning; ``required`` refuses to run jobs without namespaces (use it in
+            production); ``process`` never uses namespaces.
+        sandbox_memory_bytes: memory limit of a job's process (``RLIMIT_DATA``); 0 means 80% of
+            the machine's memory.
+        sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
+            times the number of CPUs.
         job_heartbeat_interval_s: how often a running attempt stamps ``jobs.heartbeat_at``.
         job_stale_after_s: a running job whose heartbeat is older than this is presumed
             orphaned (its worker died) and is re-queued by the reaper, or failed with
@@ -59,15 +68,6 @@ class Settings(BaseSettings):
         worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
             shutdown: it finishes its job) before it is killed; a killed worker's job is
             re-queued at the next start.
-        sandbox: how jobs are isolated (see README, "Security"): ``auto`` uses Linux user
-            namespaces where the host allows them and falls back to a limited child process
-            (clean environment, resource limits, seccomp, but the host's files readable) with a
-            warning; ``required`` refuses to run jobs without namespaces (use it in
-            production); ``process`` never uses namespaces.
-        sandbox_memory_bytes: memory limit of a job's process (``RLIMIT_DATA``); 0 means 80% of
-            the machine's memory.
-        sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
-            times the number of CPUs.
     """
 
     model_config = SettingsConfigDict(
@@ -89,14 +89,14 @@ class Settings(BaseSettings):
     api_key_pepper: SecretStr = SecretStr("")
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    sandbox: Literal["auto", "required", "process"] = "auto"
+    sandbox_memory_bytes: int = Field(default=0, ge=0)
+    sandbox_cpu_seconds: int = Field(default=0, ge=0)
     job_heartbeat_interval_s: float = Field(default=5.0, gt=0)
     job_stale_after_s: float = Field(default=120.0, gt=0)
     reaper_interval_s: float = Field(default=30.0, gt=0)
     job_final_write_retry_s: float = Field(default=120.0, ge=0)
     worker_stop_timeout_s: float = Field(default=10.0, ge=0)
-    sandbox: Literal["auto", "required", "process"] = "auto"
-    sandbox_memory_bytes: int = Field(default=0, ge=0)
-    sandbox_cpu_seconds: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:

@@ -129,7 +129,7 @@ class _Inputs:
     eval_format: str | None = None
     #: This attempt's number (``jobs.attempts`` once claimed); every write checks it.
     attempt: int = 0
-    #: How long a final write (and the last progress check) retries through database errors.
+    #: How long the final write retries through database errors.
     final_write_retry_s: float = 0.0
 
 
@@ -139,9 +139,9 @@ class _Progress:
 
     ``attempt`` (the claimed attempt's number) makes every write conditional on this attempt
     still owning the job. A write that fails on a database error is skipped with a warning:
-    progress is advisory, and :meth:`write` also serves as the sandbox loop's periodic check,
-    which must not stall while the database is away (the final write retries; the reaper
-    settles what remains).
+    progress is advisory, and :meth:`write` is also the sandbox loop's periodic check, which
+    must not stall while the database is away (the child's wall-clock limit is enforced in that
+    loop); the final write retries, and the reaper settles what remains.
     """
 
     job_id: str
