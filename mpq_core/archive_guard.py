@@ -32,11 +32,12 @@ import math
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mpq_core.errors import DataError, ModelFormatError, MpqError
+from mpq_core.expr_guard import guard_refusal, sympy_expr_refusal
 from mpq_core.op_allowlist import export_target_refusal
 from mpq_core.script_guard import check_script_sources
 
@@ -285,7 +286,7 @@ def check_export_archive(zf: zipfile.ZipFile, limits: ArchiveLimits) -> dict[str
         ):
             if config in rel:
                 _check_payload_config(_json(zf, rel[config], budget), config)
-        _check_graph_targets(_json(zf, rel[f"models/{model}.json"], budget), model)
+        _check_program(_json(zf, rel[f"models/{model}.json"], budget), model)
         sample = f"data/sample_inputs/{model}.pt"
         if sample in rel:
             raw = _read_small(zf, rel[sample], budget)
@@ -321,30 +322,44 @@ def _check_payload_config(config: Any, where: str) -> None:
             raise ModelFormatError(_PICKLE_PT2_MESSAGE.format(what=what), code="model_pickle")
 
 
-def _targets(obj: Any) -> Iterator[str]:
-    """Every operator name the loader resolves: node ``target``s and ``as_operator`` arguments,
-    in the graph and all nested subgraphs."""
+def _strings(obj: Any, keys: frozenset[str]) -> Iterator[tuple[str, str]]:
+    """Every (key, string) under one of ``keys``, in the program and all nested subgraphs."""
     stack = [obj]
     while stack:
         cur = stack.pop()
         if isinstance(cur, dict):
             for key, value in cur.items():
-                if key in ("target", "as_operator") and isinstance(value, str):
-                    yield value
+                if key in keys and isinstance(value, str):
+                    yield key, value
                 else:
                     stack.append(value)
         elif isinstance(cur, list):
             stack.extend(cur)
 
 
-def _check_graph_targets(program: Any, model: str) -> None:
-    for target in _targets(program):
-        why = export_target_refusal(target)
+#: What the torch.export loader does with each kind of string, and the check for it.
+_PROGRAM_STRINGS: dict[str, Callable[[str], str | None]] = {
+    "target": export_target_refusal,  # resolved with getattr on torch and called
+    "as_operator": export_target_refusal,
+    "expr_str": sympy_expr_refusal,  # sympy.sympify, i.e. eval
+}
+
+
+def _check_program(program: Any, model: str) -> None:
+    """Refuse a program naming anything but allowed operators, or carrying Python code."""
+    guards = program.get("guards_code", []) if isinstance(program, dict) else []
+    if not isinstance(guards, list) or not all(isinstance(g, str) for g in guards):
+        raise ModelFormatError("the program's guards_code is malformed", code="model_corrupt")
+    found = list(_strings(program, frozenset(_PROGRAM_STRINGS)))
+    found += [("guards_code", g) for g in guards]
+    for key, text in found:
+        check = guard_refusal if key == "guards_code" else _PROGRAM_STRINGS[key]
+        why = check(text)
         if why is not None:
             raise ModelFormatError(
-                f"the torch.export program '{model}' calls {target!r} ({why}); mpq only loads "
-                "programs made of pure tensor operators: remove that call (or the custom op) "
-                "and export again",
+                f"the torch.export program '{model}' holds {key} {text[:200]!r} ({why}), which "
+                "torch would evaluate as Python; mpq only loads programs made of pure tensor "
+                "operators and shape expressions: remove that call (or custom op) and export again",
                 code="model_unsafe_op",
             )
 
