@@ -484,3 +484,20 @@ def test_config_json_is_not_read_past_the_text_budget() -> None:
         hostile.small_export(), {"data/weights/model_weights_config.json": big}
     )
     _model_refused(data, "archive_too_large", ArchiveLimits(max_text_bytes=1024))
+
+
+def test_pipeline_hands_the_service_limits_to_intake(tmp_path: Path) -> None:
+    from mpq_core.pipeline import quantize_model
+    from mpq_core.spec import JobSpec
+
+    x = np.zeros((8, 4), np.float32)
+    limits = ArchiveLimits(max_expanded_bytes=1000, ratio_floor_bytes=0)
+    with pytest.raises(ModelFormatError) as info:
+        quantize_model(
+            hostile.small_script(),
+            npz_bytes(input=x),
+            JobSpec(budgets=["avg-bits=4"]),
+            tmp_path,
+            limits=limits,
+        )
+    assert info.value.code == "archive_too_large"
