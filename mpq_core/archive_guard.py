@@ -285,7 +285,8 @@ def check_export_archive(zf: zipfile.ZipFile, limits: ArchiveLimits) -> dict[str
             f"data/constants/{model}_constants_config.json",
         ):
             if config in rel:
-                _check_payload_config(_json(zf, rel[config], budget), config)
+                entries = _check_payload_config(_json(zf, rel[config], budget), config)
+                _check_payload_sizes(entries, config.rsplit("/", 1)[0], zf, rel, limits)
         _check_program(_json(zf, rel[f"models/{model}.json"], budget), model)
         sample = f"data/sample_inputs/{model}.pt"
         if sample in rel:
@@ -306,8 +307,10 @@ def _json(zf: zipfile.ZipFile, name: str, budget: list[int]) -> Any:
         ) from exc
 
 
-def _check_payload_config(config: Any, where: str) -> None:
-    """Every weight/constant must be a raw tensor record, never a pickle or an object."""
+def _check_payload_config(config: Any, where: str) -> dict[str, dict[str, Any]]:
+    """Every weight/constant must be a raw tensor record, never a pickle or an object.
+
+    Returns the config's entries (fqn -> payload meta)."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise ModelFormatError(f"{where} is not a payload config", code="model_corrupt")
@@ -320,6 +323,35 @@ def _check_payload_config(config: Any, where: str) -> None:
                 " with use_pickle" if meta.get("use_pickle") else ""
             )
             raise ModelFormatError(_PICKLE_PT2_MESSAGE.format(what=what), code="model_pickle")
+    return entries
+
+
+def _check_payload_sizes(
+    entries: dict[str, dict[str, Any]],
+    folder: str,
+    zf: zipfile.ZipFile,
+    rel: dict[str, str],
+    limits: ArchiveLimits,
+) -> None:
+    """torch allocates ``torch.zeros(sizes)`` for an empty record: its declared sizes must be
+    within the limit, and an empty record must hold an empty tensor."""
+    for fqn, meta in entries.items():
+        sizes: Any = (meta.get("tensor_meta") or {}).get("sizes")
+        try:
+            dims: list[int] = [int(d["as_int"]) for d in sizes]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ModelFormatError(f"{fqn!r} has malformed sizes", code="model_corrupt") from exc
+        numel = math.prod(dims)
+        record = rel.get(f"{folder}/{meta['path_name']}")
+        if record is None:
+            raise ModelFormatError(f"{fqn!r}: its record is missing", code="model_corrupt")
+        if numel > limits.max_expanded_bytes or (numel > 0 and zf.getinfo(record).file_size == 0):
+            raise ModelFormatError(
+                f"the torch.export archive declares {fqn!r} with {numel} elements but stores "
+                f"{zf.getinfo(record).file_size} bytes for it; upload the file torch.export.save "
+                "wrote",
+                code="archive_too_large",
+            )
 
 
 def _strings(obj: Any, keys: frozenset[str]) -> Iterator[tuple[str, str]]:

@@ -272,6 +272,22 @@ def test_pt2_legacy_pickled_files_refused(rel: str) -> None:
     assert "legacy" in _model_refused(data, "model_pickle")
 
 
+def test_pt2_empty_record_declaring_a_huge_tensor_refused(traced: None) -> None:
+    # torch allocates torch.zeros(sizes) for an empty record: 2**34 float32 zeros here.
+    paths: list[str] = []
+
+    def grow(config: dict) -> None:
+        meta = config["config"]["fc.weight"]
+        meta["tensor_meta"]["sizes"] = [{"as_int": 2**17}, {"as_int": 2**17}]
+        paths.append(meta["path_name"])
+
+    data = _edit_pt2_config("data/weights/model_weights_config.json", grow)
+    data = hostile.rewrite_zip(data, {f"data/weights/{paths[0]}": b""})
+    tracemalloc.reset_peak()
+    assert "17179869184 elements" in _model_refused(data, "archive_too_large")
+    assert _peak_since_reset() < CHECK_MEMORY
+
+
 def test_pt2_aotinductor_native_code_refused() -> None:
     data = hostile.rewrite_zip(
         hostile.small_export(), {"data/aotinductor/model/model.so": b"\x7fELF"}
