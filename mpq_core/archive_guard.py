@@ -39,7 +39,7 @@ from typing import Any, Literal
 from mpq_core.errors import DataError, ModelFormatError, MpqError
 from mpq_core.expr_guard import guard_refusal, sympy_expr_refusal
 from mpq_core.op_allowlist import export_target_refusal
-from mpq_core.script_guard import check_script_sources
+from mpq_core.script_guard import check_script_pickles, check_script_sources
 
 __all__ = [
     "ArchiveLimits",
@@ -206,7 +206,8 @@ def check_model_archive(
 
 
 def check_torchscript_archive(zf: zipfile.ZipFile, limits: ArchiveLimits) -> None:
-    """Parse every ``code/**.py`` entry and refuse operators outside the allow-list."""
+    """Parse every ``code/**.py`` entry and refuse operators outside the allow-list; read every
+    pickle's opcodes (without running them) and refuse globals TorchScript never writes."""
     rel = _split_root(zf)
     budget = [limits.max_text_bytes]
     sources = {
@@ -215,6 +216,8 @@ def check_torchscript_archive(zf: zipfile.ZipFile, limits: ArchiveLimits) -> Non
         if r.startswith("code/") and r.endswith(".py")
     }
     check_script_sources(sources)
+    pickles = {r: _read_small(zf, name, budget) for r, name in rel.items() if r.endswith("pkl")}
+    check_script_pickles(pickles)
 
 
 # --- torch.export (.pt2) ----------------------------------------------------------------------

@@ -14,12 +14,15 @@ Pure Python (no torch import at module level).
 from __future__ import annotations
 
 import ast
+import io
+import pickletools
+import re
 from collections.abc import Iterator, Mapping
 
 from mpq_core.errors import ModelFormatError
 from mpq_core.op_allowlist import denied_names, op_refusal
 
-__all__ = ["check_script_sources"]
+__all__ = ["check_script_pickles", "check_script_sources"]
 
 _OP_ROOTS = ("torch", "ops")
 
@@ -116,3 +119,55 @@ def _called_name(call: ast.Call) -> str | None:
     if isinstance(func, ast.Attribute) and _chain(func)[0] not in (*_OP_ROOTS, "__torch__"):
         return func.attr
     return None
+
+
+#: Globals TorchScript's own (C++) unpickler resolves in ``data.pkl``, ``constants.pkl``,
+#: ``traced_inputs.pkl`` and ``*.debug_pkl``: tensors and storages, its list/type helpers,
+#: OrderedDict, and classes of the archive itself (``__torch__.*``). A TorchBind class
+#: (``__torch__.torch.classes.<namespace>.<class>``), whose C++ ``__setstate__`` runs on load,
+#: must belong to an allowed namespace.
+_PICKLE_GLOBALS = re.compile(
+    r"collections OrderedDict|torch\._utils _rebuild_[a-z0-9_]+|torch\.jit\._pickle [a-z0-9_]+"
+    r"|torch [A-Za-z]+Storage|__torch__(\.[A-Za-z_][A-Za-z0-9_]*)* [A-Za-z_][A-Za-z0-9_]*"
+)
+
+
+def check_script_pickles(pickles: Mapping[str, bytes]) -> None:
+    """Refuse TorchScript pickles that name globals TorchScript never writes (read with
+    ``pickletools``, which parses opcodes and executes nothing)."""
+    for name, raw in sorted(pickles.items()):
+        for what in _pickle_globals(name, raw):
+            namespace = _torchbind_namespace(what)
+            if namespace is not None:
+                why = op_refusal(namespace, "")
+            elif _PICKLE_GLOBALS.fullmatch(what):
+                why = None
+            else:
+                why = "a global TorchScript never writes"
+            if why is None:
+                continue
+            raise ModelFormatError(
+                f"the TorchScript archive's {name} refers to {what!r} ({why}); mpq only loads "
+                "models made of pure tensor operators: save the model again with torch.jit.save",
+                code="model_unsafe_op",
+            )
+
+
+def _pickle_globals(name: str, raw: bytes) -> Iterator[str]:
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(raw)):
+            if op.name == "GLOBAL":
+                yield str(arg)
+            elif op.name in ("STACK_GLOBAL", "INST", "OBJ", "REDUCE_EX", "EXT1", "EXT2", "EXT4"):
+                yield f"<{op.name} opcode>"  # TorchScript's pickler never writes these
+    except (ValueError, EOFError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(
+            f"the TorchScript archive's {name} is not a valid pickle", code="model_corrupt"
+        ) from exc
+
+
+def _torchbind_namespace(what: str) -> str | None:
+    prefix = "__torch__.torch.classes."
+    if not what.startswith(prefix):
+        return None
+    return what.removeprefix(prefix).split(".", 1)[0].split(" ", 1)[0]

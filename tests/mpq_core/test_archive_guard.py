@@ -227,6 +227,27 @@ def test_edited_source_with_unsafe_op_refused(line: str, named: str) -> None:
     assert named in message
 
 
+@pytest.mark.parametrize(
+    ("global_", "named"),
+    [
+        (b"os\nsystem", "os system"),  # not something TorchScript's pickler writes
+        (b"__torch__.torch.classes.dist_c10d\nFileStore", "dist_c10d"),  # TorchBind, C++ setstate
+        (b"builtins\neval", "builtins eval"),
+    ],
+    ids=["os.system", "torchbind-c10d", "eval"],
+)
+def test_torchscript_pickle_with_foreign_global_refused(global_: bytes, named: str) -> None:
+    # Read with pickletools (opcodes only): the global is named, never imported or called.
+    evil = b"\x80\x02c" + global_ + b"\n)R."
+    data = hostile.rewrite_zip(hostile.small_script(), {"constants.pkl": evil})
+    assert named in _model_refused(data, "model_unsafe_op")
+
+
+def test_torchscript_pickle_that_does_not_parse_refused() -> None:
+    data = hostile.rewrite_zip(hostile.small_script(), {"constants.pkl": b"\x80\x02\xff"})
+    _model_refused(data, "model_corrupt")
+
+
 def test_source_that_does_not_parse_refused() -> None:
     _model_refused(_edited_forward("def ("), "model_corrupt")
 
