@@ -20,7 +20,12 @@ import torch
 
 from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits, check_model_archive
 from mpq_core.errors import DataMismatch, ModelFormatError, MpqError
-from mpq_core.load_guard import check_sample_inputs, check_script_graphs, forbid_unpickling
+from mpq_core.load_guard import (
+    check_sample_inputs,
+    check_script_graphs,
+    forbid_python_eval,
+    forbid_unpickling,
+)
 
 __all__ = ["InputSpec", "LoadedModel", "detect_format", "load_model", "select_output"]
 
@@ -194,7 +199,7 @@ def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with forbid_unpickling():
+            with forbid_unpickling(), forbid_python_eval():
                 program = torch.export.load(io.BytesIO(data))
         except MpqError:
             raise
@@ -215,7 +220,8 @@ def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], in
                 fixed_batch = shape[0]
         else:
             specs.append(InputSpec(shape=None, dtype=None))
-    module = program.module()
+    with forbid_python_eval():  # module() execs the program's guards
+        module = program.module()
     _retie_weights(module)
     if not any(p.dim() > 0 for p in module.parameters()):
         raise ModelFormatError(

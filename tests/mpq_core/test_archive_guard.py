@@ -28,7 +28,7 @@ from mpq_core.archive_guard import ArchiveLimits, scan_zip
 from mpq_core.data import load_data
 from mpq_core.errors import DataError, ModelFormatError, MpqError
 from mpq_core.intake import load_model
-from mpq_core.load_guard import check_script_graphs, forbid_unpickling
+from mpq_core.load_guard import check_script_graphs, forbid_python_eval, forbid_unpickling
 from mpq_core.op_allowlist import denied_names, export_target_refusal, op_refusal
 from tests.conftest import ZOO as SMALL_ZOO
 from tests.conftest import save_bytes, zoo_inputs, zoo_module
@@ -134,6 +134,28 @@ def test_python_in_a_pt2_program_refused_without_running(name: str, tmp_path: Pa
     message = _model_refused(PT2_PYTHON[name](marker), "model_unsafe_op")
     assert name.split("_")[-1] in message or "guards_code" in message
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", PT2_PYTHON)
+def test_no_python_eval_inside_export_load_even_without_the_structural_check(
+    name: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    data = PT2_PYTHON[name](marker)
+    with pytest.raises(MpqError) as info, forbid_python_eval():
+        torch.export.load(io.BytesIO(data)).module()(torch.ones(2, 4))
+    assert info.value.code == "model_unsafe_op"
+    assert not marker.exists()
+
+
+def test_forbid_python_eval_restores_sympy() -> None:
+    import sympy
+
+    real = sympy.sympify
+    with forbid_python_eval():
+        assert sympy.sympify is not real
+        assert sympy.sympify("Mul(Integer(2), Symbol('s0'))") == 2 * sympy.Symbol("s0")
+    assert sympy.sympify is real
 
 
 def test_forbid_unpickling_restores_torch() -> None:
