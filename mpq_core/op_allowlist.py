@@ -32,6 +32,7 @@ __all__ = [
     "EXPORT_PYTHON_TARGETS",
     "FILE_ARGUMENT_NAMES",
     "denied_names",
+    "denied_tensor_methods",
     "export_target_refusal",
     "op_refusal",
 ]
@@ -91,6 +92,14 @@ def _registry_file_ops() -> frozenset[str]:
 def denied_names() -> frozenset[str]:
     """Every operator name refused in any allowed namespace."""
     return frozenset(DENIED_OPS) | _registry_file_ops()
+
+
+@functools.cache
+def denied_tensor_methods() -> frozenset[str]:
+    """The refused names that are also methods of a tensor (``x.set_(y)``)."""
+    import torch
+
+    return frozenset(n for n in denied_names() if hasattr(torch.Tensor, n))
 
 
 def op_refusal(namespace: str, name: str) -> str | None:

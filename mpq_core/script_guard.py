@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from mpq_core.errors import ModelFormatError
-from mpq_core.op_allowlist import denied_names, op_refusal
+from mpq_core.op_allowlist import denied_names, denied_tensor_methods, op_refusal
 
 __all__ = ["check_script_pickles", "check_script_sources"]
 
@@ -116,9 +116,14 @@ def _called_name(call: ast.Call) -> str | None:
     func = call.func
     if isinstance(func, ast.Name):
         return func.id
-    if isinstance(func, ast.Attribute) and _chain(func)[0] not in (*_OP_ROOTS, "__torch__"):
-        return func.attr
-    return None
+    if not isinstance(func, ast.Attribute):
+        return None
+    chain = _chain(func)
+    if chain[0] in (*_OP_ROOTS, "__torch__"):
+        return None  # checked as a chain
+    if chain == ["self", func.attr] and func.attr not in denied_tensor_methods():
+        return None  # a method of the archive's own class (``self.save``), checked in its file
+    return func.attr
 
 
 #: Globals TorchScript's own (C++) unpickler resolves in ``data.pkl``, ``constants.pkl``,

@@ -270,6 +270,23 @@ def test_torchscript_pickle_that_does_not_parse_refused() -> None:
     _model_refused(data, "model_corrupt")
 
 
+def test_own_method_named_like_a_refused_op_is_not_refused() -> None:
+    # ``self.save(x)`` calls the model's own method (its code is checked too), not aten::save;
+    # ``self.weight.set_(x)`` is a tensor method and stays refused.
+    def edit(src: str) -> str:
+        head, sep, tail = src.partition("  def forward(")
+        own = (
+            "  def save(self: __torch__.tests.support.hostile_files._Small, x: Tensor) -> Tensor:\n"
+        )
+        own += "    return torch.relu(x)\n"
+        return head + own + sep + tail
+
+    data = hostile.edit_script_source(hostile.small_script(), edit)
+    load_model(data)
+    _model_refused(_edited_forward("_9 = self.fc.weight.set_(x)"), "model_unsafe_op")
+    _model_refused(_edited_forward("_9 = self.set_(x)"), "model_unsafe_op")  # self may be a tensor
+
+
 def test_source_that_does_not_parse_refused() -> None:
     _model_refused(_edited_forward("def ("), "model_corrupt")
 
