@@ -127,13 +127,15 @@ def _called_name(call: ast.Call) -> str | None:
 
 
 #: Globals TorchScript's own (C++) unpickler resolves in ``data.pkl``, ``constants.pkl``,
-#: ``traced_inputs.pkl`` and ``*.debug_pkl``: tensors and storages, its list/type helpers,
-#: OrderedDict, and classes of the archive itself (``__torch__.*``). A TorchBind class
+#: ``traced_inputs.pkl`` and ``*.debug_pkl``: tensors and storages of every dtype, devices and
+#: quantization schemes, its list/type helpers, set, complex, OrderedDict, and classes of the
+#: archive itself (``__torch__.*``). A TorchBind class
 #: (``__torch__.torch.classes.<namespace>.<class>``), whose C++ ``__setstate__`` runs on load,
 #: must belong to an allowed namespace.
 _PICKLE_GLOBALS = re.compile(
     r"collections OrderedDict|torch\._utils _rebuild_[a-z0-9_]+|torch\.jit\._pickle [a-z0-9_]+"
-    r"|torch [A-Za-z]+Storage|__torch__(\.[A-Za-z_][A-Za-z0-9_]*)* [A-Za-z_][A-Za-z0-9_]*"
+    r"|torch [A-Za-z0-9]+Storage|torch device|torch per_[a-z_]+|(__builtin__|builtins) (set|complex)"
+    r"|__torch__(\.[A-Za-z_][A-Za-z0-9_]*)* [A-Za-z_][A-Za-z0-9_]*"
 )
 
 

@@ -531,6 +531,11 @@ ZOO_CASES = [(name, fmt) for name in ZOO for fmt in ("trace", "export")] + [
 ]
 
 
+#: Half precision changes what the archives hold (BFloat16Storage, Half tensor records).
+HALF_CASES = [(n, f, d) for n in ("resnet", "gpt2", "llama") for f in ("trace", "export")
+              for d in (torch.bfloat16, torch.float16)]  # fmt: skip
+
+
 @pytest.mark.parametrize(("name", "fmt"), ZOO_CASES, ids=[f"{n}-{f}" for n, f in ZOO_CASES])
 def test_every_zoo_model_passes_the_guard(name: str, fmt: str) -> None:
     if name.startswith("small:"):
@@ -540,6 +545,47 @@ def test_every_zoo_model_passes_the_guard(name: str, fmt: str) -> None:
     else:
         entry = build(name)
         data = save_bytes(entry.module, tuple(entry.inputs(2, 0)), fmt)
+    _passes(data, fmt)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "dtype"), HALF_CASES, ids=[f"{n}-{f}-{d}" for n, f, d in HALF_CASES]
+)
+def test_half_precision_zoo_models_pass_the_guard(name: str, fmt: str, dtype: torch.dtype) -> None:
+    entry = build(name, dtype)
+    _passes(save_bytes(entry.module, tuple(entry.inputs(2, 0)), fmt), fmt)
+
+
+class _EveryDtype(torch.nn.Module):
+    """A linear layer beside buffers of every storage type a TorchScript pickle can name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                      torch.float16, torch.bfloat16, torch.float64, torch.complex64):  # fmt: skip
+            self.register_buffer(
+                f"b_{str(dtype).removeprefix('torch.')}", torch.ones(2, dtype=dtype)
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated, still loadable
+            q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+        self.register_buffer("b_qint8", q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["script", "trace"])
+def test_every_storage_dtype_passes_the_guard(trace: bool) -> None:
+    model = _EveryDtype().eval()
+    buf = io.BytesIO()
+    saved = torch.jit.trace(model, torch.ones(2, 4)) if trace else torch.jit.script(model)
+    torch.jit.save(saved, buf)
+    _passes(buf.getvalue(), "script")
+
+
+def _passes(data: bytes, fmt: str) -> None:
     # Under the service's own limits for its default 2 GiB uploads, and the tightest ratio.
     model = load_model(data, limits=ArchiveLimits.for_upload_limit(2 * 1024**3))
     assert model.format == ("export" if fmt.startswith("export") else "torchscript")
