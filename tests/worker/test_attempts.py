@@ -22,7 +22,6 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
-import mpq_core.pipeline
 import worker.jobs
 from mpq_service.db import session_scope
 from mpq_service.reaper import reap
