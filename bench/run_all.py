@@ -5,10 +5,12 @@ from __future__ import annotations
 from bench import (
     bench_allocation,
     bench_api,
+    bench_archive_guard,
     bench_pipeline,
     bench_sandbox,
     bench_sensitivity,
     bench_zoo,
+    hostile_corpus,
 )
 
 
@@ -19,6 +21,8 @@ def main() -> None:
     bench_api.main([])
     bench_zoo.main([])
     bench_sandbox.main([])
+    bench_archive_guard.main()
+    hostile_corpus.main()
 
 
 if __name__ == "__main__":

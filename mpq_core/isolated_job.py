@@ -8,7 +8,11 @@ standard streams, so the child needs no database, storage or network.
 Input, ``JOB_JSON`` (names are relative to its folder)::
 
     {"protocol": 1, "spec": {...}, "model": "model.bin", "data": "data.npz",
-     "eval": "eval.npz" | null, "sensitivity": "sensitivity.json" | null}
+     "eval": "eval.npz" | null, "sensitivity": "sensitivity.json" | null,
+     "max_upload_bytes": 2147483648 | null}
+
+``max_upload_bytes`` is the service's upload limit: archives may expand to a multiple of it
+(:class:`~mpq_core.archive_guard.ArchiveLimits`).
 
 Output, in ``OUT_DIR``:
 
@@ -63,6 +67,7 @@ def _progress_writer(stream: IO[str]) -> Any:
 
 
 def _run(job_file: Path, out: Path, progress_stream: IO[str]) -> None:
+    from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits
     from mpq_core.pipeline import quantize_model
     from mpq_core.sensitivity_table import SensitivityTable
     from mpq_core.spec import JobSpec
@@ -72,6 +77,8 @@ def _run(job_file: Path, out: Path, progress_stream: IO[str]) -> None:
         raise MpqError(f"unknown job protocol {job.get('protocol')!r}", code="internal_error")
     folder = job_file.parent
     spec = JobSpec.from_dict(job["spec"])
+    upload_limit = job.get("max_upload_bytes")
+    limits = ArchiveLimits.for_upload_limit(upload_limit) if upload_limit else DEFAULT_LIMITS
     cached = SensitivityTable.load(folder / job["sensitivity"]) if job.get("sensitivity") else None
     result = quantize_model(
         folder / job["model"],
@@ -81,6 +88,7 @@ def _run(job_file: Path, out: Path, progress_stream: IO[str]) -> None:
         eval_source=folder / job["eval"] if job.get("eval") else None,
         sensitivity=cached,
         progress=_progress_writer(progress_stream),
+        limits=limits,
     )
     result.sensitivity.save(out / TABLE_FILE)
     artifacts = {name: str(path.relative_to(out)) for name, path in result.artifacts.items()}

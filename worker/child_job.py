@@ -46,6 +46,7 @@ class ChildJob:
     data: str
     eval: str | None = None
     sensitivity: str | None = None
+    max_upload_bytes: int | None = None
 
 
 @dataclass
@@ -204,6 +205,7 @@ def run_child_job(
         "data": job.data,
         "eval": job.eval,
         "sensitivity": job.sensitivity,
+        "max_upload_bytes": job.max_upload_bytes,
     }
     (job_dir / "input" / "job.json").write_text(json.dumps(payload))
 

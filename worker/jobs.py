@@ -654,7 +654,12 @@ def _limits(settings: Settings, elapsed_s: float) -> SandboxLimits:
 
 
 def _download_inputs(
-    inputs: _Inputs, factory: sessionmaker[Session], storage: Storage, folder: Path, key: str
+    inputs: _Inputs,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    folder: Path,
+    key: str,
+    max_upload_bytes: int,
 ) -> ChildJob:
     folder.mkdir(parents=True)
     _download(storage, inputs.model_key, folder / "model.bin", "model")
@@ -670,6 +675,7 @@ def _download_inputs(
         data=f"data.{inputs.data_format}",
         eval=eval_name,
         sensitivity="sensitivity.json" if cached else None,
+        max_upload_bytes=max_upload_bytes,
     )
 
 
@@ -694,7 +700,9 @@ def _attempt(
         inputs.data_sha256,
         spec.sensitivity_settings(has_eval_data=inputs.eval_key is not None),
     )
-    child_job = _download_inputs(inputs, factory, storage, tmp / "input", key)
+    child_job = _download_inputs(
+        inputs, factory, storage, tmp / "input", key, settings.max_upload_bytes
+    )
     seconds["download"] = round(time.perf_counter() - start, 4)
 
     t0 = time.perf_counter()
