@@ -46,7 +46,9 @@ __all__ = [
     "mpq_error_status",
 ]
 
-log = logging.getLogger(__name__)
+# Under "mpq", whose INFO messages `mpq serve` shows (api.cli sets it up); a plain uvicorn run
+# shows its warnings and errors through logging's last-resort handler.
+log = logging.getLogger("mpq.api.errors")
 
 OUTAGE_RETRY_AFTER_S = 5  # the Retry-After of a 503 for an outage
 
