@@ -6,12 +6,14 @@ the stalled clients vanish, nothing is left in storage and nothing is logged as 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -125,4 +127,28 @@ def test_an_exhausted_pool_is_a_503_and_healthz_still_answers(
             assert [f.result().status_code for f in stuck] == [200, 200]
     finally:
         locker.dispose()
+    api.stop_and_check_log()
+
+
+async def _burst(api: Served, n: int) -> list[int]:
+    """``n`` concurrent ``GET /v1/jobs``, one connection each; their statuses."""
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(
+        base_url=api.base_url, headers=api.headers, timeout=60, limits=limits
+    ) as client:
+        responses = await asyncio.gather(*(client.get("/v1/jobs") for _ in range(n)))
+    return [r.status_code for r in responses]
+
+
+def test_a_burst_beyond_threads_and_pool_is_served_without_503(
+    pg_served: tuple[Served, str],
+) -> None:
+    """More concurrent reads than the thread pool has tokens (40) and the database pool has
+    connections (2): a finished endpoint must not keep its connection while it waits for a
+    token to serialize its answer, or tokens and connections wait on each other until the pool
+    time-out (503)."""
+    api, _ = pg_served
+    for _ in range(3):
+        statuses = asyncio.run(_burst(api, 120))
+        assert statuses == [200] * 120, sorted(set(statuses))
     api.stop_and_check_log()
