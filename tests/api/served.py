@@ -121,7 +121,12 @@ def stored_objects(data_dir: Path) -> list[Path]:
 
 
 def open_upload(
-    served_api: Served, path: str, length: int, *, timeout_s: float = 30.0
+    served_api: Served,
+    path: str,
+    length: int,
+    *,
+    content_type: str = "application/octet-stream",
+    timeout_s: float = 30.0,
 ) -> socket.socket:
     """Start ``POST path`` with ``Content-Length: length`` and ``Expect: 100-continue``, and
     return the socket once the server said ``100 Continue``: the server sends it when the route
@@ -130,7 +135,7 @@ def open_upload(
     sock = socket.create_connection(("127.0.0.1", served_api.port), timeout=timeout_s)
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {served_api.key}\r\n"
-        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n"
         "Expect: 100-continue\r\n\r\n"
     )
     sock.sendall(head.encode())

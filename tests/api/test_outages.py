@@ -250,8 +250,25 @@ def _artifact(api: Served, database_url: str, size: int) -> str:
         engine.dispose()
 
 
-def test_clients_vanishing_mid_download_are_not_errors(tmp_path: Path) -> None:
+def _vanish_mid_form(api: Served) -> None:
+    """A multipart ``POST /v1/jobs`` whose client goes away inside its model part."""
+    boundary = "mpqboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.pt"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    sock = open_upload(
+        api, "/v1/jobs", 10 * MiB, content_type=f"multipart/form-data; boundary={boundary}"
+    )
+    with sock:
+        sock.sendall(head + model_bytes() + bytes(2 * MiB))
+    api.wait_for_log("client disconnected during POST /v1/jobs")
+
+
+def test_clients_vanishing_mid_request_are_not_errors(tmp_path: Path) -> None:
     with served(tmp_path) as api:
+        _vanish_mid_form(api)
+        assert stored_objects(api.data_dir) == []  # the form's model part was deleted again
         job_id = _artifact(api, f"sqlite:///{api.data_dir / 'mpq.db'}", 64 * MiB)
         request = (
             f"GET /v1/jobs/{job_id}/artifacts/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
