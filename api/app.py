@@ -13,11 +13,20 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import Engine, text
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import error_response, install_error_handlers
+from api.errors import install_error_handlers
 from api.queue import Enqueue, celery_enqueue
+from api.readiness import (
+    Probe,
+    broker_probe,
+    database_probe,
+    readiness_response,
+    storage_probe,
+)
+from api.request_guard import RejectNulCharacters
 from api.routes import api_router
 from mpq_service.db import make_engine, make_sessionmaker, normalize_url
 from mpq_service.settings import Settings, get_settings
@@ -90,7 +99,15 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = storage
     app.state.enqueue = enqueue if enqueue is not None else celery_enqueue(settings)
+    probes: dict[str, Probe] = {
+        "database": database_probe(engine),
+        "storage": storage_probe(storage),
+    }
+    if enqueue is None:  # jobs go through the Celery broker: it must be reachable
+        probes["broker"] = broker_probe(settings)
+    app.state.readiness_probes = probes
     install_error_handlers(app)
+    app.add_middleware(RejectNulCharacters)
     app.include_router(api_router)
 
     @app.get("/healthz", tags=["health"])
@@ -100,19 +117,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], response_model=None)
-    def readyz() -> dict[str, str] | object:
-        """The database answers and the storage is ready; 503 otherwise."""
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            log.warning("readyz: database not reachable: %s", exc)
-            return error_response(503, "not_ready", "the database is not reachable")
-        try:
-            storage.ensure_ready()
-        except Exception as exc:
-            log.warning("readyz: storage not ready: %s", exc)
-            return error_response(503, "not_ready", "the object storage is not ready")
-        return {"status": "ok"}
+    def readyz() -> dict[str, Any] | JSONResponse:
+        """The database answers, the storage is ready, the broker takes connections and (under
+        ``mpq serve``) the worker runs; 503 naming every one that does not."""
+        return readiness_response(app.state.readiness_probes)
 
     return app

@@ -30,6 +30,8 @@ def get_owned(session: Session, table: type[Owned], ident: str, tenant: Tenant) 
     Example:
         >>> job = get_owned(session, Job, job_id, tenant)
     """
+    if "\x00" in ident:  # no id holds one, and Postgres refuses text that does
+        raise NotFound(_NOUNS[table], ident)
     row = session.get(table, ident)
     if row is None or row.tenant_id != tenant.id:
         raise NotFound(_NOUNS[table], ident)

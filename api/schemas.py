@@ -114,7 +114,9 @@ def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
         return JobSpec.from_dict(spec)
     except SpecError:
         raise
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        # The strict checks in mpq_core.spec_checks name every mistake they know; this is the
+        # net under them, so that nothing a client sends is ever answered with a 500.
         raise SpecError(f"bad job spec: {exc}") from exc
 
 

@@ -3,9 +3,27 @@
 It migrates the database (SQLite under ``MPQ_DATA_DIR`` by default), starts one Celery worker
 as a subprocess (solo pool, one job at a time, the same environment, on the filesystem broker
 under ``MPQ_DATA_DIR/broker`` by default), and serves the API with uvicorn in the foreground.
+
+The worker is kept by a :class:`WorkerSupervisor` thread:
+
+- Before it starts the worker it recovers what the last run left
+  (:func:`mpq_service.reaper.recover_on_start`): the filesystem broker deletes a message when a
+  worker reads it, so the job table is the source of truth; jobs left ``running`` by a worker
+  that was killed or stopped are re-queued (their attempt counted; failed with
+  ``worker_lost_repeatedly`` at the cap), and every ``queued`` job gets a message again.
+- A worker that exits on its own (crash, out of memory, killed) is restarted the same way, after
+  a delay that grows with quick successive deaths (1 s up to 30 s).
+- ``/readyz`` answers 503 while no worker is running (``app.state.readiness_probes["worker"]``).
+
 When uvicorn stops (Ctrl-C, SIGINT, SIGTERM or an error), the worker is stopped: SIGTERM (a warm
-shutdown), then SIGKILL if it has not exited after ``worker_stop_timeout_s``. A job the worker
-was running is then re-queued by the broker (``acks_late``) and its attempt counted.
+shutdown), then SIGKILL if it has not exited after ``worker_stop_timeout_s`` (the setting
+``MPQ_WORKER_STOP_TIMEOUT_S``, 10 s by default); a job it was
+running is re-queued at the next start. If this process is killed outright, the worker gets
+SIGTERM from the kernel (``MPQ_WORKER_PARENT_PID``, see :mod:`worker.lifecycle`), finishes its
+job and exits; the next start leaves a job alone while its heartbeat is live.
+
+Each worker also runs a reaper thread (heartbeats, stale jobs, the time-limit backstop: the solo
+pool has no Celery time limits), see :mod:`mpq_service.reaper`.
 
 This process never imports torch (so never initializes CUDA): the API does not need it and the
 worker is a separate process.
@@ -18,14 +36,22 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 from mpq_service.db import normalize_url
 from mpq_service.settings import Settings
 
-__all__ = ["WORKER_STOP_TIMEOUT_S", "serve", "start_worker", "stop_worker", "worker_command"]
+__all__ = [
+    "WORKER_STOP_TIMEOUT_S",
+    "WorkerSupervisor",
+    "serve",
+    "start_worker",
+    "stop_worker",
+    "worker_command",
+]
 
 log = logging.getLogger("mpq.serve")
 
@@ -66,31 +92,23 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: the worker gets SIGTERM if this process dies without stopping it (e.g. SIGKILL).
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
+#: The worker reads it (worker.lifecycle) and asks the kernel for SIGTERM when we die.
+_PARENT_PID_ENV = "MPQ_WORKER_PARENT_PID"
+#: Delays before restarting a worker that died, growing with quick successive deaths.
+RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: A worker that lived this long resets the restart delay.
+_HEALTHY_AFTER_S = 60.0
 
 
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     """Start the embedded Celery worker; its output goes to this process's stdout/stderr.
 
     It runs in its own session, so a Ctrl-C in the terminal reaches only this process, which
-    then stops the worker in order.
+    then stops the worker in order. No ``preexec_fn``: this may run in a thread.
     """
-    preexec: Callable[[], None] | None = _die_with_parent if sys.platform == "linux" else None
-    return subprocess.Popen(
-        worker_command(),
-        env=_worker_env(settings),
-        start_new_session=True,
-        preexec_fn=preexec,  # no threads exist yet in this process
-    )
+    env = _worker_env(settings)
+    env[_PARENT_PID_ENV] = str(os.getpid())
+    return subprocess.Popen(worker_command(), env=env, start_new_session=True)
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int:
@@ -107,6 +125,98 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = WORKER_STOP_TI
         return proc.wait()
 
 
+class WorkerSupervisor:
+    """Runs the embedded worker from a thread: recover, start, watch, restart; see the module
+    docstring. :meth:`problem` is ``/readyz``'s worker probe.
+
+    Example:
+        >>> supervisor = WorkerSupervisor(settings).start()
+        >>> supervisor.stop()
+    """
+
+    def __init__(self, settings: Settings, stop_timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.stop_timeout_s = stop_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.last_exit: int | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpq-worker-supervisor", daemon=True)
+
+    def start(self) -> WorkerSupervisor:
+        self._thread.start()
+        return self
+
+    def problem(self) -> str | None:
+        """None while the worker runs; otherwise what is wrong, in a sentence."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            return None
+        if self.last_exit is None:
+            return "the worker is starting (re-queuing jobs left by the last run first)"
+        return f"the worker exited with code {self.last_exit}; it is being restarted"
+
+    def stop(self) -> int | None:
+        """Stop watching and stop the worker (SIGTERM, then SIGKILL); its exit code."""
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        code = stop_worker(proc, self.stop_timeout_s) if proc is not None else None
+        self._thread.join(timeout=self.stop_timeout_s + 5.0)
+        return code
+
+    def _run(self) -> None:
+        deaths = 0
+        while not self._stopping.is_set():
+            self._recover()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.proc = start_worker(self.settings)
+                self.starts += 1
+            log.info("worker started (pid %d, solo pool, one job at a time)", self.proc.pid)
+            started = time.monotonic()
+            while self.proc.poll() is None and not self._stopping.wait(0.2):
+                pass
+            if self._stopping.is_set():
+                return
+            self.last_exit = self.proc.returncode
+            deaths = 0 if time.monotonic() - started > _HEALTHY_AFTER_S else deaths + 1
+            delay = RESTART_DELAYS_S[min(deaths, len(RESTART_DELAYS_S)) - 1] if deaths else 0.0
+            log.error(
+                "the worker (pid %d) exited with code %s; restarting it in %.0f s",
+                self.proc.pid,
+                self.last_exit,
+                delay,
+            )
+            self._stopping.wait(delay)
+
+    def _recover(self) -> None:
+        """Re-queue what a previous worker left (see :func:`recover_on_start`)."""
+        from api.queue import celery_enqueue
+        from mpq_service.db import make_engine, make_sessionmaker
+        from mpq_service.reaper import first_line, recover_on_start
+
+        engine = make_engine(self.settings.database_url)
+        try:
+            done = recover_on_start(
+                self.settings,
+                make_sessionmaker(engine),
+                celery_enqueue(self.settings),
+                sleep=self._stopping.wait,
+            )
+        except Exception as exc:  # the worker's own reaper tries again later
+            log.warning("could not re-queue jobs left by the last run: %s", first_line(exc))
+            return
+        finally:
+            engine.dispose()
+        if done.requeued:
+            log.info("re-queued %d job(s) left running by a stopped worker", len(done.requeued))
+        if done.failed:
+            log.warning("%d job(s) failed: their worker was lost too often", len(done.failed))
+
+
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise _Stop(signum)
 
@@ -118,7 +228,7 @@ def serve(
     port: int = 8000,
     worker: bool = True,
     log_level: str = "info",
-    worker_stop_timeout_s: float = WORKER_STOP_TIMEOUT_S,
+    worker_stop_timeout_s: float | None = None,
 ) -> int:
     """Run the embedded service in the foreground until interrupted; returns the exit code.
 
@@ -133,7 +243,7 @@ def serve(
     # SIGTERM before or after uvicorn's own handling (uvicorn re-raises it once it has shut down)
     # unwinds through the finally below, which stops the worker.
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    proc: subprocess.Popen[bytes] | None = None
+    supervisor: WorkerSupervisor | None = None
     try:
         data_dir = Path(settings.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +262,11 @@ def serve(
         log.info("database migrated to the latest schema")
         app = create_app(settings)
         if worker:
-            proc = start_worker(settings)
-            log.info("worker started (pid %d, solo pool, one job at a time)", proc.pid)
+            stop_s = worker_stop_timeout_s
+            if stop_s is None:
+                stop_s = settings.worker_stop_timeout_s
+            supervisor = WorkerSupervisor(settings, stop_s).start()
+            app.state.readiness_probes["worker"] = supervisor.problem
         else:
             log.info("no worker started (--no-worker): run workers yourself")
         log.info("API at http://%s:%d (docs at /docs); Ctrl-C stops it", host, port)
@@ -174,7 +287,7 @@ def serve(
         log.info("interrupted, shutting down")
         return 0
     finally:
-        if proc is not None:
-            code = stop_worker(proc, worker_stop_timeout_s)
+        if supervisor is not None:
+            code = supervisor.stop()
             log.info("worker stopped (exit code %s)", code)
         signal.signal(signal.SIGTERM, previous)

@@ -206,6 +206,11 @@ def run_demo(data_dir: Path = SERVICE_DIR, out_dir: Path | None = None) -> None:
                     f"job {job['id']} {job['status']}: [{error.get('code')}] "
                     f"{error.get('message')}; server log:\n{_tail(data_dir / 'serve.log')}"
                 )
+            sandbox = (job.get("result") or {}).get("sandbox") or {}
+            _say(
+                f"the model ran in the worker's sandbox: isolation {sandbox.get('isolation')}, "
+                f"{sandbox.get('cpu_seconds')} s of CPU"
+            )
             _say("== 4. artifacts")
             listing = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"), "artifact list")
             for item in listing["items"]:

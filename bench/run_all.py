@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from bench import bench_allocation, bench_api, bench_pipeline, bench_sensitivity, bench_zoo
+from bench import (
+    bench_allocation,
+    bench_api,
+    bench_archive_guard,
+    bench_pipeline,
+    bench_sandbox,
+    bench_sensitivity,
+    bench_zoo,
+    hostile_corpus,
+)
 
 
 def main() -> None:
@@ -11,6 +20,9 @@ def main() -> None:
     bench_pipeline.main([])
     bench_api.main([])
     bench_zoo.main([])
+    bench_sandbox.main([])
+    bench_archive_guard.main()
+    hostile_corpus.main()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Pure Python + numpy/scipy (no torch): the API may re-solve a stored table for a new budget.
 
-Pins and ties are regular expressions matched against the whole layer name (``re.fullmatch``):
+Pins and ties are regular expressions matched against the whole layer name (a full match, with
+RE2 so that matching takes bounded time, see :mod:`mpq_core.patterns`):
 ``features\\.0\\.weight`` names one layer, ``classifier\\..*`` every classifier weight. A plain
 name also matches itself (a ``.`` matches any character). A pattern that matches no layer is an
 error, so a typo cannot silently leave a layer free.
@@ -11,7 +12,6 @@ error, so a typo cannot silently leave a layer free.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from mpq_core.budgets import Budget, achieved, budget_constraint, format_value
 from mpq_core.errors import BudgetInfeasible, SpecError
 from mpq_core.layers import LayerInfo
+from mpq_core.patterns import compile_pattern
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.solvers import SOLVERS, Problem, fits, solve
 from mpq_core.spec import JobSpec
@@ -206,16 +207,9 @@ class Allocation:
         return cls.from_dict(data)
 
 
-def _compile(pattern: str, what: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise SpecError(f"bad {what} regex {pattern!r}: {exc}") from exc
-
-
 def _matching(pattern: str, names: Sequence[str], what: str) -> list[int]:
-    rx = _compile(pattern, what)
-    hits = [i for i, name in enumerate(names) if rx.fullmatch(name)]
+    # RE2 (mpq_core.patterns): a user's pattern cannot backtrack for hours on a long name.
+    hits = compile_pattern(pattern, what).matching(names)
     if not hits:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise SpecError(

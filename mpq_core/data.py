@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits, check_npz, check_safetensors
 from mpq_core.errors import DataError
 
 __all__ = ["CalibrationData", "load_data"]
@@ -100,8 +101,13 @@ def _to_tensor(name: str, arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def load_data(source: str | Path | bytes) -> CalibrationData:
+def load_data(
+    source: str | Path | bytes, *, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> CalibrationData:
     """Read calibration data from an ``.npz`` or ``.safetensors`` file (detected by content).
+
+    Headers are checked first (:mod:`mpq_core.archive_guard`): no array is
+    read whose declared size exceeds ``limits`` or the file, and no object array.
 
     Example:
         >>> np.savez("calib.npz", input=x, labels=y)  # doctest: +SKIP
@@ -110,8 +116,10 @@ def load_data(source: str | Path | bytes) -> CalibrationData:
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if data[:4] == b"PK\x03\x04":
+        check_npz(data, limits)
         arrays = _read_npz(data)
     elif _is_safetensors(data):
+        check_safetensors(data, limits)
         arrays = _read_safetensors(data)
     elif data[:6] == b"\x93NUMPY":
         raise DataError(

@@ -18,7 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from mpq_core.errors import DataMismatch, ModelFormatError
+from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits, check_model_archive
+from mpq_core.errors import DataMismatch, ModelFormatError, MpqError
+from mpq_core.load_guard import (
+    check_sample_inputs,
+    check_script_graphs,
+    forbid_python_eval,
+    forbid_unpickling,
+)
 
 __all__ = ["InputSpec", "LoadedModel", "detect_format", "load_model", "select_output"]
 
@@ -153,7 +160,7 @@ def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
         warnings.simplefilter("ignore")
         try:
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise ModelFormatError(
                 f"the TorchScript archive cannot be loaded: {_first_line(exc)}",
                 code="model_corrupt",
@@ -164,6 +171,7 @@ def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
             "constants), so there are no parameters left to quantize; save it before freezing",
             code="model_frozen",
         )
+    check_script_graphs(module)  # exact node kinds, after the source check before loading
     schema = module.forward.schema
     num_inputs = len(schema.arguments) - 1  # minus self
     return module, num_inputs
@@ -191,7 +199,10 @@ def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            program = torch.export.load(io.BytesIO(data))
+            with forbid_unpickling(), forbid_python_eval():
+                program = torch.export.load(io.BytesIO(data))
+        except MpqError:
+            raise
         except Exception as exc:  # torch raises many types here; all mean "cannot load"
             raise ModelFormatError(
                 f"the torch.export program cannot be loaded: {_first_line(exc)}",
@@ -209,7 +220,8 @@ def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], in
                 fixed_batch = shape[0]
         else:
             specs.append(InputSpec(shape=None, dtype=None))
-    module = program.module()
+    with forbid_python_eval():  # module() execs the program's guards
+        module = program.module()
     _retie_weights(module)
     if not any(p.dim() > 0 for p in module.parameters()):
         raise ModelFormatError(
@@ -225,11 +237,19 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def load_model(source: str | Path | bytes) -> LoadedModel:
+def load_model(
+    source: str | Path | bytes, *, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> LoadedModel:
     """Load a TorchScript archive or torch.export program, detected from its content.
+
+    Nothing is deserialised before :func:`mpq_core.archive_guard.check_model_archive` (zip
+    bombs, pickled parts, operators outside the allow-list) and the restricted-unpickler check
+    of the sample inputs have passed.
 
     Args:
         source: a path or the file's bytes.
+        limits: how far the archive may expand (the service passes its own, from its upload
+            limit).
 
     Example:
         >>> model = load_model("model.pt")  # doctest: +SKIP
@@ -238,6 +258,8 @@ def load_model(source: str | Path | bytes) -> LoadedModel:
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     fmt = detect_format(data)
+    samples = check_model_archive(data, fmt, limits)
+    check_sample_inputs(samples)
     sha = hashlib.sha256(data).hexdigest()
     if fmt == "torchscript":
         module, n = _load_torchscript(data)

@@ -17,6 +17,7 @@ import torch
 
 from mpq_core.actquant import ActEncoding, ActivationQuantizer, calibrate_activations
 from mpq_core.allocation import Allocation, allocate
+from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits
 from mpq_core.artifacts import write_artifacts
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData, load_data
@@ -25,10 +26,10 @@ from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.report import build_report
-from mpq_core.runner import MODEL_ERRORS, check_data_fits, error_summary
+from mpq_core.runner import MODEL_ERRORS, check_data_fits, check_finetune_samples, error_summary
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
@@ -43,7 +44,6 @@ __all__ = [
     "run",
 ]
 
-STAGES = ("intake", "profile", "analyze", "allocate", "quantize", "finetune", "evaluate", "export")
 
 ModelSource = LoadedModel | str | Path | bytes
 DataSource = CalibrationData | str | Path | bytes
@@ -129,6 +129,7 @@ def run(
     eval_data: DataSource | None = None,
     sensitivity: SensitivityTable | None = None,
     progress: ProgressFn | None = None,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
 ) -> JobResult:
     """Run a quantization job in memory: every stage of ``STAGES`` but ``export``.
 
@@ -139,6 +140,8 @@ def run(
         eval_data: evaluation data; without it ``spec.eval_fraction`` of the data is held out.
         sensitivity: a stored table for this model and data to reuse instead of recomputing.
         progress: ``progress(stage, fraction, metrics)`` for every stage.
+        limits: how far uploaded archives may expand (the service derives them from its upload
+            limit, :meth:`ArchiveLimits.for_upload_limit`).
 
     Example:
         >>> result = run(JobSpec(budgets=["avg-bits=3"]), "model.pt", "calib.npz")  # doctest: +SKIP
@@ -147,7 +150,7 @@ def run(
     clock = StageClock(progress or null_progress)
     spec.parsed_budgets()  # a bad budget fails before any work
     with clock.stage("intake"):
-        ctx = prepare_job(spec, model, data, eval_data, clock)
+        ctx = prepare_job(spec, model, data, eval_data, clock, limits)
     with clock.stage("profile"):
         profile = profile_model(ctx.model, ctx.work, batch_size=spec.batch_size)
     with clock.stage("analyze"):
@@ -177,6 +180,7 @@ def quantize_model(
     eval_source: str | Path | bytes | CalibrationData | None = None,
     sensitivity: SensitivityTable | None = None,
     progress: ProgressFn | None = None,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
 ) -> PipelineResult:
     """Run a quantization job end to end and write its artefacts into ``out_dir``
     (:func:`run`, then :func:`mpq_core.artifacts.write_artifacts`).
@@ -191,6 +195,7 @@ def quantize_model(
         eval_source: evaluation data; without it ``spec.eval_fraction`` of the data is held out.
         sensitivity: a stored table for this model and data to reuse instead of recomputing.
         progress: ``progress(stage, fraction, metrics)`` for every stage in ``STAGES``.
+        limits: how far uploaded archives may expand (see :func:`run`).
 
     Example:
         >>> spec = JobSpec(budgets=["avg-bits=3"])
@@ -205,6 +210,7 @@ def quantize_model(
         eval_data=eval_source,
         sensitivity=sensitivity,
         progress=progress,
+        limits=limits,
     )
     artifacts = write_artifacts(result, out, progress=progress)
     return PipelineResult(
@@ -225,21 +231,27 @@ def prepare_job(
     data_source: DataSource,
     eval_source: DataSource | None,
     clock: StageClock,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
 ) -> JobContext:
-    """The ``intake`` stage: load and check model and data, split off the evaluation data,
-    choose the device."""
-    model = model_source if isinstance(model_source, LoadedModel) else load_model(model_source)
-    data = _loaded(data_source)
+    """The ``intake`` stage: load and check model and data (refusing hostile files first,
+    :mod:`mpq_core.archive_guard`), split off the evaluation data, choose the device."""
+    if isinstance(model_source, LoadedModel):
+        model = model_source
+    else:
+        model = load_model(model_source, limits=limits)
+    data = _loaded(data_source, limits)
     check_data_fits(model, data, output_key=spec.output_key)
     if eval_source is not None:
-        test = _loaded(eval_source)
-        check_data_fits(model, test, output_key=spec.output_key)
+        test = _loaded(eval_source, limits)
+        check_data_fits(model, test, output_key=spec.output_key, min_samples=1)
         work, eval_from = data, "eval data"
     elif spec.eval_fraction > 0 and data.num_samples >= 2:
         work, test = split_holdout(data, spec.eval_fraction, spec.seed)
         eval_from = f"held-out {spec.eval_fraction:.0%} of the data"
     else:
         work, test, eval_from = data, data, "the calibration data itself (nothing held out)"
+    if spec.finetunes:
+        check_finetune_samples(work)
 
     device = resolve_device(spec.device)
     device_note = None
@@ -349,12 +361,22 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError("device 'cuda' was asked for but no CUDA device is available")
+        raise SpecError(
+            f"device {name!r} was asked for but no CUDA device is available; use 'auto' or 'cpu'",
+            code="device_unavailable",
+        )
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise SpecError(
+            f"device {name!r} was asked for but this worker has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1}); use 'cuda' or 'auto'",
+            code="device_unavailable",
+        )
     return device
 
 
-def _loaded(source: DataSource) -> CalibrationData:
-    return source if isinstance(source, CalibrationData) else load_data(source)
+def _loaded(source: DataSource, limits: ArchiveLimits) -> CalibrationData:
+    return source if isinstance(source, CalibrationData) else load_data(source, limits=limits)
 
 
 def _check_table(

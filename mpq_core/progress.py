@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ProgressFn", "StageClock", "TerminalProgress", "null_progress"]
+__all__ = ["STAGES", "ProgressFn", "StageClock", "TerminalProgress", "null_progress"]
+
+#: The stages of a job, in order (each reports progress under its name).
+STAGES = ("intake", "profile", "analyze", "allocate", "quantize", "finetune", "evaluate", "export")
 
 ProgressFn = Callable[[str, float, dict[str, Any]], None]
 

@@ -33,6 +33,15 @@ from typing import Any, TypeVar
 
 from mpq_core.budgets import Budget, parse_budget
 from mpq_core.errors import SpecError
+from mpq_core.patterns import compile_pattern
+from mpq_core.spec_checks import (
+    as_bool,
+    as_float,
+    as_int,
+    as_str_list,
+    check_plain_json,
+    check_text,
+)
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -59,6 +68,20 @@ __all__ = [
 SCHEMA_VERSION = 2
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_BATCH_SIZE = 64
+
+# Bounds of what a spec may ask: beyond them a value is a mistake (or an attack on a worker's
+# time or memory), refused with ``spec_out_of_range`` or ``spec_too_large``.
+MAX_BATCH = 65_536
+MAX_EPOCHS = 10_000
+MAX_ITERATIONS = 100_000
+MAX_LR = 10.0
+MAX_LOSS_WEIGHT = 1e4
+MAX_SEED = 2**32 - 1  # seeds are offset and multiplied (losses.py); 32 bits keep them in int64
+MAX_BUDGETS = 16
+MAX_PATTERNS = 256
+MAX_BIT_ENTRIES = 64
+MAX_KEY_CHARS = 200
+MAX_OUTPUT_INDEX = 1_000
 
 
 class Method(StrEnum):
@@ -125,10 +148,12 @@ class AnalysisSpec:
         """Raise SpecError naming the first bad field."""
         self.method = _choice("analysis.method", self.method, Method)
         self.loss = _choice("analysis.loss", self.loss, Loss)
+        self.first_order = as_bool("analysis.first_order", self.first_order)
         if self.first_order and self.method != Method.FISHER:
             raise SpecError("analysis.first_order applies to method 'fisher' only")
-        if int(self.hawq_iterations) < 1:
-            raise SpecError("analysis.hawq_iterations must be at least 1")
+        self.hawq_iterations = as_int(
+            "analysis.hawq_iterations", self.hawq_iterations, 1, MAX_ITERATIONS
+        )
 
 
 @dataclass
@@ -159,19 +184,20 @@ class FinetuneSpec:
 
     def validate(self) -> None:
         """Raise SpecError naming the first bad field."""
-        if self.epochs < 0 or (self.steps is not None and self.steps < 0):
-            raise SpecError("finetune.epochs and finetune.steps must not be negative")
-        if not self.lr > 0:
-            raise SpecError("finetune.lr must be positive")
-        if not 0.0 <= self.val_fraction <= 0.9:
-            raise SpecError(f"finetune.val_fraction must be in [0.0, 0.9], got {self.val_fraction}")
-        for name in ("batch_size", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise SpecError(f"finetune.{name} must be at least 1")
-        if self.distill_weight < 0 or self.label_weight < 0:
-            raise SpecError(
-                "finetune.distill_weight and finetune.label_weight must not be negative"
-            )
+        self.epochs = as_int("finetune.epochs", self.epochs, 0, MAX_EPOCHS)
+        if self.steps is not None:
+            self.steps = as_int("finetune.steps", self.steps, 0, MAX_ITERATIONS * 100)
+        # Adam diverges far below lr 10 on any model; a learning rate beyond it is a typo.
+        self.lr = as_float("finetune.lr", self.lr, 0.0, MAX_LR, above_lo=True)
+        self.val_fraction = as_float("finetune.val_fraction", self.val_fraction, 0.0, 0.9)
+        self.batch_size = as_int("finetune.batch_size", self.batch_size, 1, MAX_BATCH)
+        self.patience = as_int("finetune.patience", self.patience, 1, MAX_EPOCHS)
+        self.distill_weight = as_float(
+            "finetune.distill_weight", self.distill_weight, 0.0, MAX_LOSS_WEIGHT
+        )
+        self.label_weight = as_float(
+            "finetune.label_weight", self.label_weight, 0.0, MAX_LOSS_WEIGHT
+        )
 
     @property
     def enabled(self) -> bool:
@@ -272,29 +298,28 @@ class JobSpec:
 
     def validate(self) -> None:
         """Raise SpecError naming the first bad field."""
+        self.budgets = as_str_list("budgets", self.budgets, MAX_BUDGETS, '["avg-bits=4"]')
         if not self.budgets:
             raise SpecError("at least one budget is needed, e.g. 'avg-bits=4'")
+        self.act_bits = as_int("act_bits", self.act_bits, 2, 16)
+        self.cost_table = _cost_table(self.cost_table)
         self.parsed_budgets()
-        if not self.bits or any(not 2 <= int(b) <= 8 for b in self.bits):
-            raise SpecError(f"bits must be a non-empty list of widths in 2..8, got {self.bits}")
-        self.bits = sorted({int(b) for b in self.bits})
+        self.bits = _bit_list(self.bits)
         self.solver = _choice("solver", self.solver, Solver)
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise SpecError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for pattern, b in self.pins.items():
-            _regex("pin", pattern)
-            if int(b) not in self.bits:
-                raise SpecError(
-                    f"pin {pattern}={b}: {b} is not among the candidate bits {self.bits}"
-                )
+        self.quantize_activations = as_bool("quantize_activations", self.quantize_activations)
+        self.device = _device(self.device)
+        self.pins = _pins(self.pins, self.bits)
+        self.ties = as_str_list("ties", self.ties, MAX_PATTERNS, '["encoder.*"]')
         for pattern in self.ties:
-            _regex("tie", pattern)
-        if not 2 <= self.act_bits <= 16:
-            raise SpecError(f"act_bits must be in 2..16, got {self.act_bits}")
-        if not 0.0 <= self.eval_fraction <= 0.9:
-            raise SpecError(f"eval_fraction must be in [0.0, 0.9], got {self.eval_fraction}")
-        if int(self.batch_size) < 1:
-            raise SpecError("batch_size must be at least 1")
+            compile_pattern(pattern, "tie")
+        self.eval_fraction = as_float("eval_fraction", self.eval_fraction, 0.0, 0.9)
+        self.batch_size = as_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        self.seed = as_int("seed", self.seed, 0, MAX_SEED)
+        self.output_key = _output_key(self.output_key)
+        if not isinstance(self.analysis, AnalysisSpec) or not isinstance(
+            self.finetune, FinetuneSpec
+        ):
+            raise SpecError("analysis and finetune must be objects", code="spec_type")
         self.analysis.validate()
         self.finetune.validate()
 
@@ -332,13 +357,17 @@ class JobSpec:
         """Read a ``schema_version`` 2 document, or a flat version 1 one (see :data:`V1_FIELDS`;
         a document without ``schema_version`` is read as version 1 when it uses a version 1
         name)."""
+        if not isinstance(d, dict):
+            raise SpecError("a job spec must be a JSON object", code="spec_type")
+        check_plain_json(d)
         version = d.get("schema_version")
         if version is None:
             version = 1 if set(d) & set(V1_FIELDS) else SCHEMA_VERSION
-        if int(version) > SCHEMA_VERSION:
+        version = as_int("schema_version", version, 1, 1_000_000)
+        if version > SCHEMA_VERSION:
             raise SpecError(f"job spec schema_version {version} is newer than this mpq reads")
         body = {k: v for k, v in d.items() if k not in ("schema_version", "kind")}
-        if int(version) < 2:
+        if version < 2:
             body = _upgrade_v1(body)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(body) - known)
@@ -346,12 +375,18 @@ class JobSpec:
         for name, part_cls in (("analysis", AnalysisSpec), ("finetune", FinetuneSpec)):
             part = body.pop(name, {})
             if not isinstance(part, dict):
-                raise SpecError(f"job spec field {name} must be an object, got {part!r}")
+                raise SpecError(
+                    f"job spec field {name} must be an object, got {type(part).__name__}",
+                    code="spec_type",
+                )
             part_known = {f.name for f in fields(part_cls)}
             unknown += sorted(f"{name}.{k}" for k in set(part) - part_known)
             parts[name] = part
         if unknown:
-            raise SpecError(f"unknown job spec field(s): {', '.join(unknown)}")
+            # A few names say what is wrong; 50,000 of them would only make a huge answer.
+            shown = ", ".join(name[:60] for name in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise SpecError(f"unknown job spec field(s): {shown}{more}")
         try:
             return cls(
                 **body,
@@ -399,6 +434,8 @@ _E = TypeVar("_E", bound=StrEnum)
 
 
 def _choice(name: str, value: Any, allowed: type[_E]) -> _E:
+    if not isinstance(value, str):
+        raise SpecError(f"{name} must be a string, got {value!r:.60}", code="spec_type")
     try:
         return allowed(value)
     except ValueError:
@@ -406,11 +443,71 @@ def _choice(name: str, value: Any, allowed: type[_E]) -> _E:
         raise SpecError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
-def _regex(what: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise SpecError(f"{what} pattern {pattern!r} is not a valid regex: {exc}") from exc
+def _bit_list(bits: Any) -> list[int]:
+    """The candidate widths, sorted and without repeats."""
+    if not isinstance(bits, (list, tuple)) or not bits:
+        raise SpecError(
+            f"bits must be a non-empty list of widths in 2..8, e.g. [2, 4, 8], got {bits!r:.60}",
+            code="spec_type",
+        )
+    if len(bits) > MAX_BIT_ENTRIES:
+        raise SpecError(
+            f"bits has {len(bits)} entries; list each width once", code="spec_too_large"
+        )
+    widths = {as_int(f"bits[{i}]", b, -(2**31), 2**31) for i, b in enumerate(bits)}
+    if any(not 2 <= b <= 8 for b in widths):
+        raise SpecError(
+            f"bits must be widths in 2..8, got {sorted(widths)}", code="spec_out_of_range"
+        )
+    return sorted(widths)
+
+
+def _pins(pins: Any, bits: list[int]) -> dict[str, int]:
+    if not isinstance(pins, dict):
+        raise SpecError(
+            'pins must be an object mapping patterns to bits, e.g. {"fc.weight": 8}',
+            code="spec_type",
+        )
+    if len(pins) > MAX_PATTERNS:
+        raise SpecError(
+            f"pins has {len(pins)} entries; at most {MAX_PATTERNS} are accepted",
+            code="spec_too_large",
+        )
+    out: dict[str, int] = {}
+    for pattern, b in pins.items():
+        compile_pattern(pattern, "pin")
+        out[pattern] = as_int(f"pin {pattern}", b, 2, 8)
+        if out[pattern] not in bits:
+            raise SpecError(f"pin {pattern}={b}: {b} is not among the candidate bits {bits}")
+    return out
+
+
+def _device(device: Any) -> str:
+    # ASCII digits only (\d would accept other scripts' digits, which torch does not read) and
+    # at most four of them: cuda:99999999999999999999 overflows torch's device index.
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", device):
+        raise SpecError(
+            f"device must be auto, cpu, cuda or cuda:N, got {device!r:.60}",
+            code="spec_type" if not isinstance(device, str) else "invalid_spec",
+        )
+    return device
+
+
+def _output_key(key: Any) -> str | int | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return check_text("output_key", key, max_chars=MAX_KEY_CHARS)
+    return as_int("output_key", key, -MAX_OUTPUT_INDEX, MAX_OUTPUT_INDEX)
+
+
+def _cost_table(table: Any) -> dict[str, Any] | None:
+    """The cost table's ``layers`` object (entries are checked when a table budget parses it)."""
+    if table is not None and not isinstance(table, dict):
+        raise SpecError(
+            "cost_table must be an object mapping layer names to {bits: cost}", code="spec_type"
+        )
+    return table
 
 
 def _plain(value: Any) -> Any:

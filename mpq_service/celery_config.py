@@ -34,13 +34,15 @@ __all__ = [
     "celery_config",
     "filesystem_broker_options",
     "make_celery",
+    "soft_time_limit",
 ]
 
 DEFAULT_QUEUE = "mpq"
 TASK_RUN_JOB = "mpq.run_job"
 
 
-def _soft_limit(hard_s: int) -> int:
+def soft_time_limit(hard_s: int) -> int:
+    """The soft time limit (the attempt fails cleanly) below a hard limit of ``hard_s``."""
     # Leave the task time to record its failure before the hard kill: 10% of the limit, at least
     # 1 s and at most 5 min.
     grace = min(300, max(1, hard_s // 10))
@@ -92,7 +94,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": hard,
-        "task_soft_time_limit": _soft_limit(hard),
+        "task_soft_time_limit": soft_time_limit(hard),
         "task_track_started": False,
         "worker_send_task_events": False,
         "timezone": "UTC",

@@ -53,6 +53,28 @@ class Settings(BaseSettings):
             more it may open under load. No connection is held while a request body streams.
         db_pool_timeout_s: how long a request waits for a free connection before it is answered
             503 ``database_unavailable``.
+        sandbox: how jobs are isolated (see README, "Security"): ``auto`` uses Linux user
+            namespaces where the host allows them and falls back to a limited child process
+            (clean environment, resource limits, seccomp, but the host's files readable) with a
+            warning; ``required`` refuses to run jobs without namespaces (use it in
+            production); ``process`` never uses namespaces.
+        sandbox_memory_bytes: memory limit of a job's process (``RLIMIT_DATA``); 0 means 80% of
+            the machine's memory.
+        sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
+            times the number of CPUs.
+        job_heartbeat_interval_s: how often a running attempt stamps ``jobs.heartbeat_at``.
+        job_stale_after_s: a running job whose heartbeat is older than this is presumed
+            orphaned (its worker died) and is re-queued by the reaper, or failed with
+            ``worker_lost_repeatedly`` once it has been started ``job_max_attempts`` times. Keep
+            it well above the heartbeat interval and above the database blips you expect to
+            ride out; at least three heartbeat intervals.
+        reaper_interval_s: how often each worker process (and ``mpq serve``) looks for
+            orphaned jobs.
+        job_final_write_retry_s: how long an attempt keeps retrying its final status write
+            through database errors (with backoff) before leaving the job to the reaper.
+        worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
+            shutdown: it finishes its job) before it is killed; a killed worker's job is
+            re-queued at the next start.
     """
 
     model_config = SettingsConfigDict(
@@ -78,6 +100,14 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    sandbox: Literal["auto", "required", "process"] = "auto"
+    sandbox_memory_bytes: int = Field(default=0, ge=0)
+    sandbox_cpu_seconds: int = Field(default=0, ge=0)
+    job_heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    job_stale_after_s: float = Field(default=120.0, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    job_final_write_retry_s: float = Field(default=120.0, ge=0)
+    worker_stop_timeout_s: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:
@@ -88,6 +118,11 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("MPQ_S3_BUCKET is required when MPQ_STORAGE=s3")
+        if self.job_stale_after_s < 3 * self.job_heartbeat_interval_s:
+            # A live attempt would look orphaned after one late heartbeat and be re-queued.
+            raise ValueError(
+                "MPQ_JOB_STALE_AFTER_S must be at least 3 x MPQ_JOB_HEARTBEAT_INTERVAL_S"
+            )
         return self
 
     @property

@@ -178,8 +178,12 @@ class Job(Base):
     """One quantization job: its spec, where it is, and a summary of its result.
 
     ``attempts`` counts worker starts (kept here, not in the broker, so a job that kills its
-    worker every time fails after ``job_max_attempts``). ``sensitivity_key`` names the
-    :class:`SensitivityCache` entry the job used or produced.
+    worker every time fails after ``job_max_attempts``); it is also the number of the attempt
+    now running, which every write of an attempt checks, so an attempt presumed dead and
+    replaced can never overwrite its successor. ``heartbeat_at`` is stamped by the running
+    attempt every few seconds; the reaper (``worker.reaper``) re-queues a running job whose
+    heartbeat went stale. ``sensitivity_key`` names the :class:`SensitivityCache` entry the job
+    used or produced.
     """
 
     __tablename__ = "jobs"
@@ -193,6 +197,8 @@ class Job(Base):
             sa.text("created_at DESC"),
             sa.text("id DESC"),
         ),
+        # The reaper's scan: running jobs by heartbeat age.
+        sa.Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
@@ -213,6 +219,7 @@ class Job(Base):
     sensitivity_key: Mapped[str | None] = mapped_column(sa.String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -126,6 +126,15 @@ def test_worker_reserves_one_gpu_and_runs_prefork_with_one_child(
     assert cmd[cmd.index("--concurrency") + 1] == "1"
 
 
+def test_worker_requires_the_sandbox_and_may_create_its_namespaces(
+    compose: dict[str, Any],
+) -> None:
+    worker = compose["services"]["worker"]
+    assert service_env(compose, "worker")["MPQ_SANDBOX"] == "required"
+    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(worker["security_opt"])
+    assert "security_opt" not in compose["services"]["api"]
+
+
 def test_api_serves_the_factory_on_8000_with_a_readyz_healthcheck(
     compose: dict[str, Any],
 ) -> None:

@@ -4,7 +4,8 @@ The app is :func:`mpq_service.celery_config.make_celery` (the configuration the 
 with) plus this package's task module, :mod:`worker.tasks`. It is built lazily on first access
 (module ``__getattr__``) from the environment, so importing this module reads no settings,
 creates no folders and imports no torch. ``mpq serve`` starts its worker as a ``celery -A
-worker.celery_app`` subprocess too.
+worker.celery_app`` subprocess too. Importing it connects :mod:`worker.lifecycle`'s signal
+handlers (each worker runs a reaper thread).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from mpq_service.celery_config import make_celery
+from worker import lifecycle  # noqa: F401  (connects the reaper and parent-watch signal handlers)
 
 if TYPE_CHECKING:
     from mpq_service.settings import Settings

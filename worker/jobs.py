@@ -1,62 +1,86 @@
 """One job attempt, from the database row to the stored artifacts: :func:`run_job`.
 
 No broker here: the Celery task in :mod:`worker.tasks` is a thin wrapper, and the tests call
-:func:`run_job` directly. The pipeline (and with it torch) is imported inside :func:`run_job`, so
-importing this module stays cheap.
+:func:`run_job` directly. The pipeline runs in a child process, so this module never imports
+torch.
 
 Life of an attempt:
 
-1. Claim: the job row is locked, ``attempts`` incremented, status ``running``. A job already
-   final (cancelled while queued, or a redelivered message of a finished job) is left alone; a
-   job already started ``job_max_attempts`` times (it killed its worker each time, so the broker
-   re-queued it) is failed with ``worker_lost_repeatedly``.
-2. Inputs are downloaded from storage into a private temporary folder under ``workdir``.
-3. A stored sensitivity table for the same tenant, model, data and analysis settings is reused.
-4. The pipeline runs; progress (stage and overall fraction) is written at most every
-   :data:`PROGRESS_INTERVAL_S` seconds and at every stage change, with a conditional update that
-   also notices a cancellation (status set to ``cancelled`` by the API) or a deleted job and
-   aborts the attempt.
-5. Artifacts go to storage (keys from :mod:`mpq_service.storage_keys`) with Artifact rows, the
+1. Claim: one conditional update takes a ``queued`` job (or a ``running`` one whose heartbeat
+   is stale: a message redelivered after its worker died), increments ``attempts`` (the number
+   of this attempt from now on) and marks it ``running``. Anything else is left alone: a final
+   job (cancelled while queued, or a redelivered message of a finished job), or one running
+   with a live heartbeat (a duplicate message: the reaper re-queued it and the broker redelivered
+   it too). A job already started ``job_max_attempts`` times (it killed its worker each time) is
+   failed with ``worker_lost_repeatedly``.
+1b. While the attempt runs, a :class:`~worker.heartbeat.Heartbeat` thread stamps
+   ``heartbeat_at``; :mod:`mpq_service.reaper` re-queues the job if those stop.
+2. Inputs are downloaded from storage into a private temporary folder under ``workdir``,
+   with a stored sensitivity table for the same tenant, model, data and analysis settings.
+3. The pipeline runs in a sandboxed child process (:mod:`worker.child_job`, :mod:`worker.sandbox`):
+   the uploaded model is never loaded in this process, which holds the credentials. Progress
+   (stage and overall fraction) is written at most every :data:`PROGRESS_INTERVAL_S` seconds and
+   at every stage change, and at least every few seconds, with a conditional update that also
+   notices a cancellation (status set to ``cancelled`` by the API) or a deleted job: the child
+   is then killed with its whole process tree.
+4. Artifacts go to storage (keys from :mod:`mpq_service.storage_keys`) with Artifact rows, the
    sensitivity table into the cache, and the job is marked ``succeeded`` with a result
-   summary, only if it is still running.
+   summary, only if it is still running *this* attempt.
 
-Every failure ends the attempt with a final status: :class:`MpqError` -> ``failed`` with its code
-and message; a soft time limit -> ``time_limit_exceeded``; anything else -> ``internal_error``
-with a one-line message (the traceback goes to the log).
+Every write of an attempt (progress, success, failure) checks the attempt number, so an attempt
+presumed dead and re-queued can never overwrite its successor, and a job is recorded as done
+once. The final write is retried through database errors for ``job_final_write_retry_s``; if the
+database stays away longer, the job is left ``running`` without a heartbeat and the reaper
+settles it. Progress writes that fail on a database error are skipped (the next one tries again).
 
-Device: the pipeline has no device option yet, so jobs run on the CPU even where CUDA is present.
+Every failure ends the attempt with a final status: :class:`MpqError` (raised here or reported
+by the child, including the sandbox's limits: ``time_limit_exceeded``,
+``cpu_time_limit_exceeded``, ``memory_limit_exceeded``, ``job_crashed``) -> ``failed`` with its
+code and message; Celery's soft time limit -> ``time_limit_exceeded``; anything else ->
+``internal_error`` with a one-line message (the traceback goes to the log).
+
+This module imports no torch: the worker's own process never needs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_core.errors import MpqError
+from mpq_core.progress import STAGES
+from mpq_core.spec import JobSpec
 from mpq_service import storage_keys
+from mpq_service.celery_config import soft_time_limit
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
 from mpq_service.storage import ObjectNotFound, Storage
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
+from worker.child_job import ChildJob, run_child_job
+from worker.heartbeat import Heartbeat
+from worker.sandbox import SandboxLimits, SandboxUnavailable, choose_isolation
 
 if TYPE_CHECKING:
-    from mpq_core.sensitivity_table import SensitivityTable
     from mpq_service.settings import Settings
 
 __all__ = [
     "PROGRESS_INTERVAL_S",
     "STAGE_WEIGHTS",
     "fail_running_job",
+    "lost_repeatedly_message",
     "run_job",
     "time_limit_message",
 ]
@@ -79,8 +103,16 @@ _MESSAGE_MAX = 500
 _CONTENT_TYPES = {".json": "application/json"}
 
 
+_T = TypeVar("_T")
+
+
 class _Aborted(Exception):
     """The job was cancelled (or deleted) while running: stop and leave its status alone."""
+
+
+class _Superseded(_Aborted):
+    """This attempt was presumed dead and the job re-queued: a newer attempt owns the job and
+    its artifact keys, so stop without touching either."""
 
 
 @dataclass
@@ -95,11 +127,22 @@ class _Inputs:
     data_format: str
     eval_key: str | None = None
     eval_format: str | None = None
+    #: This attempt's number (``jobs.attempts`` once claimed); every write checks it.
+    attempt: int = 0
+    #: Wall-clock limit of the attempt (``job_time_limit_s``), for whatever runs the model.
+    time_limit_s: int = 0
+    #: How long a final write (and the last progress check) retries through database errors.
+    final_write_retry_s: float = 0.0
 
 
 @dataclass
 class _Progress:
-    """The pipeline's progress callback: overall fraction to the database, cancellation back."""
+    """The pipeline's progress callback: overall fraction to the database, cancellation back.
+
+    ``attempt`` (the claimed attempt's number) makes every write conditional on this attempt
+    still owning the job. A write that fails on a database error is skipped by the callback
+    (progress is advisory) but retried for ``retry_s`` by :meth:`write`, the explicit check.
+    """
 
     job_id: str
     session_factory: sessionmaker[Session]
@@ -108,10 +151,10 @@ class _Progress:
     overall: float = 0.0
     last_write: float = field(default=-1e9)
     writes: int = 0
+    attempt: int | None = None
+    retry_s: float = 0.0
 
     def overall_fraction(self, stage: str, fraction: float) -> float:
-        from mpq_core.pipeline import STAGES
-
         weights = [STAGE_WEIGHTS.get(s, 0.02) for s in STAGES]
         total = sum(weights)
         if stage not in STAGES:
@@ -128,25 +171,62 @@ class _Progress:
             return
         self.stage = stage
         self.last_write = now
-        self.write()
+        try:
+            self._write_once()
+        except SQLAlchemyError as exc:
+            log.warning("job %s: progress not recorded: %s", self.job_id, first_line(exc))
 
     def write(self) -> None:
-        """Store stage and progress if the job is still running, else raise :class:`_Aborted`."""
+        """Store stage and progress if this attempt still runs the job, else raise
+        :class:`_Aborted` (:class:`_Superseded` when a newer attempt owns it)."""
+        _retrying(self._write_once, self.retry_s, f"job {self.job_id}: progress")
+
+    def _write_once(self) -> None:
         with session_scope(self.session_factory) as session:
+            mine = [Job.id == self.job_id, Job.status == JobStatus.RUNNING.value]
+            if self.attempt is not None:
+                mine.append(Job.attempts == self.attempt)
             result = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
+                .where(*mine)
                 .values(stage=self.stage, progress=round(self.overall, 4), updated_at=utcnow())
             )
             rows = cast("CursorResult[Any]", result).rowcount
+            if rows == 0:
+                raise _stopped(session, self.job_id, self.attempt)
         self.writes += 1
-        if rows == 0:
-            raise _Aborted(self.job_id)
 
 
-def time_limit_message(limit_s: int) -> str:
-    """The error message of a job stopped by its time limit."""
-    return f"the job ran past its time limit of {limit_s} s and was stopped"
+def _stopped(session: Session, job_id: str, attempt: int | None) -> _Aborted:
+    """Why this attempt may not write: superseded by a newer attempt, or cancelled/deleted."""
+    current = session.scalar(select(Job.attempts).where(Job.id == job_id))
+    if current is not None and attempt is not None and current != attempt:
+        return _Superseded(job_id)
+    return _Aborted(job_id)
+
+
+def _transient(exc: DBAPIError) -> bool:
+    """A database error worth retrying: the server or the connection went away (or SQLite's
+    write lock is busy), not a bad statement."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
+
+
+def _retrying(call: Callable[[], _T], budget_s: float, what: str) -> _T:
+    """``call()``, retried with exponential backoff through transient database errors for
+    ``budget_s`` seconds; the last error is raised after that."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except DBAPIError as exc:
+            if not _transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database error, retrying in %.2f s: %s", what, delay, first_line(exc))
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -163,63 +243,131 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _claim(job_id: str, settings: Settings, factory: sessionmaker[Session]) -> _Inputs | None:
-    """Start an attempt: the job's inputs, or None when this attempt must not run."""
-    with session_scope(factory) as session:
-        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None:
-            log.warning("job %s: not found (deleted?), nothing to do", job_id)
-            return None
-        if JobStatus(job.status).is_final:
-            log.info("job %s: already %s, nothing to do", job_id, job.status)
-            return None
-        if job.attempts >= settings.job_max_attempts:
-            job.status = JobStatus.FAILED.value
-            job.error_code = "worker_lost_repeatedly"
-            job.error_message = (
-                f"the job was started {job.attempts} time(s) and its worker stopped each time "
-                f"(crash, out of memory or killed) before it finished; it is not retried again"
-            )
-            job.finished_at = utcnow()
-            log.error("job %s: %s", job_id, job.error_message)
-            return None
-        job.attempts += 1
-        job.status = JobStatus.RUNNING.value
-        job.started_at = utcnow()
-        job.stage = None
-        job.progress = 0.0
-        job.error_code = job.error_message = None
-        inputs = _Inputs(
-            tenant_id=job.tenant_id,
-            spec=dict(job.spec),
-            model_key=job.model.storage_key,
-            model_sha256=job.model.sha256,
-            model_format=job.model.format,
-            data_key=job.dataset.storage_key,
-            data_sha256=job.dataset.sha256,
-            data_format=job.dataset.format,
-        )
-        if job.eval_dataset is not None:
-            inputs.eval_key = job.eval_dataset.storage_key
-            inputs.eval_format = job.eval_dataset.format
-        log.info("job %s: attempt %d started", job_id, job.attempts)
-        return inputs
+def _claimable(job_id: str, now: Any, stale_after_s: float) -> Any:
+    """The job may start an attempt: queued, or running with a stale heartbeat (its worker
+    died and the broker redelivered its message before the reaper got to it)."""
+    stale = func.coalesce(Job.heartbeat_at, Job.updated_at) < now - timedelta(seconds=stale_after_s)
+    return and_(
+        Job.id == job_id,
+        or_(
+            Job.status == JobStatus.QUEUED.value,
+            and_(Job.status == JobStatus.RUNNING.value, stale),
+        ),
+    )
 
 
-def _finish_failed(factory: sessionmaker[Session], job_id: str, code: str, message: str) -> None:
-    """Mark the job failed, unless it is no longer running (cancelled or deleted meanwhile)."""
-    with session_scope(factory) as session:
+def _inputs_of(job: Job, settings: Settings) -> _Inputs:
+    inputs = _Inputs(
+        tenant_id=job.tenant_id,
+        spec=dict(job.spec),
+        model_key=job.model.storage_key,
+        model_sha256=job.model.sha256,
+        model_format=job.model.format,
+        data_key=job.dataset.storage_key,
+        data_sha256=job.dataset.sha256,
+        data_format=job.dataset.format,
+        attempt=job.attempts,
+        time_limit_s=settings.job_time_limit_s,
+        final_write_retry_s=settings.job_final_write_retry_s,
+    )
+    if job.eval_dataset is not None:
+        inputs.eval_key = job.eval_dataset.storage_key
+        inputs.eval_format = job.eval_dataset.format
+    return inputs
+
+
+def _not_claimed(session: Session, job_id: str, settings: Settings, claimable: Any) -> None:
+    """Say why ``job_id`` was not claimed; fail it if it used up its attempts."""
+    job = session.scalars(select(Job).where(Job.id == job_id)).first()
+    if job is None:
+        log.warning("job %s: not found (deleted?), nothing to do", job_id)
+    elif JobStatus(job.status).is_final:
+        log.info("job %s: already %s, nothing to do", job_id, job.status)
+    elif job.attempts >= settings.job_max_attempts:
+        message = lost_repeatedly_message(job.attempts)
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+            .where(claimable)
             .values(
                 status=JobStatus.FAILED.value,
-                error_code=code,
+                error_code="worker_lost_repeatedly",
                 error_message=message,
                 finished_at=utcnow(),
-                updated_at=utcnow(),
+                heartbeat_at=None,
             )
         )
+        log.error("job %s: %s", job_id, message)
+    else:
+        log.info(
+            "job %s: attempt %d is running with a live heartbeat; duplicate message ignored",
+            job_id,
+            job.attempts,
+        )
+
+
+def _claim(job_id: str, settings: Settings, factory: sessionmaker[Session]) -> _Inputs | None:
+    """Start an attempt: the job's inputs, or None when this attempt must not run.
+
+    One conditional UPDATE decides, so two workers handed the same job (a duplicate message)
+    cannot both claim it, on Postgres or SQLite.
+    """
+    with session_scope(factory) as session:
+        now = db_now(session)
+        claimable = _claimable(job_id, now, settings.job_stale_after_s)
+        result = session.execute(
+            update(Job)
+            .where(claimable, Job.attempts < settings.job_max_attempts)
+            .values(
+                attempts=Job.attempts + 1,
+                status=JobStatus.RUNNING.value,
+                started_at=now,
+                heartbeat_at=now,
+                stage=None,
+                progress=0.0,
+                error_code=None,
+                error_message=None,
+                updated_at=now,
+            )
+        )
+        if cast("CursorResult[Any]", result).rowcount != 1:
+            _not_claimed(session, job_id, settings, claimable)
+            return None
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+        log.info("job %s: attempt %d started", job_id, job.attempts)
+        return _inputs_of(job, settings)
+
+
+def _finish_failed(
+    factory: sessionmaker[Session],
+    job_id: str,
+    code: str,
+    message: str,
+    *,
+    attempt: int | None = None,
+    retry_s: float = 0.0,
+) -> None:
+    """Mark the job failed, unless it is no longer running (cancelled or deleted meanwhile) or,
+    given ``attempt``, no longer running that attempt. Retried through database errors."""
+
+    def write() -> None:
+        with session_scope(factory) as session:
+            mine = [Job.id == job_id, Job.status == JobStatus.RUNNING.value]
+            if attempt is not None:
+                mine.append(Job.attempts == attempt)
+            session.execute(
+                update(Job)
+                .where(*mine)
+                .values(
+                    status=JobStatus.FAILED.value,
+                    error_code=code,
+                    error_message=message,
+                    finished_at=utcnow(),
+                    updated_at=utcnow(),
+                    heartbeat_at=None,
+                )
+            )
+
+    _retrying(write, retry_s, f"job {job_id}: final write")
 
 
 def fail_running_job(
@@ -231,26 +379,29 @@ def fail_running_job(
 
 
 def _cached_table(
-    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, tmp: Path
-) -> SensitivityTable | None:
-    from mpq_core.sensitivity_table import SensitivityTable
-
-    with session_scope(factory) as session:
-        row = session.scalars(
-            select(SensitivityCache).where(
-                SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
-            )
-        ).first()
-        storage_key = row.storage_key if row is not None else None
-    if storage_key is None:
-        return None
-    path = tmp / "sensitivity.cached.json"
+    factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, dest: Path
+) -> bool:
+    """Download the stored sensitivity table for ``key`` to ``dest``; False when there is none.
+    The child parses it (and recomputes when it is unusable)."""
     try:
-        storage.get_file(storage_key, path)
-        return SensitivityTable.load(path)
-    except (ObjectNotFound, MpqError) as exc:
-        log.warning("sensitivity cache %s unusable (%s); recomputing", key, exc)
-        return None
+        with session_scope(factory) as session:
+            row = session.scalars(
+                select(SensitivityCache).where(
+                    SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
+                )
+            ).first()
+            storage_key = row.storage_key if row is not None else None
+    except SQLAlchemyError as exc:  # a cache: a database blip costs a recomputation, not the job
+        log.warning("sensitivity cache %s not readable (%s); computing", key, first_line(exc))
+        return False
+    if storage_key is None:
+        return False
+    try:
+        storage.get_file(storage_key, dest)
+        return True
+    except ObjectNotFound:
+        log.warning("sensitivity cache %s: its object is gone; recomputing", key)
+        return False
 
 
 def _store_table(
@@ -272,6 +423,8 @@ def _store_table(
     except IntegrityError:
         # Another job stored the same table at the same moment: theirs is as good as ours.
         log.info("sensitivity cache %s: stored concurrently by another job", key)
+    except SQLAlchemyError as exc:  # a cache: the job's own result does not depend on it
+        log.warning("sensitivity cache %s not recorded: %s", key, first_line(exc))
 
 
 def _summary(
@@ -307,7 +460,7 @@ def run_job(
 
     Args:
         job_id: the Job row's id.
-        settings: the service settings (``job_max_attempts`` is read).
+        settings: the service settings (attempt cap, heartbeat, stale and retry times, limit).
         session_factory: sessions on the service database.
         storage: where uploads are read from and artifacts written to.
         workdir: a folder for the attempt's temporary files (removed afterwards).
@@ -317,26 +470,128 @@ def run_job(
         return
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with Heartbeat(session_factory, job_id, inputs.attempt, settings.job_heartbeat_interval_s):
+        _run_claimed(job_id, inputs, settings, session_factory, storage, workdir)
+
+
+def _run_claimed(
+    job_id: str,
+    inputs: _Inputs,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    workdir: Path,
+) -> None:
+    """The claimed attempt, ended with a final write (or left to the reaper, see below)."""
     uploaded: list[str] = []
     try:
         with tempfile.TemporaryDirectory(dir=workdir, prefix=f"job-{job_id}-") as tmp_name:
-            _attempt(job_id, inputs, session_factory, storage, Path(tmp_name), uploaded)
+            _attempt(job_id, inputs, factory, storage, Path(tmp_name), uploaded, settings)
+        return
+    except _Superseded:
+        # The artifact keys now belong to the newer attempt: delete nothing.
+        log.warning(
+            "job %s: attempt %d was superseded by a newer one; stopped", job_id, inputs.attempt
+        )
+        return
     except _Aborted:
-        log.info("job %s: cancelled or deleted while running; stopped", job_id)
+        log.info("job %s: stopped: cancelled, deleted or failed by the reaper meanwhile", job_id)
         _delete(storage, uploaded)
+        return
+    except SandboxUnavailable as exc:
+        log.error("job %s: %s", job_id, exc)
+        code, message = "sandbox_unavailable", str(exc)
     except MpqError as exc:
         log.info("job %s: failed: %s", job_id, exc)
-        _delete(storage, uploaded)
-        _finish_failed(session_factory, job_id, exc.code, exc.message)
+        code, message = exc.code, exc.message
+    except DBAPIError as exc:
+        if not _transient(exc):
+            raise
+        # The database stayed away past the retries: the job is neither failed nor done. Its
+        # heartbeat stops with this attempt and the reaper re-queues it. The uploads stay: a
+        # success write whose commit went through unacknowledged may point at them.
+        log.error("job %s: database unreachable, left to the reaper: %s", job_id, first_line(exc))
+        return
     except Exception as exc:
-        _delete(storage, uploaded)
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             log.error("job %s: time limit exceeded", job_id)
             code, message = "time_limit_exceeded", time_limit_message(settings.job_time_limit_s)
         else:
             log.exception("job %s: internal error", job_id)
             code, message = "internal_error", _one_line(exc)
-        _finish_failed(session_factory, job_id, code, message)
+    _delete(storage, uploaded)
+    _finish_or_leave(factory, job_id, code, message, inputs)
+
+
+def _finish_or_leave(
+    factory: sessionmaker[Session], job_id: str, code: str, message: str, inputs: _Inputs
+) -> None:
+    try:
+        _finish_failed(
+            factory,
+            job_id,
+            code,
+            message,
+            attempt=inputs.attempt,
+            retry_s=inputs.final_write_retry_s,
+        )
+    except SQLAlchemyError as exc:
+        log.error("job %s: failure not recorded, left to the reaper: %s", job_id, first_line(exc))
+
+
+def _record_success(
+    factory: sessionmaker[Session],
+    job_id: str,
+    inputs: _Inputs,
+    rows: list[Artifact],
+    summary: dict[str, Any],
+    sensitivity_key: str,
+) -> None:
+    """The final write of a successful attempt: artifact rows, result, ``succeeded``; only if
+    this attempt still runs the job (else :class:`_Aborted` / :class:`_Superseded`), retried
+    through database errors for ``inputs.final_write_retry_s``."""
+
+    def write() -> None:
+        with session_scope(factory) as session:
+            job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+            if job is not None and (job.attempts, job.status) == (
+                inputs.attempt,
+                JobStatus.SUCCEEDED.value,
+            ):
+                return  # an earlier try committed; only its answer was lost
+            if job is not None and job.attempts != inputs.attempt:
+                raise _Superseded(job_id)  # first: a newer attempt may have finished already
+            if job is None or job.status != JobStatus.RUNNING.value:
+                raise _Aborted(job_id)
+            for old in list(job.artifacts):  # none unless an earlier attempt got this far
+                session.delete(old)
+            session.flush()
+            session.add_all(_fresh(rows))
+            job.result = summary
+            job.sensitivity_key = sensitivity_key
+            job.progress = 1.0
+            job.status = JobStatus.SUCCEEDED.value
+            job.finished_at = utcnow()
+            job.heartbeat_at = None
+
+    _retrying(write, inputs.final_write_retry_s, f"job {job_id}: final write")
+
+
+def _fresh(rows: list[Artifact]) -> list[Artifact]:
+    """New row objects with the same values: a retried transaction must not reuse objects that a
+    rolled-back one already flushed."""
+    return [
+        Artifact(
+            job_id=r.job_id,
+            tenant_id=r.tenant_id,
+            name=r.name,
+            size=r.size,
+            sha256=r.sha256,
+            storage_key=r.storage_key,
+            content_type=r.content_type,
+        )
+        for r in rows
+    ]
 
 
 def _delete(storage: Storage, keys: list[str]) -> None:
@@ -385,6 +640,47 @@ def _store_artifacts(
     return rows
 
 
+def _limits(settings: Settings, elapsed_s: float) -> SandboxLimits:
+    """The child's limits: the wall clock ends before Celery's soft limit would fire."""
+    wall = soft_time_limit(settings.job_time_limit_s) - elapsed_s - 1.0
+    memory = settings.sandbox_memory_bytes or int(
+        0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    cpu = settings.sandbox_cpu_seconds or settings.job_time_limit_s * (os.cpu_count() or 1)
+    return SandboxLimits(
+        wall_seconds=max(1.0, wall),
+        memory_bytes=memory,
+        cpu_seconds=cpu,
+        file_bytes=4 * settings.max_upload_bytes,
+    )
+
+
+def _download_inputs(
+    inputs: _Inputs,
+    factory: sessionmaker[Session],
+    storage: Storage,
+    folder: Path,
+    key: str,
+    max_upload_bytes: int,
+) -> ChildJob:
+    folder.mkdir(parents=True)
+    _download(storage, inputs.model_key, folder / "model.bin", "model")
+    _download(storage, inputs.data_key, folder / f"data.{inputs.data_format}", "data set")
+    eval_name = None
+    if inputs.eval_key is not None:
+        eval_name = f"eval.{inputs.eval_format}"
+        _download(storage, inputs.eval_key, folder / eval_name, "evaluation data set")
+    cached = _cached_table(factory, storage, inputs.tenant_id, key, folder / "sensitivity.json")
+    return ChildJob(
+        spec=inputs.spec,
+        model="model.bin",
+        data=f"data.{inputs.data_format}",
+        eval=eval_name,
+        sensitivity="sensitivity.json" if cached else None,
+        max_upload_bytes=max_upload_bytes,
+    )
+
+
 def _attempt(
     job_id: str,
     inputs: _Inputs,
@@ -392,66 +688,52 @@ def _attempt(
     storage: Storage,
     tmp: Path,
     uploaded: list[str],
+    settings: Settings,
 ) -> None:
-    from mpq_core.pipeline import quantize_model
-    from mpq_core.spec import JobSpec
-
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     spec = JobSpec.from_dict(inputs.spec)
-    progress = _Progress(job_id, factory)
+    progress = _Progress(
+        job_id, factory, attempt=inputs.attempt, retry_s=inputs.final_write_retry_s
+    )
     progress("intake", 0.0, {})  # also notices a cancellation that came in meanwhile
-
-    model_path = tmp / "input" / "model.bin"
-    data_path = tmp / "input" / f"data.{inputs.data_format}"
-    _download(storage, inputs.model_key, model_path, "model")
-    _download(storage, inputs.data_key, data_path, "data set")
-    eval_path: Path | None = None
-    if inputs.eval_key is not None:
-        eval_path = tmp / "input" / f"eval.{inputs.eval_format}"
-        _download(storage, inputs.eval_key, eval_path, "evaluation data set")
+    isolation = choose_isolation(settings.sandbox)
 
     key = SensitivityCache.make_key(
         inputs.model_sha256,
         inputs.data_sha256,
-        spec.sensitivity_settings(has_eval_data=eval_path is not None),
+        spec.sensitivity_settings(has_eval_data=inputs.eval_key is not None),
     )
-    cached = _cached_table(factory, storage, inputs.tenant_id, key, tmp)
+    child_job = _download_inputs(
+        inputs, factory, storage, tmp / "input", key, settings.max_upload_bytes
+    )
     seconds["download"] = round(time.perf_counter() - start, 4)
 
     t0 = time.perf_counter()
-    result = quantize_model(
-        model_path,
-        data_path,
-        spec,
-        tmp / "out",
-        eval_source=eval_path,
-        sensitivity=cached,
-        progress=progress,
+    result = run_child_job(
+        child_job,
+        tmp,
+        limits=_limits(settings, time.perf_counter() - start),
+        isolation=isolation,
+        on_progress=lambda stage, fraction: progress(stage, fraction, {}),
+        tick=progress.write,
     )
     seconds["pipeline"] = round(time.perf_counter() - t0, 4)
     progress.write()  # cancelled during the last stage? then nothing is uploaded
 
     t0 = time.perf_counter()
     rows = _store_artifacts(storage, inputs.tenant_id, job_id, result.artifacts, uploaded)
-    if cached is None:
-        table_path = tmp / "sensitivity.store.json"
-        result.sensitivity.save(table_path)
-        _store_table(factory, storage, inputs.tenant_id, key, table_path)
+    if child_job.sensitivity is None and result.table is not None:
+        _store_table(factory, storage, inputs.tenant_id, key, result.table)
     seconds["upload"] = round(time.perf_counter() - t0, 4)
     seconds["total"] = round(time.perf_counter() - start, 4)
 
-    with session_scope(factory) as session:
-        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
-        if job is None or job.status != JobStatus.RUNNING.value:
-            raise _Aborted(job_id)
-        for old in list(job.artifacts):  # none unless an earlier attempt got this far
-            session.delete(old)
-        session.flush()
-        session.add_all(rows)
-        job.result = _summary(result.report, reused=cached is not None, key=key, seconds=seconds)
-        job.sensitivity_key = key
-        job.progress = 1.0
-        job.status = JobStatus.SUCCEEDED.value
-        job.finished_at = utcnow()
+    summary = _summary(
+        result.report, reused=child_job.sensitivity is not None, key=key, seconds=seconds
+    )
+    summary["sandbox"] = {
+        "isolation": isolation.value,
+        "cpu_seconds": result.outcome.cpu_seconds,
+    }
+    _record_success(factory, job_id, inputs, rows, summary, key)
     log.info("job %s: succeeded in %.1f s", job_id, seconds["total"])

@@ -55,7 +55,17 @@ def resources() -> _Resources:
         storage = make_storage(settings)
         storage.ensure_ready()
         _resources = _Resources(os.getpid(), settings, engine, make_sessionmaker(engine), storage)
+        _log_isolation(settings.sandbox)
     return _resources
+
+
+def _log_isolation(setting: str) -> None:
+    from worker.sandbox import SandboxUnavailable, choose_isolation
+
+    try:
+        log.info("job sandbox: %s (MPQ_SANDBOX=%s)", choose_isolation(setting).value, setting)
+    except SandboxUnavailable as exc:
+        log.error("job sandbox unavailable, jobs will fail: %s", exc)
 
 
 @worker_process_init.connect

@@ -8,7 +8,7 @@ import base64
 import binascii
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Query
@@ -44,9 +44,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, ident = json.loads(raw)
         when = datetime.fromisoformat(created)
-        if when.tzinfo is None or not isinstance(ident, str):
-            raise ValueError("bad cursor")
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        if when.tzinfo is None or not isinstance(ident, str) or "\x00" in ident:
+            raise ValueError("bad cursor")  # Postgres refuses text holding NUL
+        # In UTC, as stored: a time at the edge of the calendar overflows here, not in the query.
+        when = when.astimezone(timezone.utc)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise ApiError(
             400, "invalid_cursor", "the cursor is not valid; omit it to start over"
         ) from None

@@ -88,10 +88,31 @@ _FILE_PARTS: dict[str, UploadKind[Any]] = {
 }
 _SPEC_MAX_BYTES = 1024 * 1024
 _FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers
+_JSON_MAX_BYTES = _SPEC_MAX_BYTES + 4096  # the spec and the ids around it
 
 
 def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
+
+
+async def _read_json_body(request: Request) -> bytes:
+    """The JSON body, refused with 413 past :data:`_JSON_MAX_BYTES` (declared or sent) so that a
+    huge body cannot fill the API's memory."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(
+        413,
+        "request_too_large",
+        f"a job's JSON body may be at most {_JSON_MAX_BYTES} bytes; upload files through "
+        "POST /v1/models and POST /v1/datasets and name their ids",
+    )
+    if declared.isdigit() and int(declared) > _JSON_MAX_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _JSON_MAX_BYTES:
+            raise too_large
+    return bytes(body)
 
 
 def _parse_json_body(raw: bytes) -> JobCreate:
@@ -139,7 +160,7 @@ def _enqueue(session: Session, job: Job, enqueue: Enqueue) -> None:
 def _form_spec(raw: bytes) -> JobSpec:
     try:
         spec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
         raise _invalid("spec: not valid JSON") from None
     if not isinstance(spec, dict):
         raise _invalid("spec: must be a JSON object (the job spec)")
@@ -215,7 +236,7 @@ async def create_job(
             raise _invalid("malformed multipart body: no boundary in Content-Type")
         job = await _create_from_form(request, boundary, upload)
     elif ctype in (b"", b"application/json") or ctype.endswith(b"+json"):
-        body = _parse_json_body(await request.body())
+        body = _parse_json_body(await _read_json_body(request))
         spec = body.job_spec()
         job = await run_in_threadpool(_insert_job, upload.session, upload.tenant, body, spec)
     else:

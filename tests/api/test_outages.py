@@ -60,7 +60,7 @@ def test_database_outage_is_503_and_the_service_recovers(
     with served(tmp_path, database_url=through, key_database_url=direct) as api:
         with api.client() as client:
             assert client.get("/v1/jobs").status_code == 200
-            proxy.stop()  # Postgres is gone: connections reset, new ones refused
+            proxy.cut()  # Postgres is gone: connections reset, new ones refused
             _assert_outage(client.get("/v1/jobs"), "database_unavailable")
             r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
             _assert_outage(r, "database_unavailable")
@@ -68,7 +68,7 @@ def test_database_outage_is_503_and_the_service_recovers(
             _assert_outage(r, "database_unavailable")
             assert client.get("/healthz").json() == {"status": "ok"}
             assert client.get("/readyz").status_code == 503
-            proxy.start()  # back
+            proxy.restore()  # back
             assert client.get("/readyz").status_code == 200
             assert client.get("/v1/jobs").status_code == 200
             r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
@@ -85,7 +85,7 @@ def test_database_lost_mid_upload_is_503_and_leaves_nothing(
     with served(tmp_path, database_url=through, key_database_url=direct) as api:
         sock = open_upload(api, "/v1/models?filename=m.pt", len(body))  # authenticated
         try:
-            proxy.stop()  # the database goes while the body streams
+            proxy.cut()  # the database goes while the body streams
             sock.sendall(body)
             status, answer = read_response(sock)
         finally:

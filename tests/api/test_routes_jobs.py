@@ -83,11 +83,11 @@ def test_create_job_is_202_queued_and_enqueued(svc: Service) -> None:
         ({"budgets": ["avg-bits=banana"]}, "invalid_budget"),
         ({"budgets": ["avg-bits=4"], "method": "guess"}, "invalid_spec"),  # schema_version 1
         ({"budgets": ["avg-bits=4"], "analysis": {"method": "guess"}}, "invalid_spec"),
-        ({"budgets": ["avg-bits=4"], "finetune": {"lr": -1}}, "invalid_spec"),
+        ({"budgets": ["avg-bits=4"], "finetune": {"lr": -1}}, "spec_out_of_range"),
         ({"budgets": ["avg-bits=4"], "finetune": {"rate": 1}}, "invalid_spec"),
         ({"budgets": ["avg-bits=4"], "colour": "red"}, "invalid_spec"),
         ({"budgets": []}, "invalid_spec"),
-        ({"budgets": ["avg-bits=4"], "bits": ["x"]}, "invalid_spec"),
+        ({"budgets": ["avg-bits=4"], "bits": ["x"]}, "spec_type"),
     ],
 )
 def test_bad_spec_is_422_with_its_code(svc: Service, spec: dict[str, Any], code: str) -> None:

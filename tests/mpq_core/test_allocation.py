@@ -120,7 +120,7 @@ def test_pin_errors_are_spec_errors() -> None:
         allocate_bits(table, budget, pins={"features.0.weight": 5})
     with pytest.raises(SpecError, match="matches no layer"):
         allocate_bits(table, budget, pins={"nothing.*": 4})
-    with pytest.raises(SpecError, match="bad pin regex"):
+    with pytest.raises(SpecError, match="not a valid regex"):
         allocate_bits(table, budget, pins={"features.(": 4})
     with pytest.raises(SpecError, match="pinned to both"):
         allocate_bits(table, budget, pins={"features.0.weight": 4, r"features\.0\..*": 8})

@@ -118,7 +118,7 @@ def test_bad_bit_lists_are_spec_errors(text: str) -> None:
     [
         (["--budget", "avg-bits=4", "--bits", "2,three"], "invalid_spec"),
         (["--budget", "avg-bits=4", "--pin", "fc.weight"], "invalid_spec"),
-        (["--budget", "avg-bits=4", "--finetune.lr", "0"], "invalid_spec"),
+        (["--budget", "avg-bits=4", "--finetune.lr", "0"], "spec_out_of_range"),
         (["--budget", "avg-bits=lots"], "invalid_budget"),
     ],
 )

@@ -293,3 +293,45 @@ def test_sensitivity_settings_hold_what_changes_the_table() -> None:
     for other in changed:
         assert other.sensitivity_settings(has_eval_data=False) != base, other
     assert spec.sensitivity_settings(has_eval_data=True) != base
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        pytest.param({"seed": float("nan")}, "spec_not_finite", id="seed-nan"),
+        pytest.param({"batch_size": float("inf")}, "spec_not_finite", id="batch-inf"),
+        pytest.param({"finetune": {"distill_weight": float("nan")}}, "spec_not_finite", id="w-nan"),
+        pytest.param({"cost_table": {"fc": {"4": float("-inf")}}}, "spec_not_finite", id="table"),
+        pytest.param({"schema_version": float("inf")}, "spec_not_finite", id="version-inf"),
+        pytest.param({"seed": "7"}, "spec_type", id="seed-string"),
+        pytest.param({"seed": 1.5}, "spec_type", id="seed-fraction"),
+        pytest.param({"seed": True}, "spec_type", id="seed-bool"),
+        pytest.param({"seed": 2**64}, "spec_out_of_range", id="seed-huge"),
+        pytest.param({"bits": [2.5, 4]}, "spec_type", id="bits-fraction"),
+        pytest.param({"bits": "248"}, "spec_type", id="bits-string"),
+        pytest.param({"batch_size": 1.5}, "spec_type", id="batch-fraction"),
+        pytest.param({"budgets": "avg-bits=4"}, "spec_type", id="budgets-string"),
+        pytest.param({"budgets": [4]}, "spec_type", id="budgets-number"),
+        pytest.param({"finetune": {"lr": 1e30}}, "spec_out_of_range", id="lr-huge"),
+        pytest.param({"finetune": {"lr": -0.1}}, "spec_out_of_range", id="lr-negative"),
+        pytest.param({"quantize_activations": "false"}, "spec_type", id="bool-string"),
+        pytest.param({"device": "cuda:\u0663"}, "invalid_spec", id="device-arabic-digit"),
+        pytest.param({"device": "cuda:" + "9" * 30}, "invalid_spec", id="device-huge-index"),
+        pytest.param({"pins": {"fc\x00": 4}}, "spec_bad_text", id="nul-in-pin"),
+        pytest.param({"output_key": "\ud800"}, "spec_bad_text", id="lone-surrogate"),
+        pytest.param({"output_key": {"a": 1}}, "spec_type", id="output-key-object"),
+        pytest.param({"ties": ["x"] * 1000}, "spec_too_large", id="many-ties"),
+        pytest.param({"cost_table": [1, 2]}, "spec_type", id="cost-table-list"),
+        pytest.param({"analysis": {"method": ["fisher"]}}, "spec_type", id="method-list"),
+    ],
+)
+def test_hostile_values_raise_their_code(overrides: dict[str, Any], code: str) -> None:
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "budgets": ["avg-bits=4"], **overrides}
+    with pytest.raises(SpecError) as info:
+        JobSpec.from_dict(doc)
+    assert info.value.code == code, info.value.message
+
+
+def test_integral_floats_are_read_as_ints() -> None:
+    spec = JobSpec.from_dict({"budgets": ["avg-bits=4"], "bits": [4.0, 8], "batch_size": 16.0})
+    assert spec.bits == [4, 8] and spec.batch_size == 16 and isinstance(spec.batch_size, int)

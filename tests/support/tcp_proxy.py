@@ -1,121 +1,122 @@
-"""A TCP proxy on 127.0.0.1 in front of a real server, to make that server look gone or flaky
-without touching it (it is shared with other tests):
+"""A TCP proxy the tests can cut and restore: a database "outage" for the processes that connect
+through it, while the shared server (and everyone else's tests) carries on.
 
-- :meth:`TcpProxy.stop` closes the listening socket and every open connection, so clients see
-  their connections reset and new ones refused, exactly as when the server's host goes away;
-  :meth:`TcpProxy.start` listens again on the same port (the server is back);
-- :attr:`TcpProxy.drop_next` closes that many newly accepted connections at once, before a byte is
-  forwarded (a flaky network), counting them in :attr:`TcpProxy.dropped`.
-
-Threads: one accepting, two per connection pumping bytes each way.
+:meth:`TcpProxy.cut` closes the listening socket (new connections are refused, as by a stopped
+server) and resets every open connection (as a server restart does); :meth:`TcpProxy.restore`
+listens again on the same port. :attr:`TcpProxy.drop_next` resets that many newly accepted
+connections before a byte is forwarded (a flaky network), counting them in ``dropped``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import selectors
 import socket
 import struct
 import threading
+from dataclasses import dataclass, field
 
 __all__ = ["TcpProxy"]
 
-_BUFFER = 256 * 1024
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    for sock in (src, dst):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
+@dataclass
 class TcpProxy:
-    """Forwards ``127.0.0.1:port`` to ``target_host:target_port`` while started."""
+    """Forwards ``127.0.0.1:port`` to ``target_host:target_port``.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = 0  # chosen on the first start, kept afterwards
-        self.drop_next = 0
-        self.dropped = 0
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._stopping = threading.Event()
-        self._acceptor: threading.Thread | None = None
+    Example:
+        >>> with TcpProxy("127.0.0.1", 5432) as proxy:
+        ...     url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test"
+        ...     proxy.cut(); proxy.restore()
+    """
+
+    target_host: str
+    target_port: int
+    port: int = 0
+    connections: int = 0
+    drop_next: int = 0
+    dropped: int = 0
+    _listener: socket.socket | None = None
+    _open: list[socket.socket] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __enter__(self) -> TcpProxy:
-        self.start()
+        self.restore()
         return self
 
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
 
-    def start(self) -> None:
-        """Listen (on the same port as before, if any) and forward new connections."""
+    @property
+    def up(self) -> bool:
+        return self._listener is not None
+
+    def restore(self) -> None:
+        """Listen (again, on the same port once it has one)."""
+        if self._listener is not None:
+            return
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
+        listener.listen(64)
         self.port = listener.getsockname()[1]
         self._listener = listener
-        self._stopping.clear()
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-    def stop(self) -> None:
-        """Refuse new connections and reset every open one."""
-        self._stopping.set()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=5)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
         with self._lock:
-            conns, self._conns = self._conns, set()
-        for conn in conns:
-            _reset(conn)
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                if not selector.select(timeout=0.05):
-                    continue
-                client, _ = self._listener.accept()
-                with self._lock:
-                    drop = self.drop_next > 0
-                    if drop:
-                        self.drop_next -= 1
-                        self.dropped += 1
-                if drop:
-                    _reset(client)
-                else:
-                    self._connect(client)
-
-    def _connect(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self.target, timeout=5)
-        except OSError:
-            _reset(client)
-            return
-        upstream.settimeout(None)
-        with self._lock:
-            self._conns |= {client, upstream}
-        for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(_BUFFER):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):  # shutdown wakes the other pump's recv, then both close
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            open_socks, self._open = self._open, []
+        for sock in open_socks:
+            with contextlib.suppress(OSError):
+                # RST rather than FIN: the peer sees the connection reset, as on a crash.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
+
+    def _drop(self, client: socket.socket) -> bool:
+        """Reset ``client`` if it is one of the next ``drop_next`` connections."""
+        with self._lock:
+            if self.drop_next <= 0:
+                return False
+            self.drop_next -= 1
+            self.dropped += 1
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        return True
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            if self._drop(client):
+                continue
+            try:
+                upstream = socket.create_connection((self.target_host, self.target_port), 5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
             with self._lock:
-                self._conns -= {src, dst}
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close ``sock`` with a TCP reset (SO_LINGER 0), as a vanished peer does."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._open += [client, upstream]
+                self.connections += 1
+            threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()

@@ -115,12 +115,8 @@ def make_env(
     engines: list[Engine] = []
 
     def make(**overrides: Any) -> Env:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            database_url=f"sqlite:///{tmp_path / 'data' / 'mpq.db'}",
-            storage="local",
-            **overrides,
-        )
+        overrides.setdefault("database_url", f"sqlite:///{tmp_path / 'data' / 'mpq.db'}")
+        settings = Settings(data_dir=tmp_path / "data", storage="local", **overrides)
         upgrade(settings.database_url)
         engine = make_engine(settings.database_url)
         engines.append(engine)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +18,11 @@ import torch
 from sqlalchemy import func, select
 
 import mpq_core.pipeline
+import worker.child_job
 from mpq_service.db import session_scope
 from mpq_service.storage import LocalStorage
 from mpq_service.storage_keys import artifact_key, tenant_prefix
-from mpq_service.tables import Artifact, Job, SensitivityCache
+from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from tests.support.files import npz_bytes
 from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import run_job
@@ -78,17 +83,16 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     assert _count(env, SensitivityCache) == 1
 
     # Same model, data and analysis settings (a different budget): the stored table is used and
-    # the sensitivities are not computed again.
-    def no_recompute(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the sensitivity table was recomputed")
-
-    monkeypatch.setattr(mpq_core.pipeline, "analyze", no_recompute)
+    # the sensitivities are not computed again. A mark planted in the stored table shows up in
+    # the second job's sensitivity.json only if the table was reused, not recomputed.
     # Rows keep their object's key and readers use it, so a table stored under the earlier
     # layout (sensitivity/<tenant>/<key>.json) is still found.
     with session_scope(env.session_factory) as s:
         row = s.scalars(select(SensitivityCache)).one()
         legacy = f"sensitivity/{env.tenant_id}/{row.key}.json"
-        env.storage.put_bytes(legacy, env.storage.read_bytes(row.storage_key))
+        table = json.loads(env.storage.read_bytes(row.storage_key))
+        table["meta"]["planted"] = "by the test"
+        env.storage.put_bytes(legacy, json.dumps(table).encode())
         env.storage.delete(row.storage_key)
         row.storage_key = legacy
     spec = {**json.loads(json.dumps(job.spec)), "budgets": ["avg-bits=5"]}
@@ -96,6 +100,10 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     assert second.status == "succeeded", second.error_message
     assert second.sensitivity_key == job.sensitivity_key
     assert second.result is not None and second.result["sensitivity"]["reused"] is True
+    reused = json.loads(
+        env.storage.read_bytes(artifact_key(env.tenant_id, second.id, "sensitivity.json"))
+    )
+    assert reused["meta"]["planted"] == "by the test"
     assert _count(env, SensitivityCache) == 1
 
 
@@ -121,13 +129,27 @@ def test_data_that_does_not_fit_fails_with_its_code(
     assert job.artifacts == [] and job.finished_at is not None
 
 
+def _child_code(body: str) -> tuple[str, ...]:
+    """A child command line that runs the real job entry point after ``body`` (Python run in
+    the sandboxed child: how a test makes the pipeline misbehave in the other process)."""
+    code = (
+        f"{body}\nimport sys\nfrom mpq_core.isolated_job import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    return ("-c", code, "{input}/job.json", "{out}")
+
+
 def test_unexpected_error_fails_with_internal_error(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("solver exploded\nsecond line")
-
-    monkeypatch.setattr(mpq_core.pipeline, "allocate", boom)
+    monkeypatch.setattr(
+        worker.child_job,
+        "CHILD_ARGV",
+        _child_code(
+            "import mpq_core.pipeline as p\n"
+            "def boom(*a, **k):\n    raise RuntimeError('solver exploded\\nsecond line')\n"
+            "p.allocate = boom"
+        ),
+    )
     job = _run(env, env.create_job())
     assert (job.status, job.error_code) == ("failed", "internal_error")
     assert job.error_message == "RuntimeError: solver exploded"
@@ -144,13 +166,16 @@ def test_missing_upload_fails_with_input_missing(env: Env) -> None:
 
 
 def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]) -> None:
+    # A message redelivered after the worker died: the job is still "running", its heartbeat
+    # stale (older than job_stale_after_s).
     env = make_env(job_max_attempts=2)
-    job_id = env.create_job(status="running", attempts=2)
+    dead = utcnow() - timedelta(hours=1)
+    job_id = env.create_job(status="running", attempts=2, heartbeat_at=dead)
     job = _run(env, job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost_repeatedly", 2)
     assert job.error_message and "2 time(s)" in job.error_message
     # One attempt left: it runs (and counts).
-    other = _run(env, env.create_job(status="running", attempts=1))
+    other = _run(env, env.create_job(status="running", attempts=1, heartbeat_at=dead))
     assert (other.status, other.attempts) == ("succeeded", 2)
 
 
@@ -160,31 +185,54 @@ def test_final_job_is_left_alone(env: Env) -> None:
     assert (job.status, job.attempts, job.started_at) == ("cancelled", 0, None)
 
 
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def test_cancellation_while_running_stops_the_job(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = env.create_job()
-    original = mpq_core.pipeline.allocate
-    calls: list[str] = []
+    token = f"mpq-test-cancel-{job_id}"
+    # The child's allocation stage hangs (it would write a file after 120 s); cancelling the job
+    # in the database, as POST /v1/jobs/{id}/cancel does, must kill it and store nothing.
+    monkeypatch.setattr(
+        worker.child_job,
+        "CHILD_ARGV",
+        _child_code(
+            f"TOKEN = {token!r}\n"
+            "import time, mpq_core.pipeline as p\n"
+            "def hang(*a, **k):\n    time.sleep(120)\n    raise SystemExit('not killed')\n"
+            "p.allocate = hang"
+        ),
+    )
 
-    def cancel_then_allocate(*args: Any, **kwargs: Any) -> Any:
-        with session_scope(env.session_factory) as s:  # what POST /v1/jobs/{id}/cancel does
-            job = s.get(Job, job_id)
-            assert job is not None and job.status == "running"
-            job.status = "cancelled"
-        calls.append("allocate")
-        return original(*args, **kwargs)
+    def cancel_when_allocating() -> None:
+        for _ in range(600):
+            with session_scope(env.session_factory) as s:
+                job = s.get(Job, job_id)
+                assert job is not None
+                if job.stage == "allocate":
+                    job.status = "cancelled"
+                    return
+            time.sleep(0.1)
 
-    def no_finetune(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the job went on after it was cancelled")
-
-    monkeypatch.setattr(mpq_core.pipeline, "allocate", cancel_then_allocate)
-    monkeypatch.setattr(mpq_core.pipeline, "finetune", no_finetune)
+    canceller = threading.Thread(target=cancel_when_allocating)
+    canceller.start()
     job = _run(env, job_id)
-    assert calls == ["allocate"]
+    canceller.join()
     assert (job.status, job.error_code, job.result) == ("cancelled", None, None)
     assert job.artifacts == [] and _count(env, Artifact) == 0
     assert not env.storage.exists(artifact_key(env.tenant_id, job_id, "model.pt"))
+    assert _processes_with(token) == [], "the child outlived its cancelled job"
     assert isinstance(env.storage, LocalStorage)
     jobs_folder = env.storage.root / tenant_prefix(env.tenant_id) / "jobs"
     assert not jobs_folder.exists() or not any(jobs_folder.rglob("*"))

@@ -1,0 +1,181 @@
+"""What the job sandbox costs: one job run in the worker's process against the same job run in
+the sandboxed child, at each isolation level.
+
+Run: ``python -m bench.bench_sandbox [--repeats 3]``. Writes ``bench/results/sandbox.{json,md}``.
+
+The job is the digits CNN of ``make demo`` (TorchScript, 4-bit average budget, 2 fine-tuning
+epochs). Each run happens in a fresh Python process, so its peak memory is its own:
+
+- ``in-process``: that process calls :func:`mpq_core.pipeline.quantize_model` (what the worker
+  did before the sandbox; the baseline);
+- ``namespaces`` / ``process``: that process calls :func:`worker.child_job.run_child_job`, as the
+  worker does, and the pipeline runs in the sandboxed child.
+
+Reported per mode: median wall seconds over the repeats (modes interleaved, so a noisy moment
+hits all of them), the ratio to the in-process baseline, the peak RSS of the calling process
+(the worker's side) and of its children (the job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEC: dict[str, Any] = {"budgets": ["avg-bits=4"], "finetune": {"epochs": 2}}
+MODES = ("in-process", "namespaces", "process")
+
+
+def _own_peak_mib() -> float:
+    # VmHWM belongs to this process image; ru_maxrss would also carry the peak of the process
+    # this one was forked from.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _one_run(mode: str, model: Path, data: Path) -> dict[str, Any]:
+    """Body of the measuring subprocess: run the job once in ``mode``."""
+    work = Path(tempfile.mkdtemp(prefix="mpq-bench-sandbox-"))
+    try:
+        start = time.perf_counter()
+        if mode == "in-process":
+            from mpq_core.pipeline import quantize_model
+            from mpq_core.spec import JobSpec
+
+            quantize_model(model, data, JobSpec.from_dict(SPEC), work / "out")
+        else:
+            from worker.child_job import ChildJob, run_child_job
+            from worker.sandbox import Isolation, SandboxLimits
+
+            (work / "input").mkdir()
+            shutil.copy(model, work / "input" / "model.bin")
+            shutil.copy(data, work / "input" / "data.npz")
+            run_child_job(
+                ChildJob(spec=SPEC, model="model.bin", data="data.npz"),
+                work,
+                limits=SandboxLimits(wall_seconds=600),
+                isolation=Isolation(mode),
+                on_progress=lambda stage, fraction: None,
+                tick=lambda: None,
+            )
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "self_peak_mib": _own_peak_mib(),
+        "children_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "torch_in_caller": "torch" in sys.modules,
+    }
+
+
+def _measure(mode: str, model: Path, data: Path) -> dict[str, Any]:
+    code = (
+        "import json, sys; from pathlib import Path; from bench.bench_sandbox import _one_run; "
+        f"print(json.dumps(_one_run({mode!r}, Path({str(model)!r}), Path({str(data)!r}))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base = statistics.median(r["seconds"] for r in runs if r["mode"] == "in-process")
+    rows = []
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        seconds = statistics.median(r["seconds"] for r in mine)
+        rows.append(
+            {
+                "mode": mode,
+                "runs": len(mine),
+                "median_s": round(seconds, 2),
+                "vs_in_process": round(seconds / base, 2),
+                "caller_peak_mib": round(max(r["self_peak_mib"] for r in mine), 1),
+                "job_peak_mib": round(
+                    max(
+                        r["self_peak_mib"] if mode == "in-process" else r["children_peak_mib"]
+                        for r in mine
+                    ),
+                    1,
+                ),
+                "torch_in_caller": any(r["torch_in_caller"] for r in mine),
+            }
+        )
+    return rows
+
+
+def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Sandbox benchmark",
+        "",
+        f"Generated by `python -m bench.bench_sandbox` on {meta['when']}, {meta['machine']}, "
+        f"{meta['repeats']} repeats per mode (interleaved, median reported).",
+        "",
+        f"One job: the digits CNN of `make demo`, spec `{json.dumps(SPEC)}`. `caller peak`: the "
+        "peak RSS of the process that runs the job (the worker's side); `job peak`: the peak "
+        "RSS of the process that loads the model (the caller itself in-process, the sandboxed "
+        "child otherwise).",
+        "",
+        "| mode | runs | median s | vs in-process | caller peak MiB | job peak MiB "
+        "| torch in caller |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['runs']} | {r['median_s']:.2f} | {r['vs_in_process']:.2f} "
+            f"| {r['caller_peak_mib']:.0f} | {r['job_peak_mib']:.0f} | {r['torch_in_caller']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    # In a process of its own: this one stays small (its children's peak memory starts from
+    # the size of the process they were forked from).
+    script = "from bench.digits import prepare; print(prepare('cnn').model_path)"
+    found = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    model = Path(found.stdout.strip().splitlines()[-1])
+    data = model.with_name("digits_cnn_calib.npz")
+    runs = []
+    for i in range(args.repeats):
+        for mode in MODES:
+            runs.append(_measure(mode, model, data))
+            print(f"repeat {i + 1} {mode}: {runs[-1]['seconds']:.2f} s", flush=True)
+    rows = _summary(runs)
+    meta = {
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+        "repeats": args.repeats,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sandbox.json").write_text(
+        json.dumps({"meta": meta, "spec": SPEC, "runs": runs, "summary": rows}, indent=2) + "\n"
+    )
+    (RESULTS / "sandbox.md").write_text(_markdown(meta, rows))
+    print(_markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
