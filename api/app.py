@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
@@ -27,7 +28,7 @@ from api.readiness import (
 )
 from api.request_guard import RejectNulCharacters
 from api.routes import api_router
-from mpq_service.db import make_engine, make_sessionmaker
+from mpq_service.db import make_engine, make_sessionmaker, normalize_url
 from mpq_service.settings import Settings, get_settings
 from mpq_service.storage import make_storage
 
@@ -40,6 +41,25 @@ _DESCRIPTION = (
     "job with a budget, poll it, download the quantized model. Authenticate with "
     '`Authorization: Bearer <API key>`; errors are `{"error": {"code", "message"}}`.'
 )
+
+
+DB_CONNECT_TIMEOUT_S = 5  # a database host that does not answer is an outage, not a hang
+
+
+def _make_api_engine(settings: Settings) -> Engine:
+    """The API's engine: a bounded pool (``MPQ_DB_POOL_*``) whose wait for a free connection is
+    bounded too, and a bounded connect on Postgres, so an outage is a quick 503, never a hang."""
+    url = normalize_url(settings.database_url)
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT_S}
+    if url.get_backend_name() != "sqlite" or url.database not in (None, "", ":memory:"):
+        kwargs.update(
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s,
+        )
+    return make_engine(url, **kwargs)
 
 
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
@@ -55,7 +75,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         >>> app = create_app(Settings(data_dir=tmp_path), enqueue=queued.append)
     """
     settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+    engine = _make_api_engine(settings)
     storage = make_storage(settings)
 
     @asynccontextmanager
@@ -91,8 +111,9 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.include_router(api_router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """The process is up (no dependency is checked)."""
+    async def healthz() -> dict[str, str]:
+        """The process is up. Checks nothing and waits on nothing (no database, no thread):
+        it answers while every connection or worker thread is busy."""
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], response_model=None)

@@ -2,6 +2,12 @@
 
 Everything comes from ``app.state`` (filled by :func:`api.app.create_app`), never from
 module globals: each app, and each test, has its own settings, database and storage.
+
+No request holds a database connection while it waits on its client: the API key is checked in
+a short session of its own (its connection goes back to the pool at once), and the request's
+session (``SessionDep``) takes a connection only when a route first uses it; the upload routes
+use it only after the body has been streamed to storage, to insert the rows. So a slow or
+stalled uploader costs a socket and a little memory, never a pool slot.
 """
 
 from __future__ import annotations
@@ -63,15 +69,21 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_current_tenant(
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The tenant owning the request's bearer API key; 401 when it is missing or unknown."""
+    """The tenant owning the request's bearer API key; 401 when it is missing or unknown.
+
+    Looked up in a session closed before this returns: the tenant comes back detached (its
+    columns loaded), and no connection stays checked out for the rest of the request.
+    """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     pepper = settings.api_key_pepper.get_secret_value()
-    tenant = authenticate(session, credentials.credentials, pepper)
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        tenant = authenticate(session, credentials.credentials, pepper)
     if tenant is None:
         raise Unauthorized("unknown or revoked API key")
     return tenant
@@ -83,7 +95,8 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 @dataclass(frozen=True)
 class UploadContext:
     """What every upload route needs: the tenant that will own the files, the storage they go
-    to, the settings holding the size limit, and the session their rows are inserted with."""
+    to, the settings holding the size limit, and the session their rows are inserted with
+    (it takes a database connection only then, after the body was streamed)."""
 
     session: Session
     tenant: Tenant

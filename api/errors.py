@@ -3,6 +3,11 @@
 Codes are stable (clients match on them); messages say what to fix. 4xx are the caller's
 mistakes; an unexpected exception is a 500 ``internal_error`` with no details (it is logged).
 Another tenant's resource is always ``404 not_found``, exactly like a missing one.
+
+Outages are not the caller's mistake and not a bug either: a database that cannot be reached
+(or has no free connection in time) is ``503 database_unavailable``, a storage that cannot be
+reached after its retries ``503 storage_unavailable``, both with ``Retry-After``. A client that
+goes away mid-request is logged in one line, not as an error with a traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from api.upload_stream import UploadTooLarge
 from mpq_core.errors import (
@@ -24,8 +31,10 @@ from mpq_core.errors import (
     MpqError,
     SpecError,
 )
+from mpq_service.storage import StorageUnavailable
 
 __all__ = [
+    "OUTAGE_RETRY_AFTER_S",
     "ApiError",
     "Conflict",
     "NotFound",
@@ -33,10 +42,15 @@ __all__ = [
     "error_body",
     "error_response",
     "install_error_handlers",
+    "is_database_outage",
     "mpq_error_status",
 ]
 
-log = logging.getLogger(__name__)
+# Under "mpq", whose INFO messages `mpq serve` shows (api.cli sets it up); a plain uvicorn run
+# shows its warnings and errors through logging's last-resort handler.
+log = logging.getLogger("mpq.api.errors")
+
+OUTAGE_RETRY_AFTER_S = 5  # the Retry-After of a 503 for an outage
 
 
 class ApiError(Exception):
@@ -145,8 +159,59 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error")
 
 
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc  # the driver's own error, without the SQL
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _outage(code: str, message: str) -> JSONResponse:
+    return error_response(503, code, message, {"Retry-After": str(OUTAGE_RETRY_AFTER_S)})
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is unreachable, failing or out of free connections
+    (rather than a bug in a query or a constraint the caller broke)."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no free connection in the pool in time
+        return True
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    if not is_database_outage(exc):
+        return await _unexpected(request, exc)
+    log.warning(
+        "database unavailable on %s %s: %s", request.method, request.url.path, _first_line(exc)
+    )
+    return _outage(
+        "database_unavailable",
+        f"the database is unavailable or overloaded; try again in {OUTAGE_RETRY_AFTER_S} s",
+    )
+
+
+async def _storage_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return _outage(
+        "storage_unavailable",
+        f"the file storage is unavailable; try again in {OUTAGE_RETRY_AFTER_S} s",
+    )
+
+
+async def _client_disconnect(request: Request, _exc: Exception) -> Response:
+    # Nothing to answer (nobody listens) and nothing went wrong on our side: what the request
+    # had stored was cleaned up on the way out.
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error raised in ``app`` with the one JSON shape."""
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, _database_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(MpqError, _mpq_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -56,6 +56,10 @@ __all__ = [
 log = logging.getLogger("mpq.serve")
 
 WORKER_STOP_TIMEOUT_S = 10.0
+# Longer than clients keep idle connections (httpx 5 s, load balancers 60 s): a server that closes
+# an idle keep-alive connection first races the client's next request on it, which then fails
+# with a connection reset (bench_load saw it when starved CPUs delayed that request past 5 s).
+KEEP_ALIVE_S = 75
 
 
 class _Stop(BaseException):
@@ -266,7 +270,14 @@ def serve(
         else:
             log.info("no worker started (--no-worker): run workers yourself")
         log.info("API at http://%s:%d (docs at /docs); Ctrl-C stops it", host, port)
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            workers=1,
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
         uvicorn.Server(config).run()
         return 0
     except _Stop as stop:

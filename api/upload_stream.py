@@ -30,7 +30,9 @@ HEAD_BYTES = 4096
 
 # Writer threads of uploads in progress. Not the loop's default executor: a writer thread waits
 # on its client for as long as the upload lasts, and a few slow clients must not starve the
-# default executor (asyncio.to_thread and friends). Uploads past this many at once wait.
+# default executor (asyncio.to_thread and friends). A writer starts only once a full batch has
+# arrived (or the body has ended), so clients that stall early hold none; uploads past this
+# many writers at once wait for one.
 _UPLOAD_THREADS = concurrent.futures.ThreadPoolExecutor(
     max_workers=64, thread_name_prefix="mpq-upload"
 )
@@ -57,6 +59,25 @@ class UploadResult:
     head: bytes
 
 
+class _Received:
+    """Size, sha256 and first bytes of what arrived so far."""
+
+    def __init__(self, head_bytes: int) -> None:
+        self.size = 0
+        self.hasher = hashlib.sha256()
+        self.head = bytearray()
+        self._head_bytes = head_bytes
+
+    def add(self, chunk: bytes, max_bytes: int) -> None:
+        """Count ``chunk`` in; :class:`UploadTooLarge` once more than ``max_bytes`` arrived."""
+        self.size += len(chunk)
+        if self.size > max_bytes:
+            raise UploadTooLarge(max_bytes)
+        self.hasher.update(chunk)
+        if len(self.head) < self._head_bytes:
+            self.head += chunk[: self._head_bytes - len(self.head)]
+
+
 class _Aborted(Exception):
     """Raised inside the storage writer's iterator to make it abandon the write."""
 
@@ -66,13 +87,17 @@ class _StorageWriter:
     through a queue of ``queue_depth`` batches."""
 
     def __init__(
-        self, storage: Storage, key: str, queue_depth: int, executor: concurrent.futures.Executor
+        self,
+        storage: Storage,
+        key: str,
+        queue_depth: int,
+        executor: concurrent.futures.Executor | None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=max(1, queue_depth))
         self._abort = threading.Event()
         self._done: asyncio.Future[int] = self._loop.run_in_executor(
-            executor, storage.put_stream, key, self._batches()
+            executor or _UPLOAD_THREADS, storage.put_stream, key, self._batches()
         )
 
     def _take(self) -> bytes | None:  # runs in the writer thread
@@ -148,7 +173,8 @@ async def receive_upload(
     Chunks are coalesced into ``batch_bytes`` batches and handed to ``storage.put_stream`` in a
     worker thread through a queue of ``queue_depth`` batches, so at most about
     ``(queue_depth + 2) * batch_bytes`` plus the backend's own buffer (one S3 part) is in memory.
-    The writer runs in ``executor`` (default: a pool of 64 threads kept for uploads).
+    The writer runs in ``executor`` (default: a pool of 64 threads kept for uploads); it starts
+    with the first full batch, or at the end of a body smaller than one batch.
 
     Raises:
         UploadTooLarge: more than ``max_bytes`` arrived; raised as soon as the chunk crossing the
@@ -158,37 +184,34 @@ async def receive_upload(
     """
     if max_bytes < 0:
         raise ValueError("max_bytes must be >= 0")
-    writer = _StorageWriter(storage, key, queue_depth, executor or _UPLOAD_THREADS)
-    hasher = hashlib.sha256()
-    size = 0
-    head = bytearray()
+    state = _Received(head_bytes)
+    writer: _StorageWriter | None = None
     pending = bytearray()
     try:
         async for chunk in stream:
-            if not chunk:
-                continue
-            size += len(chunk)
-            if size > max_bytes:
-                raise UploadTooLarge(max_bytes)
-            hasher.update(chunk)
-            if len(head) < head_bytes:
-                head += chunk[: head_bytes - len(head)]
+            state.add(chunk, max_bytes)
             pending += chunk
             if len(pending) >= batch_bytes:
+                # The writer thread starts with the first full batch, not with the request:
+                # a client that stalls before sending a batch holds no thread.
+                writer = writer or _StorageWriter(storage, key, queue_depth, executor)
                 await writer.send(bytes(pending))
                 pending.clear()
+        writer = writer or _StorageWriter(storage, key, queue_depth, executor)
         if pending:
             await writer.send(bytes(pending))
             pending.clear()
         stored = await writer.finish()
     except BaseException:
-        await writer.abandon()
+        if writer is not None:
+            await writer.abandon()
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
         raise
+    size = state.size
     if stored != size:  # pragma: no cover - a broken backend
         storage.delete(key)
         raise RuntimeError(f"storage stored {stored} bytes of an upload of {size}")
-    return UploadResult(size=size, sha256=hasher.hexdigest(), head=bytes(head))
+    return UploadResult(size=size, sha256=state.hasher.hexdigest(), head=bytes(state.head))

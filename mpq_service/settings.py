@@ -46,6 +46,13 @@ class Settings(BaseSettings):
             broker's visibility timeout.
         job_max_attempts: how many times a job is started before it is failed for good (a job
             that kills its worker every time must fail, not loop).
+        s3_max_attempts: tries of each S3 request on transient errors (refused or reset
+            connections, time-outs, 5xx), with exponential backoff; then the storage is
+            reported unavailable (the API answers 503 ``storage_unavailable``).
+        db_pool_size, db_max_overflow: database connections the API keeps open, and how many
+            more it may open under load. No connection is held while a request body streams.
+        db_pool_timeout_s: how long a request waits for a free connection before it is answered
+            503 ``database_unavailable``.
         sandbox: how jobs are isolated (see README, "Security"): ``auto`` uses Linux user
             namespaces where the host allows them and falls back to a limited child process
             (clean environment, resource limits, seccomp, but the host's files readable) with a
@@ -89,6 +96,10 @@ class Settings(BaseSettings):
     api_key_pepper: SecretStr = SecretStr("")
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
     sandbox: Literal["auto", "required", "process"] = "auto"
     sandbox_memory_bytes: int = Field(default=0, ge=0)
     sandbox_cpu_seconds: int = Field(default=0, ge=0)

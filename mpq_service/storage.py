@@ -9,6 +9,12 @@ object already stored under the key is only replaced once the new one is complet
 writes a temporary file and ``os.replace``-s it into place; S3 uses a multipart upload that is
 aborted on failure (small bodies go in one ``PutObject``).
 
+Outages: every S3 request is retried by botocore's "standard" mode (exponential backoff with
+jitter, ``max_attempts`` attempts in all) on transient errors (connection refused or reset,
+time-outs, 5xx, throttling); what still fails is raised as :class:`StorageUnavailable`, which the
+API answers with 503 ``storage_unavailable``. Local disk raises it for a full or failing disk.
+A multipart upload that fails or is abandoned is aborted on the server, retried too.
+
 Downloads: :meth:`Storage.download_url` gives a presigned GET URL for S3 (the API answers 307 to
 it) and ``None`` for local disk (the API streams the file itself, see :meth:`Storage.open_read`).
 
@@ -18,7 +24,9 @@ This module never imports torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -37,12 +45,16 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageSettings",
+    "StorageUnavailable",
     "content_disposition",
     "make_storage",
     "validate_key",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CHUNK = 1024 * 1024  # 1 MiB
+DEFAULT_S3_MAX_ATTEMPTS = 5  # botocore's attempts per request, the first included
 _MAX_KEY_BYTES = 1024  # S3's limit on key length
 _LOCAL_TMP = ".tmp"  # reserved first key segment: LocalStorage's temporary files live there
 
@@ -53,6 +65,28 @@ class ObjectNotFound(FileNotFoundError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no object stored under {key!r}")
         self.key = key
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage cannot be reached or is failing (after the retries); try again later.
+
+    The message says which operation failed and why; the original error is the ``__cause__``.
+    """
+
+
+# Local disk errors that are the disk's state, not the caller's key: a full disk, a failing one,
+# a read-only remount. Anything else (a bad path, a permission) stays the error it is.
+_LOCAL_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+@contextlib.contextmanager
+def _local_outage(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _LOCAL_OUTAGE_ERRNOS:
+            raise StorageUnavailable(f"local storage cannot {what}: {exc.strerror}") from exc
+        raise
 
 
 def validate_key(key: str) -> str:
@@ -239,7 +273,7 @@ class LocalStorage(Storage):
         self.ensure_ready()
         dest.parent.mkdir(parents=True, exist_ok=True)
         total = 0
-        with _atomic_file(dest, self._tmp) as out:
+        with _local_outage(f"store {key!r}"), _atomic_file(dest, self._tmp) as out:
             for data in _iter_source(chunks, DEFAULT_CHUNK):
                 out.write(data)
                 total += len(data)
@@ -249,7 +283,11 @@ class LocalStorage(Storage):
         dest = self.path(key)
         self.ensure_ready()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "rb") as src, _atomic_file(dest, self._tmp) as out:
+        with (
+            open(path, "rb") as src,
+            _local_outage(f"store {key!r}"),
+            _atomic_file(dest, self._tmp) as out,
+        ):
             shutil.copyfileobj(src, out, DEFAULT_CHUNK)
         return dest.stat().st_size
 
@@ -319,6 +357,39 @@ def _error_code(exc: Exception) -> str:
 
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+# Error codes of a server that is overloaded or failing, not of a bad request.
+_OUTAGE_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+}
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (from boto3) says the S3 server is unreachable or failing."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return int(status) >= 500 or _error_code(exc) in _OUTAGE_CODES
+    return False
+
+
+@contextlib.contextmanager
+def _s3_outage(what: str) -> Iterator[None]:
+    """Raise :class:`StorageUnavailable` for an outage (botocore has retried already)."""
+    try:
+        yield
+    except Exception as exc:
+        if _is_outage(exc):
+            raise StorageUnavailable(f"the S3 storage cannot {what}: {exc}") from exc
+        raise
 
 
 class S3Storage(Storage):
@@ -332,6 +403,9 @@ class S3Storage(Storage):
     ``public_endpoint_url``: where *clients* reach the server, when that differs from where the
     API does (``http://seaweedfs:8333`` inside docker-compose, ``http://localhost:8333`` outside);
     presigned URLs are signed for it. Defaults to ``endpoint_url``.
+
+    ``max_attempts``: tries of each request on transient errors (botocore's standard retry mode);
+    what still fails raises :class:`StorageUnavailable`.
     """
 
     def __init__(
@@ -344,6 +418,7 @@ class S3Storage(Storage):
         *,
         public_endpoint_url: str | None = None,
         part_size: int = 8 * 1024 * 1024,
+        max_attempts: int = DEFAULT_S3_MAX_ATTEMPTS,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -357,9 +432,11 @@ class S3Storage(Storage):
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=120,
+            # Transient errors (refused or reset connections, time-outs, 5xx, throttling) are
+            # retried with exponential backoff and jitter, max_attempts tries in all.
+            retries={"total_max_attempts": max(1, max_attempts), "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
         )
         session = boto3.session.Session(
             aws_access_key_id=access_key or None,
@@ -379,20 +456,21 @@ class S3Storage(Storage):
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (idempotent, safe to race)."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-            return
-        except Exception as exc:
-            if _error_code(exc) not in _NOT_FOUND:
-                raise
-        kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        if self.region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        try:
-            self.client.create_bucket(**kwargs)
-        except Exception as exc:
-            if _error_code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                raise
+        with _s3_outage(f"reach the bucket {self.bucket!r}"):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as exc:
+                if _error_code(exc) not in _NOT_FOUND:
+                    raise
+            kwargs: dict[str, Any] = {"Bucket": self.bucket}
+            if self.region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+            try:
+                self.client.create_bucket(**kwargs)
+            except Exception as exc:
+                if _error_code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
 
     def ensure_ready(self) -> None:
         self.ensure_bucket()
@@ -400,45 +478,52 @@ class S3Storage(Storage):
     def put_stream(self, key: str, chunks: Iterable[bytes] | IO[bytes]) -> int:
         validate_key(key)
         source = _iter_source(chunks, self.part_size)
-        buf = bytearray()
-        total = 0
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
+        upload: list[str] = []  # the multipart upload's id, once one is started
         try:
-            for data in source:
-                buf += data
-                total += len(data)
-                if len(buf) < self.part_size:
-                    continue
-                if upload_id is None:
-                    upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)[
-                        "UploadId"
-                    ]
-                # The bytearray itself is the body: no copy of the part is made.
-                parts.append(self._upload_part(key, upload_id, len(parts) + 1, buf))
-                buf = bytearray()
-            if upload_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=buf)
-                return total
-            if buf:
-                parts.append(self._upload_part(key, upload_id, len(parts) + 1, buf))
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            upload_id = None
-            return total
+            with _s3_outage(f"store {key!r}"):
+                return self._put_parts(key, source, upload)
         finally:
-            if upload_id is not None:
-                with contextlib.suppress(Exception):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id
-                    )
+            if upload:
+                self._abort_multipart(key, upload[0])
             close = getattr(source, "close", None)
             if close is not None:
                 close()
+
+    def _put_parts(self, key: str, source: Iterator[bytes], upload: list[str]) -> int:
+        """Store ``source`` under ``key``: one PutObject when it fits a part, else a multipart
+        upload whose id is put in ``upload`` while it is in progress (the caller aborts it)."""
+        buf = bytearray()
+        total = 0
+        parts: list[dict[str, Any]] = []
+        for data in source:
+            buf += data
+            total += len(data)
+            if len(buf) < self.part_size:
+                continue
+            if not upload:
+                created = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+                upload.append(created["UploadId"])
+            # The bytearray itself is the body: no copy of the part is made.
+            parts.append(self._upload_part(key, upload[0], len(parts) + 1, buf))
+            buf = bytearray()
+        if not upload:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=buf)
+            return total
+        if buf:
+            parts.append(self._upload_part(key, upload[0], len(parts) + 1, buf))
+        self.client.complete_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload[0], MultipartUpload={"Parts": parts}
+        )
+        upload.clear()
+        return total
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort an unfinished multipart upload, so its parts are not kept on the server."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            # Never hides the write's own error; the bucket's lifecycle rules are the backstop.
+            log.warning("could not abort the multipart upload %s of %r: %s", upload_id, key, exc)
 
     def _upload_part(
         self, key: str, upload_id: str, number: int, body: bytes | bytearray
@@ -452,7 +537,8 @@ class S3Storage(Storage):
         """The ``get_object`` response for ``key``; ObjectNotFound when nothing is there."""
         validate_key(key)
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            with _s3_outage(f"read {key!r}"):
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             if _error_code(exc) in _NOT_FOUND:
                 raise ObjectNotFound(key) from None
@@ -477,7 +563,8 @@ class S3Storage(Storage):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         try:
-            self.client.download_file(self.bucket, key, str(tmp))
+            with _s3_outage(f"read {key!r}"):
+                self.client.download_file(self.bucket, key, str(tmp))
             os.replace(tmp, dest)
         except Exception as exc:
             with contextlib.suppress(FileNotFoundError):
@@ -490,7 +577,8 @@ class S3Storage(Storage):
     def _head(self, key: str) -> dict[str, Any] | None:
         validate_key(key)
         try:
-            return cast(dict[str, Any], self.client.head_object(Bucket=self.bucket, Key=key))
+            with _s3_outage(f"look up {key!r}"):
+                return cast(dict[str, Any], self.client.head_object(Bucket=self.bucket, Key=key))
         except Exception as exc:
             if _error_code(exc) in _NOT_FOUND:
                 return None
@@ -508,7 +596,8 @@ class S3Storage(Storage):
     def delete(self, key: str) -> None:
         validate_key(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            with _s3_outage(f"delete {key!r}"):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             if _error_code(exc) not in _NOT_FOUND:
                 raise
@@ -563,8 +652,8 @@ def make_storage(settings: StorageSettings) -> Storage:
     ``s3`` uses ``s3_bucket`` at ``s3_endpoint_url``. Does no I/O: call
     :meth:`Storage.ensure_ready` on start (creates the directory or the bucket).
 
-    An optional ``s3_public_endpoint_url`` attribute, when present, is where presigned URLs
-    point (see :class:`S3Storage`).
+    Optional attributes, when present: ``s3_public_endpoint_url`` (where presigned URLs point)
+    and ``s3_max_attempts`` (tries of each request), see :class:`S3Storage`.
     """
     kind = str(settings.storage).lower()
     if kind == "local":
@@ -579,5 +668,6 @@ def make_storage(settings: StorageSettings) -> Storage:
             secret_key=_secret(settings.s3_secret_key),
             region=settings.s3_region or "us-east-1",
             public_endpoint_url=getattr(settings, "s3_public_endpoint_url", None) or None,
+            max_attempts=getattr(settings, "s3_max_attempts", DEFAULT_S3_MAX_ATTEMPTS),
         )
     raise ValueError(f"unknown storage {settings.storage!r}; use 'local' or 's3'")

@@ -108,7 +108,7 @@ async def store_file(
     try:
         fmt = kind.sniff(result)
     except BaseException:
-        storage.delete(key)
+        await _delete_quietly(storage, key)
         raise
     return kind.table(
         id=row_id,
@@ -121,18 +121,25 @@ async def store_file(
     )
 
 
+async def _delete_quietly(storage: Storage, key: str) -> None:
+    """Delete ``key`` in a thread (a storage in trouble retries, which must not stall the event
+    loop); a failure is logged in one line, never raised over the error being handled."""
+    try:
+        await run_in_threadpool(storage.delete, key)
+    except Exception as exc:
+        log.warning("could not delete the object %s of a failed upload: %s", key, exc)
+
+
 @asynccontextmanager
 async def deleted_on_failure(storage: Storage, stored: list[UploadRow]) -> AsyncIterator[None]:
     """Delete the stored objects of the rows in ``stored`` (filled inside the block) if the block
-    fails, so a refused or unsaved upload leaves nothing behind."""
+    fails, so a refused or unsaved upload (the client went away, the database is down) leaves
+    nothing behind."""
     try:
         yield
     except BaseException:
         for row in stored:
-            try:
-                storage.delete(row.storage_key)
-            except Exception:
-                log.exception("could not delete the object %s of a failed upload", row.storage_key)
+            await _delete_quietly(storage, row.storage_key)
         raise
 
 

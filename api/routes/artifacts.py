@@ -13,11 +13,12 @@ from sqlalchemy import select
 from api.deps import CurrentTenant, SessionDep, StorageDep
 from api.errors import NotFound
 from api.ownership import get_owned
+from api.routing import SessionReleasingRoute
 from api.schemas import ArtifactList, ArtifactPublic
 from mpq_service.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
 from mpq_service.tables import Artifact, Job
 
-router = APIRouter(prefix="/jobs", tags=["artifacts"])
+router = APIRouter(prefix="/jobs", tags=["artifacts"], route_class=SessionReleasingRoute)
 
 PRESIGN_EXPIRES_S = 3600
 

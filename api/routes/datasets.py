@@ -9,10 +9,11 @@ from api.deps import CurrentTenant, SessionDep, UploadContextDep
 from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload_flow import DATASET_UPLOAD, RAW_BODY, FilenameQuery, upload_file
+from api.routing import SessionReleasingRoute
 from api.schemas import DatasetList, DatasetPublic
 from mpq_service.tables import Dataset
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=SessionReleasingRoute)
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=RAW_BODY)

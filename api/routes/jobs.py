@@ -38,6 +38,7 @@ from api.routes._upload_flow import (
     refuse_declared_length,
     store_file,
 )
+from api.routing import SessionReleasingRoute
 from api.schemas import JobCreate, JobList, JobPublic, parse_job_spec
 from mpq_core.spec import JobSpec
 from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
@@ -45,7 +46,7 @@ from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
 
 __all__ = ["RETRY_AFTER_S", "router"]
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=SessionReleasingRoute)
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2  # polling hint while a job is not finished

@@ -9,10 +9,11 @@ from api.deps import CurrentTenant, SessionDep, UploadContextDep
 from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload_flow import MODEL_UPLOAD, RAW_BODY, FilenameQuery, upload_file
+from api.routing import SessionReleasingRoute
 from api.schemas import ModelList, ModelPublic
 from mpq_service.tables import ModelFile
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=SessionReleasingRoute)
 
 
 @router.post("", status_code=201, response_model=ModelPublic, openapi_extra=RAW_BODY)

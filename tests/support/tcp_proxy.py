@@ -3,7 +3,8 @@ through it, while the shared server (and everyone else's tests) carries on.
 
 :meth:`TcpProxy.cut` closes the listening socket (new connections are refused, as by a stopped
 server) and resets every open connection (as a server restart does); :meth:`TcpProxy.restore`
-listens again on the same port.
+listens again on the same port. :attr:`TcpProxy.drop_next` resets that many newly accepted
+connections before a byte is forwarded (a flaky network), counting them in ``dropped``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TcpProxy:
     target_port: int
     port: int = 0
     connections: int = 0
+    drop_next: int = 0
+    dropped: int = 0
     _listener: socket.socket | None = None
     _open: list[socket.socket] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,12 +85,26 @@ class TcpProxy:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
 
+    def _drop(self, client: socket.socket) -> bool:
+        """Reset ``client`` if it is one of the next ``drop_next`` connections."""
+        with self._lock:
+            if self.drop_next <= 0:
+                return False
+            self.drop_next -= 1
+            self.dropped += 1
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        return True
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
+            if self._drop(client):
+                continue
             try:
                 upstream = socket.create_connection((self.target_host, self.target_port), 5)
                 upstream.settimeout(None)
