@@ -67,7 +67,7 @@ from mpq_service.celery_config import soft_time_limit
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
 from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
-from mpq_service.storage import ObjectNotFound, Storage
+from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from worker.child_job import ChildJob, run_child_job
 from worker.heartbeat import Heartbeat
@@ -510,6 +510,14 @@ def _run_claimed(
         # success write whose commit went through unacknowledged may point at them.
         log.error("job %s: database unreachable, left to the reaper: %s", job_id, first_line(exc))
         return
+    except StorageUnavailable as exc:
+        # Each storage call was already retried with backoff (MPQ_S3_MAX_ATTEMPTS).
+        log.error("job %s: storage unavailable: %s", job_id, first_line(exc))
+        code = "storage_unavailable"
+        message = (
+            "the service's storage was unreachable during the job; submit it again "
+            f"({first_line(exc)[:300]})"
+        )
     except Exception as exc:
         if type(exc).__name__ == "SoftTimeLimitExceeded":
             log.error("job %s: time limit exceeded", job_id)

@@ -20,10 +20,12 @@ from sqlalchemy import func, select
 import mpq_core.pipeline
 import worker.child_job
 from mpq_service.db import session_scope
-from mpq_service.storage import LocalStorage
+from mpq_service.settings import Settings
+from mpq_service.storage import LocalStorage, make_storage
 from mpq_service.storage_keys import artifact_key, tenant_prefix
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from tests.support.files import npz_bytes
+from tests.support.net import free_port
 from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import run_job
 
@@ -163,6 +165,35 @@ def test_missing_upload_fails_with_input_missing(env: Env) -> None:
         env.storage.delete(job.dataset.storage_key)
     failed = _run(env, job_id)
     assert (failed.status, failed.error_code) == ("failed", "input_missing")
+
+
+def test_storage_down_during_a_job_fails_it_with_storage_unavailable(
+    env: Env, tmp_path: Path
+) -> None:
+    # An S3 server that refuses connections, after the retries: a code the user can act on,
+    # not internal_error.
+    down = make_storage(
+        Settings(
+            data_dir=tmp_path / "unused",
+            storage="s3",
+            s3_bucket="mpq",
+            s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
+            s3_access_key="k",
+            s3_secret_key="s",
+            s3_max_attempts=2,
+        )
+    )
+    job_id = env.create_job()
+    run_job(
+        job_id,
+        settings=env.settings,
+        session_factory=env.session_factory,
+        storage=down,
+        workdir=env.workdir,
+    )
+    job = env.job(job_id)
+    assert (job.status, job.error_code) == ("failed", "storage_unavailable"), job.error_message
+    assert job.error_message and "submit it again" in job.error_message
 
 
 def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]) -> None:
