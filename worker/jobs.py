@@ -376,6 +376,14 @@ def fail_running_job(
     _finish_failed(session_factory, job_id, code, message)
 
 
+def _cache_row(session: Session, tenant_id: str, key: str) -> SensitivityCache | None:
+    return session.scalars(
+        select(SensitivityCache).where(
+            SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
+        )
+    ).first()
+
+
 def _cached_table(
     factory: sessionmaker[Session], storage: Storage, tenant_id: str, key: str, dest: Path
 ) -> bool:
@@ -383,11 +391,7 @@ def _cached_table(
     The child parses it (and recomputes when it is unusable)."""
     try:
         with session_scope(factory) as session:
-            row = session.scalars(
-                select(SensitivityCache).where(
-                    SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
-                )
-            ).first()
+            row = _cache_row(session, tenant_id, key)
             storage_key = row.storage_key if row is not None else None
     except SQLAlchemyError as exc:  # a cache: a database blip costs a recomputation, not the job
         log.warning("sensitivity cache %s not readable (%s); computing", key, first_line(exc))
@@ -409,11 +413,7 @@ def _store_table(
     storage.put_file(storage_key, path)
     try:
         with session_scope(factory) as session:
-            row = session.scalars(
-                select(SensitivityCache).where(
-                    SensitivityCache.tenant_id == tenant_id, SensitivityCache.key == key
-                )
-            ).first()
+            row = _cache_row(session, tenant_id, key)
             if row is None:
                 session.add(SensitivityCache(tenant_id=tenant_id, key=key, storage_key=storage_key))
             else:

@@ -21,6 +21,7 @@ from mpq_service.storage import LocalStorage, Storage, make_storage
 from mpq_service.tables import Dataset, Job, ModelFile, Tenant, new_id
 from tests.conftest import zoo_data
 from tests.support.files import npz_bytes
+from worker.jobs import run_job
 
 # Small and quick: the MLP of tests/zoo.py, 48 samples, one fine-tuning epoch.
 SPEC: dict[str, Any] = {
@@ -99,6 +100,17 @@ class Env:
             s.add(job)
             s.flush()
             return job.id
+
+    def run_job(self, job_id: str) -> Job:
+        """One attempt of ``job_id`` with this environment (no broker), then the job's row."""
+        run_job(
+            job_id,
+            settings=self.settings,
+            session_factory=self.session_factory,
+            storage=self.storage,
+            workdir=self.workdir,
+        )
+        return self.job(job_id)
 
     def job(self, job_id: str) -> Job:
         with self.session_factory() as s:

@@ -36,17 +36,6 @@ WAIT_S = 30.0
 QUIET = {"job_heartbeat_interval_s": 30.0, "job_stale_after_s": 90.0}
 
 
-def _run(env: Env, job_id: str) -> Job:
-    run_job(
-        job_id,
-        settings=env.settings,
-        session_factory=env.session_factory,
-        storage=env.storage,
-        workdir=env.workdir,
-    )
-    return env.job(job_id)
-
-
 def _wait_for(what: str, condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
@@ -75,7 +64,7 @@ def _presume_dead_and_rerun(env: Env, job_id: str, sent: list[str]) -> tuple[Any
             update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(hours=1))
         )
     assert reap(env.settings, env.session_factory, sent.append).requeued == [job_id]
-    after = _run(env, job_id)
+    after = env.run_job(job_id)
     assert (after.status, after.attempts) == ("succeeded", 2), after.error_message
     return _snapshot(env, job_id)
 
@@ -97,12 +86,12 @@ def test_heartbeat_stamps_the_attempt_and_notices_a_newer_one(env: Env) -> None:
 def test_duplicate_message_for_a_live_attempt_is_ignored(env: Env) -> None:
     now = utcnow()
     job_id = env.create_job(status="running", attempts=1, started_at=now, heartbeat_at=now)
-    job = _run(env, job_id)
+    job = env.run_job(job_id)
     assert (job.status, job.attempts, job.started_at) == ("running", 1, now)
 
 
 def test_success_clears_the_heartbeat(env: Env) -> None:
-    job = _run(env, env.create_job())
+    job = env.run_job(env.create_job())
     assert (job.status, job.attempts, job.heartbeat_at) == ("succeeded", 1, None)
 
 
@@ -124,7 +113,7 @@ def test_attempt_presumed_dead_mid_pipeline_records_and_deletes_nothing(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(worker.jobs, "run_child_job", stall_while_replaced)
-    _run(env, job_id)  # attempt 1 resumes after attempt 2 finished, and must stop
+    env.run_job(job_id)  # attempt 1 resumes after attempt 2 finished, and must stop
     assert sent == [job_id]
     assert _snapshot(env, job_id) == successor[0]
     rows = env.job(job_id).artifacts
@@ -148,7 +137,7 @@ def test_attempt_presumed_dead_at_its_final_write_records_nothing(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(worker.jobs, "_record_success", replaced_before_the_write)
-    _run(env, job_id)
+    env.run_job(job_id)
     assert _snapshot(env, job_id) == successor[0]  # result, artifacts, finish time: attempt 2's
     with env.session_factory() as s:
         count = s.scalar(select(func.count()).select_from(Artifact))
@@ -194,7 +183,7 @@ def test_final_write_waits_out_a_postgres_outage(
     job_id = env.create_job()
     _outage_at_final_write(monkeypatch, proxy, outage_s=3.0)
     with caplog.at_level(logging.WARNING, logger="worker.jobs"):
-        job = _run(env, job_id)
+        job = env.run_job(job_id)
     assert "final write: database error, retrying" in caplog.text
     assert (job.status, job.attempts, job.progress) == ("succeeded", 1, 1.0)
     assert job.artifacts and all(env.storage.exists(a.storage_key) for a in job.artifacts)
@@ -225,5 +214,5 @@ def test_outage_past_the_retries_leaves_the_job_to_the_reaper(
         job_id
     ]
     assert sent == [job_id]
-    again = _run(env, job_id)
+    again = env.run_job(job_id)
     assert (again.status, again.attempts) == ("succeeded", 2)

@@ -9,21 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mpq_service.tables import Job
 from tests.support.files import npz_bytes
 from tests.worker.conftest import SPEC, Env
-from worker.jobs import run_job
-
-
-def _run(env: Env, job_id: str) -> Job:
-    run_job(
-        job_id,
-        settings=env.settings,
-        session_factory=env.session_factory,
-        storage=env.storage,
-        workdir=env.workdir,
-    )
-    return env.job(job_id)
 
 
 def _mlp(n: int = 24, **changes: Any) -> dict[str, np.ndarray]:
@@ -56,7 +43,7 @@ def _nan_input() -> dict[str, np.ndarray]:
 def test_bad_data_fails_the_job_with_a_data_code(
     env: Env, arrays: Callable[[], dict[str, np.ndarray]], code: str
 ) -> None:
-    job = _run(env, env.create_job(dataset_id=env.upload_data(npz_bytes(**arrays()))))
+    job = env.run_job(env.create_job(dataset_id=env.upload_data(npz_bytes(**arrays()))))
     assert (job.status, job.error_code) == ("failed", code), job.error_message
     assert job.error_message and "Traceback" not in job.error_message
     assert job.artifacts == []
@@ -76,5 +63,5 @@ def test_stored_spec_refused_by_the_worker_with_its_code(
     env: Env, spec: dict[str, Any], code: str
 ) -> None:
     """A spec stored before these checks existed (rows are never re-validated by the API)."""
-    job = _run(env, env.create_job(spec=spec))
+    job = env.run_job(env.create_job(spec=spec))
     assert (job.status, job.error_code) == ("failed", code), job.error_message

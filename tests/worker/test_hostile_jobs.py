@@ -12,7 +12,6 @@ import torch
 
 from tests.support import hostile_files as hostile
 from tests.worker.conftest import Env
-from worker.jobs import run_job
 
 MODELS: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "pt2-weight-use-pickle": (hostile.pt2_pickled_weight, "model_pickle"),
@@ -36,22 +35,12 @@ DATA: dict[str, tuple[Callable[[], bytes], str]] = {
 }
 
 
-def _run(env: Env, job_id: str) -> None:
-    run_job(
-        job_id,
-        settings=env.settings,
-        session_factory=env.session_factory,
-        storage=env.storage,
-        workdir=env.workdir,
-    )
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_hostile_model_fails_the_job_with_its_code(env: Env, name: str, tmp_path: Path) -> None:
     make, code = MODELS[name]
     marker = tmp_path / "marker"
     job_id = env.create_job(model_id=env.upload_model(make(marker)))
-    _run(env, job_id)
+    env.run_job(job_id)
     job = env.job(job_id)
     assert (job.status, job.error_code) == ("failed", code), job.error_message
     assert job.error_message and "Traceback" not in job.error_message
@@ -63,7 +52,7 @@ def test_hostile_model_fails_the_job_with_its_code(env: Env, name: str, tmp_path
 def test_hostile_data_fails_the_job_with_its_code(env: Env, name: str) -> None:
     make, code = DATA[name]
     job_id = env.create_job(dataset_id=env.upload_data(make()))
-    _run(env, job_id)
+    env.run_job(job_id)
     job = env.job(job_id)
     assert (job.status, job.error_code) == ("failed", code), job.error_message
     assert job.artifacts == []
@@ -78,6 +67,6 @@ def test_the_services_upload_limit_bounds_what_archives_may_expand_to(
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(torch.nn.Linear(1200, 1200)), buffer)
     job_id = env.create_job(model_id=env.upload_model(buffer.getvalue()))
-    _run(env, job_id)
+    env.run_job(job_id)
     job = env.job(job_id)
     assert (job.status, job.error_code) == ("failed", "archive_too_large"), job.error_message

@@ -30,17 +30,6 @@ from tests.worker.conftest import Env, mlp_npz
 from worker.jobs import run_job
 
 
-def _run(env: Env, job_id: str) -> Job:
-    run_job(
-        job_id,
-        settings=env.settings,
-        session_factory=env.session_factory,
-        storage=env.storage,
-        workdir=env.workdir,
-    )
-    return env.job(job_id)
-
-
 def _count(env: Env, model: type[Any]) -> int:
     with env.session_factory() as s:
         return int(s.scalar(select(func.count()).select_from(model)) or 0)
@@ -53,7 +42,7 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     dataset_id = env.upload_data(mlp_npz())
     first_id = env.create_job(model_id=model_id, dataset_id=dataset_id)
 
-    job = _run(env, first_id)
+    job = env.run_job(first_id)
     assert (job.status, job.error_code, job.error_message) == ("succeeded", None, None)
     assert job.progress == 1.0 and job.attempts == 1
     assert job.started_at is not None and job.finished_at is not None
@@ -98,7 +87,7 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
         env.storage.delete(row.storage_key)
         row.storage_key = legacy
     spec = {**json.loads(json.dumps(job.spec)), "budgets": ["avg-bits=5"]}
-    second = _run(env, env.create_job(model_id=model_id, dataset_id=dataset_id, spec=spec))
+    second = env.run_job(env.create_job(model_id=model_id, dataset_id=dataset_id, spec=spec))
     assert second.status == "succeeded", second.error_message
     assert second.sensitivity_key == job.sensitivity_key
     assert second.result is not None and second.result["sensitivity"]["reused"] is True
@@ -124,7 +113,7 @@ def test_data_that_does_not_fit_fails_with_its_code(
     env: Env, arrays: Callable[[], dict[str, np.ndarray]], codes: set[str]
 ) -> None:
     job_id = env.create_job(dataset_id=env.upload_data(npz_bytes(**arrays())))
-    job = _run(env, job_id)
+    job = env.run_job(job_id)
     assert job.status == "failed"
     assert job.error_code in codes
     assert job.error_message and "input" in job.error_message
@@ -152,7 +141,7 @@ def test_unexpected_error_fails_with_internal_error(
             "p.allocate = boom"
         ),
     )
-    job = _run(env, env.create_job())
+    job = env.run_job(env.create_job())
     assert (job.status, job.error_code) == ("failed", "internal_error")
     assert job.error_message == "RuntimeError: solver exploded"
 
@@ -163,7 +152,7 @@ def test_missing_upload_fails_with_input_missing(env: Env) -> None:
         job = s.get(Job, job_id)
         assert job is not None
         env.storage.delete(job.dataset.storage_key)
-    failed = _run(env, job_id)
+    failed = env.run_job(job_id)
     assert (failed.status, failed.error_code) == ("failed", "input_missing")
 
 
@@ -202,17 +191,17 @@ def test_job_that_killed_its_worker_too_often_fails(make_env: Callable[..., Env]
     env = make_env(job_max_attempts=2)
     dead = utcnow() - timedelta(hours=1)
     job_id = env.create_job(status="running", attempts=2, heartbeat_at=dead)
-    job = _run(env, job_id)
+    job = env.run_job(job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost_repeatedly", 2)
     assert job.error_message and "2 time(s)" in job.error_message
     # One attempt left: it runs (and counts).
-    other = _run(env, env.create_job(status="running", attempts=1, heartbeat_at=dead))
+    other = env.run_job(env.create_job(status="running", attempts=1, heartbeat_at=dead))
     assert (other.status, other.attempts) == ("succeeded", 2)
 
 
 def test_final_job_is_left_alone(env: Env) -> None:
     job_id = env.create_job(status="cancelled")
-    job = _run(env, job_id)
+    job = env.run_job(job_id)
     assert (job.status, job.attempts, job.started_at) == ("cancelled", 0, None)
 
 
@@ -258,7 +247,7 @@ def test_cancellation_while_running_stops_the_job(
 
     canceller = threading.Thread(target=cancel_when_allocating)
     canceller.start()
-    job = _run(env, job_id)
+    job = env.run_job(job_id)
     canceller.join()
     assert (job.status, job.error_code, job.result) == ("cancelled", None, None)
     assert job.artifacts == [] and _count(env, Artifact) == 0

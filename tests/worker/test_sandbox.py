@@ -22,7 +22,7 @@ import pytest
 
 import worker.child_job
 from tests.worker.conftest import Env
-from tests.worker.test_jobs import _child_code, _processes_with, _run
+from tests.worker.test_jobs import _child_code, _processes_with
 from worker.child_job import ChildJob, run_child_job
 from worker.sandbox import (
     Isolation,
@@ -222,7 +222,7 @@ def test_the_memory_limit_refuses_the_allocation(tmp_path: Path) -> None:
 
 def _job_with(env: Env, monkeypatch: pytest.MonkeyPatch, body: str) -> Any:
     monkeypatch.setattr(worker.child_job, "CHILD_ARGV", _child_code(body))
-    return _run(env, env.create_job())
+    return env.run_job(env.create_job())
 
 
 def test_a_job_past_its_memory_limit_fails_with_memory_limit_exceeded(
