@@ -173,8 +173,13 @@ def _package_dir(name: str) -> str | None:
     return str(Path(next(iter(spec.submodule_search_locations))).resolve())
 
 
-def _readonly_paths(extra: Sequence[Path]) -> list[str]:
-    """What the child must read besides /usr: Python itself, its packages, ``mpq_core``."""
+def _readonly_paths(extra: Sequence[Path], job_dir: Path) -> list[str]:
+    """What the child must read besides /usr: Python itself, its packages, ``mpq_core``.
+
+    Raises:
+        SandboxUnavailable: one of them holds the job folder, so the job would see the other
+            jobs' folders through it.
+    """
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.add(str(Path(sys.executable).resolve().parent.parent))
     for name in ("mpq_core",):
@@ -182,7 +187,15 @@ def _readonly_paths(extra: Sequence[Path]) -> list[str]:
             paths.add(where)
     paths.update(str(Path(p).resolve()) for p in extra)
     # A path below /usr is there already; nested duplicates would be bound twice.
-    return sorted(p for p in paths if not p.startswith("/usr/") and p != "/usr")
+    chosen = sorted(p for p in paths if not p.startswith("/usr/") and p != "/usr")
+    job = job_dir.resolve()
+    for path in chosen:
+        if job.is_relative_to(path):
+            raise SandboxUnavailable(
+                f"the job folder {job} lies inside {path}, which the sandbox shows to every job "
+                "(the Python installation or mpq's code); keep MPQ_DATA_DIR outside it"
+            )
+    return chosen
 
 
 def _init_config(
@@ -200,7 +213,7 @@ def _init_config(
         "root": str(job_dir / ".root"),
         "input": str(job_dir / "input"),
         "out": str(job_dir / "out"),
-        "readonly": _readonly_paths(extra_readonly),
+        "readonly": _readonly_paths(extra_readonly, job_dir),
         "devices": [f"/dev/{n}" for n in sorted(os.listdir("/dev")) if n.startswith("nvidia")],
         "tmp_bytes": limits.tmp_bytes,
         "limits": {

@@ -136,6 +136,10 @@ def _build_root(cfg: dict[str, Any]) -> None:
     root = cfg["root"]
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
+    # /tmp first: Python or a package may live below it (a virtual environment in /tmp), and
+    # their binds must land on top of this tmpfs, not under it.
+    os.makedirs(root + "/tmp", exist_ok=True)
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmp_bytes']}")
     _system_paths(root)
     for path in cfg["readonly"]:
         if os.path.exists(path):
@@ -143,8 +147,6 @@ def _build_root(cfg: dict[str, Any]) -> None:
     _devices(root, cfg.get("devices", []))
     if os.path.isdir("/sys/devices/system/cpu"):  # CPU topology for PyTorch's thread pools
         _bind("/sys/devices/system/cpu", root)
-    os.makedirs(root + "/tmp", exist_ok=True)
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmp_bytes']}")
     _bind(cfg["input"], root, dest="/job/input")
     _bind(cfg["out"], root, writable=True, dest="/job/out")
     os.makedirs(root + "/proc", exist_ok=True)

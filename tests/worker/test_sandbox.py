@@ -28,6 +28,7 @@ from worker.sandbox import (
     Isolation,
     SandboxLimits,
     SandboxOutcome,
+    SandboxUnavailable,
     available_isolation,
     run_sandboxed,
 )
@@ -142,6 +143,43 @@ def test_inputs_are_read_only_and_only_out_is_writable(tmp_path: Path) -> None:
     assert r["/job/out/ok"] == "written"
     assert (tmp_path / "job" / "input" / "model.bin").read_bytes() == b"the upload"
     assert (tmp_path / "job" / "out" / "ok").read_bytes() == b"x"
+
+
+def test_read_only_paths_below_tmp_stay_visible(tmp_path: Path) -> None:
+    # A virtual environment under /tmp (a CI checkout, say) must not be hidden by the job's
+    # private /tmp.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "shared.txt").write_text("visible")
+    job_dir = tmp_path / "job"
+    (job_dir / "input").mkdir(parents=True)
+    messages: list[dict[str, Any]] = []
+    outcome = run_sandboxed(
+        [
+            "-c",
+            f"import json; print(json.dumps({{'r': open({str(lib / 'shared.txt')!r}).read()}}))",
+        ],
+        job_dir,
+        limits=SandboxLimits(wall_seconds=60),
+        isolation=available_isolation(),
+        on_message=messages.append,
+        extra_readonly=[lib],
+    )
+    assert outcome.exit_code == 0, outcome.stderr_tail
+    assert messages == [{"r": "visible"}]
+
+
+def test_a_job_folder_inside_a_shown_path_is_refused(tmp_path: Path) -> None:
+    job_dir = tmp_path / "lib" / "work" / "job"
+    (job_dir / "input").mkdir(parents=True)
+    with pytest.raises(SandboxUnavailable, match="keep MPQ_DATA_DIR outside"):
+        run_sandboxed(
+            ["-c", "pass"],
+            job_dir,
+            limits=SandboxLimits(wall_seconds=60),
+            isolation=available_isolation(),
+            extra_readonly=[tmp_path / "lib"],
+        )
 
 
 def test_the_network_is_unreachable(tmp_path: Path) -> None:
