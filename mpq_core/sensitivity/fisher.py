@@ -234,32 +234,35 @@ def fisher_sensitivity(
                 losses[: batch.valid], rnn_names, weights, dws
             )
             deltas, flow_deltas = _output_gradients(records, losses[: batch.valid].sum(), params)
-            by_difference: list[str] = []
-            seen: dict[str, int] = defaultdict(int)
-            for k, rec in enumerate(records):
-                use = seen[rec.name]
-                seen[rec.name] += 1
-                if rec.flow is not None:
-                    d = _shared_directional(rec, dws[rec.name], flow_deltas, n)
-                    if d is None:
-                        if rec.flow.failed and rec.name not in by_difference:
-                            by_difference.append(rec.name)
-                        continue
-                elif k not in deltas:
-                    continue  # the output did not reach the loss
-                else:
-                    layout_list = layouts[rec.name]
-                    layout = layout_list[use] if use < len(layout_list) else "blocked"
-                    if layout == "shared":
-                        layout = "blocked"  # one sample: all rows are its own
-                    dw = dws[rec.name].transpose(1, 2) if rec.transposed else dws[rec.name]
-                    d = per_sample_directional(rec, deltas[k], dw, n, layout)
-                dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
-            for name in by_difference:
-                dots.pop(name, None)  # scored as a whole by finite differences below
-            for name, d in dots.items():
-                sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
-                linear_sums[index[name]] += d[: batch.valid].double().sum(0).cpu()
+            # The contractions need no graph: under autograd a result that required grad
+            # would make `sums` hold every batch's activations (memory grew with the data).
+            with torch.no_grad():
+                by_difference: list[str] = []
+                seen: dict[str, int] = defaultdict(int)
+                for k, rec in enumerate(records):
+                    use = seen[rec.name]
+                    seen[rec.name] += 1
+                    if rec.flow is not None:
+                        d = _shared_directional(rec, dws[rec.name], flow_deltas, n)
+                        if d is None:
+                            if rec.flow.failed and rec.name not in by_difference:
+                                by_difference.append(rec.name)
+                            continue
+                    elif k not in deltas:
+                        continue  # the output did not reach the loss
+                    else:
+                        layout_list = layouts[rec.name]
+                        layout = layout_list[use] if use < len(layout_list) else "blocked"
+                        if layout == "shared":
+                            layout = "blocked"  # one sample: all rows are its own
+                        dw = dws[rec.name].transpose(1, 2) if rec.transposed else dws[rec.name]
+                        d = per_sample_directional(rec, deltas[k], dw, n, layout)
+                    dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
+                for name in by_difference:
+                    dots.pop(name, None)  # scored as a whole by finite differences below
+                for name, d in dots.items():
+                    sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
+                    linear_sums[index[name]] += d[: batch.valid].double().sum(0).cpu()
             del cap, records, out, losses, deltas, flow_deltas  # free this batch's activations
             if by_difference:
                 _finite_difference(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -313,3 +314,25 @@ def test_more_layer_kinds_match_reference(fmt: str, which: str) -> None:
     omega = fisher_sensitivity(model, data, profile, BITS, batch_size=BATCH)
     want = reference_omega(model, data, profile, BITS, batch_size=BATCH)
     _assert_rel_close(omega, want, 1e-3)
+
+
+def test_fisher_keeps_no_batch_alive_after_it_is_scored() -> None:
+    # Memory bounded by a batch, not by the data set: the tensors alive when each batch is
+    # reported are the same in number from the second batch on (a result that kept its autograd
+    # graph would hold every batch's activations, one batch more at each step).
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    model = load_model(save_bytes(net, (torch.randn(2, 32),), "trace"))
+    data = CalibrationData(inputs=[torch.randn(256, 32)], labels=torch.randint(0, 5, (256,)))
+    profile = profile_model(model, data)
+    alive: list[int] = []
+
+    def count(stage: str, fraction: float, metrics: dict[str, object]) -> None:
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)))
+
+    fisher_sensitivity(model, data, profile, [2, 4, 8], batch_size=32, progress=count)
+    assert len(alive) == 8
+    assert alive[1:] == [alive[1]] * 7, alive
