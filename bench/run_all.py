@@ -6,6 +6,7 @@ from bench import (
     bench_allocation,
     bench_api,
     bench_archive_guard,
+    bench_fisher_memory,
     bench_pipeline,
     bench_sandbox,
     bench_sensitivity,
@@ -23,6 +24,7 @@ def main() -> None:
     bench_sandbox.main([])
     bench_archive_guard.main()
     hostile_corpus.main()
+    bench_fisher_memory.main()
 
 
 if __name__ == "__main__":
