@@ -47,7 +47,7 @@ import httpx
 
 from bench.bench_api import machine_info, torchscript_model_bytes
 from tests.support.files import mlp_data_npz
-from tests.support.processes import ServiceProcess, start_http_service
+from tests.support.processes import ServiceProcess, start_celery_worker, start_http_service
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -253,15 +253,7 @@ def embedded(work: Path) -> Iterator[Service]:
 
 
 def _start_worker(work: Path, env: dict[str, str]) -> ServiceProcess:
-    from mpq_service.celery_config import DEFAULT_QUEUE
-
-    command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", "1", "-Q", DEFAULT_QUEUE,
-        "-n", f"bench-{os.getpid()}@%h", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    return ServiceProcess.start("worker", command, env=env, cwd=ROOT, log_path=work / "worker.log")
+    return start_celery_worker("worker", env, ROOT, work / "worker.log", node="bench")
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
 
 __all__ = ["guard_refusal", "sympy_expr_refusal"]
 
@@ -72,58 +73,57 @@ def _constant_refusal(node: ast.Constant) -> str | None:
     return None
 
 
-def sympy_expr_refusal(text: str) -> str | None:
-    """Why ``expr_str`` must not reach ``sympy.sympify``, or None when it is a plain shape."""
+def _first_refusal(text: str, refuse: Callable[[ast.AST], str | None]) -> str | None:
+    """Parse ``text`` as one expression and return the first node ``refuse`` objects to (the
+    structural nodes and plain constants are shared by both grammars)."""
     tree = _parse(text)
     if isinstance(tree, str):
         return tree
     for node in ast.walk(tree):
         if isinstance(node, _STRUCTURE):
             continue
-        if isinstance(node, ast.keyword):
-            if node.arg is None:
-                return "a ** argument"
-        elif isinstance(node, ast.Constant):
-            if (why := _constant_refusal(node)) is not None:
-                return why
-        elif isinstance(node, ast.Call):
-            if not (isinstance(node.func, ast.Name) and node.func.id in SYMPY_CALLABLES):
-                return f"a call of {ast.unparse(node.func)}"
-        elif isinstance(node, ast.Name):
-            ok = node.id in SYMPY_CALLABLES or node.id in _SYMPY_CONSTANTS
-            if not (ok or _SYMBOL.fullmatch(node.id)):
-                return f"the name {node.id!r}"
-        else:
-            return f"a {type(node).__name__} expression"
+        why = _constant_refusal(node) if isinstance(node, ast.Constant) else refuse(node)
+        if why is not None:
+            return why
     return None
+
+
+def _sympy_node_refusal(node: ast.AST) -> str | None:
+    if isinstance(node, ast.keyword):
+        return "a ** argument" if node.arg is None else None
+    if isinstance(node, ast.Call):
+        if not (isinstance(node.func, ast.Name) and node.func.id in SYMPY_CALLABLES):
+            return f"a call of {ast.unparse(node.func)}"
+        return None
+    if isinstance(node, ast.Name):
+        ok = node.id in SYMPY_CALLABLES or node.id in _SYMPY_CONSTANTS
+        return None if ok or _SYMBOL.fullmatch(node.id) else f"the name {node.id!r}"
+    return f"a {type(node).__name__} expression"
+
+
+def sympy_expr_refusal(text: str) -> str | None:
+    """Why ``expr_str`` must not reach ``sympy.sympify``, or None when it is a plain shape."""
+    return _first_refusal(text, _sympy_node_refusal)
+
+
+def _guard_node_refusal(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Subscript):
+        return None if isinstance(node.slice, ast.Constant) else "a computed subscript"
+    if isinstance(node, ast.Attribute):
+        on_math = isinstance(node.value, ast.Name) and node.value.id == "math"
+        allowed = _GUARD_MATH if on_math else _GUARD_METHODS
+        return None if node.attr in allowed else f"the attribute {node.attr!r}"
+    if isinstance(node, ast.Call):
+        if node.keywords or not isinstance(node.func, ast.Attribute | ast.Name):
+            return f"a call of {ast.unparse(node.func)}"
+        if isinstance(node.func, ast.Name) and node.func.id in ("L", "math"):
+            return f"a call of {node.func.id}"
+        return None
+    if isinstance(node, ast.Name):
+        return None if node.id in _GUARD_NAMES else f"the name {node.id!r}"
+    return f"a {type(node).__name__} expression"
 
 
 def guard_refusal(text: str) -> str | None:
     """Why a ``guards_code`` entry must not be ``exec``-ed, or None when it is a shape guard."""
-    tree = _parse(text)
-    if isinstance(tree, str):
-        return tree
-    for node in ast.walk(tree):
-        if isinstance(node, _STRUCTURE):
-            continue
-        if isinstance(node, ast.Constant):
-            if (why := _constant_refusal(node)) is not None:
-                return why
-        elif isinstance(node, ast.Subscript):
-            if not isinstance(node.slice, ast.Constant):
-                return "a computed subscript"
-        elif isinstance(node, ast.Attribute):
-            on_math = isinstance(node.value, ast.Name) and node.value.id == "math"
-            if node.attr not in (_GUARD_MATH if on_math else _GUARD_METHODS):
-                return f"the attribute {node.attr!r}"
-        elif isinstance(node, ast.Call):
-            if node.keywords or not isinstance(node.func, ast.Attribute | ast.Name):
-                return f"a call of {ast.unparse(node.func)}"
-            if isinstance(node.func, ast.Name) and node.func.id in ("L", "math"):
-                return f"a call of {node.func.id}"
-        elif isinstance(node, ast.Name):
-            if node.id not in _GUARD_NAMES:
-                return f"the name {node.id!r}"
-        else:
-            return f"a {type(node).__name__} expression"
-    return None
+    return _first_refusal(text, _guard_node_refusal)

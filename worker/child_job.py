@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mpq_core.errors import MpqError
+from mpq_service.reaper import time_limit_message
 from worker.sandbox import SETUP_FAILED, Isolation, SandboxLimits, SandboxOutcome, run_sandboxed
 
 __all__ = ["ChildJob", "ChildResult", "run_child_job"]
@@ -111,10 +112,7 @@ def _bad_output(what: str) -> MpqError:
 def _failure(outcome: SandboxOutcome, out: Path, limits: SandboxLimits) -> MpqError:
     """The error for a child that did not succeed."""
     if outcome.stopped == "deadline":
-        return MpqError(
-            f"the job ran past its time limit of {limits.wall_seconds:.0f} s and was stopped",
-            code="time_limit_exceeded",
-        )
+        return MpqError(time_limit_message(round(limits.wall_seconds)), code="time_limit_exceeded")
     if outcome.signal is not None:
         return _killed(outcome, limits)
     if outcome.exit_code == SETUP_FAILED:

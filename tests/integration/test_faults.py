@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import signal
 import sys
 import time
@@ -33,13 +32,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import create_key
-from mpq_service.celery_config import DEFAULT_QUEUE, TASK_RUN_JOB, make_celery
+from mpq_service.celery_config import TASK_RUN_JOB, make_celery
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade
 from mpq_service.settings import Settings
 from mpq_service.storage import Storage, make_storage
 from mpq_service.tables import Job, Tenant
-from tests.support.processes import ServiceProcess, pid_alive, start_http_service, wait_pid_gone
+from tests.support.processes import (
+    ServiceProcess,
+    pid_alive,
+    start_celery_worker,
+    start_http_service,
+    wait_pid_gone,
+)
 from tests.support.tcp_proxy import TcpProxy
 from tests.worker.conftest import Env, mlp_npz
 
@@ -88,13 +93,7 @@ def _service_env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 
 def _start_worker(env: dict[str, str], tmp: Path, name: str) -> ServiceProcess:
-    command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", "1", "-Q", DEFAULT_QUEUE,
-        "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    return ServiceProcess.start(name, command, env=env, cwd=tmp, log_path=tmp / f"{name}.log")
+    return start_celery_worker(name, env, tmp, tmp / f"{name}.log")
 
 
 def _job(factory: sessionmaker[Session], job_id: str) -> Job:

@@ -40,13 +40,17 @@ import torch.nn.functional as F
 from api.auth import create_key
 from mpq_core.intake import load_model
 from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
-from mpq_service.celery_config import DEFAULT_QUEUE
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade
 from tests.conftest import zoo_data
 from tests.support.files import npz_bytes
 from tests.support.jobs import wait_for_job
-from tests.support.processes import ServiceNotReady, ServiceProcess, start_http_service
+from tests.support.processes import (
+    ServiceNotReady,
+    ServiceProcess,
+    start_celery_worker,
+    start_http_service,
+)
 from tests.support.s3server import S3Server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,15 +123,7 @@ def _service_env(
 
 
 def _start_worker(env: dict[str, str], workdir: Path) -> ServiceProcess:
-    command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", "1", "-Q", DEFAULT_QUEUE,
-        "-n", f"it-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]  # fmt: skip
-    return ServiceProcess.start(
-        "worker", command, env=env, cwd=workdir, log_path=workdir / "worker.log"
-    )
+    return start_celery_worker("worker", env, workdir, workdir / "worker.log", node="it")
 
 
 def _start_api(

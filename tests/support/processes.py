@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -170,3 +171,19 @@ def start_http_service(
             raise
         return proc, base_url
     raise AssertionError("unreachable")
+
+
+def start_celery_worker(
+    name: str, env: dict[str, str], cwd: Path, log_path: Path, *, node: str | None = None
+) -> ServiceProcess:
+    """A real Celery worker as production runs it (prefork, one child, the mpq queue), with a
+    unique node name so several can share a broker."""
+    from mpq_service.celery_config import DEFAULT_QUEUE
+
+    command = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--pool", "prefork", "--concurrency", "1", "-Q", DEFAULT_QUEUE,
+        "-n", f"{node or name}-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    return ServiceProcess.start(name, command, env=env, cwd=cwd, log_path=log_path)
