@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -102,8 +102,6 @@ class SandboxOutcome:
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     stderr_tail: str = ""
-    messages: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _unshare() -> str | None:
@@ -182,9 +180,8 @@ def _readonly_paths(extra: Sequence[Path], job_dir: Path) -> list[str]:
     """
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.add(str(Path(sys.executable).resolve().parent.parent))
-    for name in ("mpq_core",):
-        if (where := _package_dir(name)) is not None:
-            paths.add(where)
+    if (engine := _package_dir("mpq_core")) is not None:
+        paths.add(engine)
     paths.update(str(Path(p).resolve()) for p in extra)
     # A path below /usr is there already; nested duplicates would be bound twice.
     chosen = sorted(p for p in paths if not p.startswith("/usr/") and p != "/usr")
@@ -383,7 +380,6 @@ def _follow(
             continue
         message = _parse(line)
         if message is not None:
-            outcome.messages += 1
             on_message(message)
 
 
