@@ -151,6 +151,10 @@ class LayerCapture(TorchDispatchMode):
         shared: per layer name, the uses (0 for its first op in the forward pass, ...) whose
             output is shared by the whole batch; their flow to the batch is followed.
         batch: samples in the batch (flows are only followed for more than one).
+        release_outputs: once an op's autograd node is known, keep only the shape and dtype of
+            its output (a meta tensor), unless a shared flow starts there: the Fisher pass
+            reaches outputs through their nodes, and holding the tensors would keep outputs
+            alive that autograd itself frees (a batch of every layer's outputs).
     """
 
     def __init__(
@@ -161,8 +165,10 @@ class LayerCapture(TorchDispatchMode):
         on_record: Callable[[OpRecord], None] | None = None,
         shared: dict[str, set[int]] | None = None,
         batch: int = 0,
+        release_outputs: bool = False,
     ) -> None:
         super().__init__()
+        self._release_outputs = release_outputs
         self._by_ptr: dict[int, list[WeightRef]] = {}
         for ref in weights:
             self._by_ptr.setdefault(ref.tensor.data_ptr(), []).append(ref)
@@ -198,6 +204,8 @@ class LayerCapture(TorchDispatchMode):
         # is read at the next dispatched op (or at finish()), before any in-place op on it runs.
         for rec in self._pending:
             rec.node = rec.out.grad_fn
+            if self._release_outputs and rec.flow is None:
+                rec.out = torch.empty(rec.out.shape, dtype=rec.out.dtype, device="meta")
         self._pending.clear()
         for step in self._pending_steps:
             step.node = step.out.grad_fn

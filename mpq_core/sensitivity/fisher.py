@@ -161,8 +161,8 @@ def _conv_applied(rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor) -> torc
     return torch.stack(out, dim=1)
 
 
-# Over 80 lines on purpose: one batch's forward capture, gradient hooks, backward and the
-# contraction with every dW share one autograd graph and one try/finally that restores
+# Over 80 lines on purpose: one batch's forward capture, backward with scoring hooks and the
+# finite-difference fallback share one autograd graph and one try/finally that restores
 # requires_grad; split up, the graph (the batch's activations) would outlive each piece or a
 # dozen tensors would be passed between them.
 def fisher_sensitivity(
@@ -178,6 +178,10 @@ def fisher_sensitivity(
     progress: ProgressFn | None = None,
 ) -> list[list[float]]:
     """Omega[l][b] = 1/2 mean_n <g_n,l, Q_b(W_l) - W_l>^2 for every layer of ``profile``.
+
+    Memory is bounded by one batch: each op's output gradient is contracted with the layer's
+    weight perturbations the moment the backward pass delivers it, and the op's recorded input
+    is released then, so no batch ever holds every layer's gradients at once.
 
     Args:
         model: the loaded model.
@@ -217,7 +221,7 @@ def fisher_sensitivity(
             p.requires_grad_(True)
         for step, batch in enumerate(batches):
             n = batch.inputs[0].shape[0]
-            cap = LayerCapture(refs, shared=shared, batch=n)
+            cap = LayerCapture(refs, shared=shared, batch=n, release_outputs=True)
             with capture_context(grad=True), cap:
                 out = select_output(model(*batch.inputs), output_key)
             cap.finish()
@@ -226,44 +230,26 @@ def fisher_sensitivity(
             labels = batch.labels if per_sample.kind == "ce" else None
             targets = per_sample.targets(out, labels, batch.start)
             losses = per_sample(out, targets)
+            del out  # the graph keeps what the backward pass needs; nothing else may
             records = [r for r in cap.records if r.kind != "rnn"]
             # Fused recurrent kernels (LSTM on CPU) hide their per-step products; a GRU that
             # runs as matrix products is scored exactly like any linear.
             rnn_names = list(dict.fromkeys(r.name for r in cap.records if r.kind == "rnn"))
-            dots: dict[str, torch.Tensor] = _recurrent_directional(
-                losses[: batch.valid], rnn_names, weights, dws
+            del cap
+            scorer = _BatchScorer(records, layouts, dws, n)
+            scorer.dots.update(
+                _recurrent_directional(losses[: batch.valid], rnn_names, weights, dws)
             )
-            deltas, flow_deltas = _output_gradients(records, losses[: batch.valid].sum(), params)
-            # The contractions need no graph: under autograd a result that required grad
-            # would make `sums` hold every batch's activations (memory grew with the data).
+            _score_backward(scorer, losses[: batch.valid].sum(), params)
+            del records, losses  # free this batch's activations
+            by_difference = scorer.by_difference
             with torch.no_grad():
-                by_difference: list[str] = []
-                seen: dict[str, int] = defaultdict(int)
-                for k, rec in enumerate(records):
-                    use = seen[rec.name]
-                    seen[rec.name] += 1
-                    if rec.flow is not None:
-                        d = _shared_directional(rec, dws[rec.name], flow_deltas, n)
-                        if d is None:
-                            if rec.flow.failed and rec.name not in by_difference:
-                                by_difference.append(rec.name)
-                            continue
-                    elif k not in deltas:
-                        continue  # the output did not reach the loss
-                    else:
-                        layout_list = layouts[rec.name]
-                        layout = layout_list[use] if use < len(layout_list) else "blocked"
-                        if layout == "shared":
-                            layout = "blocked"  # one sample: all rows are its own
-                        dw = dws[rec.name].transpose(1, 2) if rec.transposed else dws[rec.name]
-                        d = per_sample_directional(rec, deltas[k], dw, n, layout)
-                    dots[rec.name] = dots[rec.name] + d if rec.name in dots else d
                 for name in by_difference:
-                    dots.pop(name, None)  # scored as a whole by finite differences below
-                for name, d in dots.items():
+                    scorer.dots.pop(name, None)  # scored as a whole by finite differences
+                for name, d in scorer.dots.items():
                     sums[index[name]] += (d[: batch.valid].double() ** 2).sum(0).cpu()
                     linear_sums[index[name]] += d[: batch.valid].double().sum(0).cpu()
-            del cap, records, out, losses, deltas, flow_deltas  # free this batch's activations
+            del scorer
             if by_difference:
                 _finite_difference(
                     model,
@@ -286,6 +272,59 @@ def fisher_sensitivity(
     if first_order:
         omega = omega + linear_sums / data.num_samples
     return omega.tolist()
+
+
+class _BatchScorer:
+    """One batch's ``<g_n, dW_b>`` per layer, summed over the layer's uses (``dots``), filled
+    record by record as the backward pass reaches each op's output."""
+
+    def __init__(
+        self,
+        records: list[OpRecord],
+        layouts: dict[str, list[str]],
+        dws: dict[str, torch.Tensor],
+        n: int,
+    ) -> None:
+        self.records, self.dws, self.n = records, dws, n
+        self.dots: dict[str, torch.Tensor] = {}
+        self.by_difference: list[str] = []
+        # Which rows of each use belong to which sample, by record index (forward order).
+        self.layouts: dict[int, str] = {}
+        seen: dict[str, int] = defaultdict(int)
+        for k, rec in enumerate(records):
+            use = seen[rec.name]
+            seen[rec.name] += 1
+            listed = layouts[rec.name]
+            layout = listed[use] if use < len(listed) else "blocked"
+            self.layouts[k] = "blocked" if layout == "shared" else layout  # one sample: its own
+
+    def _add(self, name: str, d: torch.Tensor) -> None:
+        self.dots[name] = self.dots[name] + d if name in self.dots else d
+
+    @torch.no_grad()
+    def score(self, k: int, delta: torch.Tensor) -> None:
+        """Contract record ``k``'s output gradient with its layer's perturbations, then release
+        the record's input: the backward pass has no further use for it through this record."""
+        rec = self.records[k]
+        dw = self.dws[rec.name].transpose(1, 2) if rec.transposed else self.dws[rec.name]
+        self._add(rec.name, per_sample_directional(rec, delta, dw, self.n, self.layouts[k]))
+        rec.x = _released(rec.x)
+
+    def score_shared(self, flow_deltas: dict[int, torch.Tensor]) -> None:
+        """The uses whose output the batch shares, once their consumers' gradients are in."""
+        for rec in self.records:
+            if rec.flow is None:
+                continue
+            d = _shared_directional(rec, self.dws[rec.name], flow_deltas, self.n)
+            if d is not None:
+                self._add(rec.name, d)
+            elif rec.flow.failed and rec.name not in self.by_difference:
+                self.by_difference.append(rec.name)
+
+
+def _released(t: torch.Tensor) -> torch.Tensor:
+    """A shape-only stand-in (meta device) for a tensor no longer needed."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def _recurrent_directional(
@@ -317,35 +356,41 @@ def _recurrent_directional(
     return {name: torch.stack(r) for name, r in rows.items()}
 
 
-def _output_gradients(
-    records: list[OpRecord], total: torch.Tensor, params: list[torch.Tensor]
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """One backward pass of ``total``, collecting the gradient at each record's output (by
-    record index) and at each shared flow's consumer outputs (by id of the consumer step).
-    Padding rows (fixed-batch exports) carry no loss, so their gradients are zero."""
-    deltas: dict[int, torch.Tensor] = {}
+def _score_backward(scorer: _BatchScorer, total: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """One backward pass of ``total``. Each record's output gradient is scored as it arrives
+    (and then dropped); the gradients at shared flows' consumer outputs are kept, by id of the
+    consumer step, and scored after the pass. Padding rows (fixed-batch exports) carry no loss,
+    so their gradients are zero."""
     flow_deltas: dict[int, torch.Tensor] = {}
     handles = []
 
-    def keep(store: dict[int, torch.Tensor], key: int) -> Any:
+    def score(k: int) -> Any:
         def grab(grad_outputs: Any) -> None:
-            store[key] = grad_outputs[0]
+            scorer.score(k, grad_outputs[0])
 
         return grab
 
-    for k, rec in enumerate(records):
+    def keep(key: int) -> Any:
+        def grab(grad_outputs: Any) -> None:
+            flow_deltas[key] = grad_outputs[0]
+
+        return grab
+
+    hooked: set[int] = set()
+    for k, rec in enumerate(scorer.records):
         if rec.node is not None and rec.flow is None:
-            handles.append(rec.node.register_prehook(keep(deltas, k)))
+            handles.append(rec.node.register_prehook(score(k)))
         if rec.flow is not None and rec.flow.failed is None:
             for step in rec.flow.consumers:
-                if step.node is not None and id(step) not in flow_deltas:
-                    handles.append(step.node.register_prehook(keep(flow_deltas, id(step))))
+                if step.node is not None and id(step) not in hooked:
+                    hooked.add(id(step))
+                    handles.append(step.node.register_prehook(keep(id(step))))
     try:
         torch.autograd.grad(total, params, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    return deltas, flow_deltas
+    scorer.score_shared(flow_deltas)
 
 
 def _shared_directional(
