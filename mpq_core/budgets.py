@@ -168,6 +168,18 @@ def _number(text: str, raw: str, suffixes: dict[str, float] | dict[str, int]) ->
     return float(m.group(1)) * suffixes[unit]
 
 
+def parse_bytes(raw: str) -> float:
+    """``"8GB"`` -> ``8e9``, ``"1.5GiB"`` -> ``1610612736.0``: a size with the units budgets use.
+
+    Raises:
+        ValueError: not a number with one of those units.
+    """
+    m = re.fullmatch(_NUMBER + r"\s*([A-Za-z]*)", raw.strip())
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{raw[:40]!r} is not a size like 8GB or 512MiB")
+    return float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
 def parse_budget(
     text: str,
     *,

@@ -9,7 +9,7 @@ allocation, the sensitivity table, metrics, encodings and the report);
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from mpq_core.errors import SpecError
 from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
+from mpq_core.memory_plan import MemoryPlan, plan_memory
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
@@ -65,6 +66,12 @@ class JobContext:
     clock: StageClock
     evaluator: Evaluator
     notes: list[str] = field(default_factory=list)  # what the user should know, in report.json
+    plan: MemoryPlan | None = None  # the batch sizes that fit the memory budget
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per pass in profiling, analysis, calibration and evaluation."""
+        return self.plan.batch_size if self.plan is not None else self.spec.batch_size
 
 
 @dataclass
@@ -152,7 +159,8 @@ def run(
     with clock.stage("intake"):
         ctx = prepare_job(spec, model, data, eval_data, clock, limits)
     with clock.stage("profile"):
-        profile = profile_model(ctx.model, ctx.work, batch_size=spec.batch_size)
+        plan_stage(ctx)
+        profile = profile_model(ctx.model, ctx.work, batch_size=ctx.batch_size)
     with clock.stage("analyze"):
         table = analyze_stage(ctx, profile, sensitivity)
     with clock.stage("allocate"):
@@ -270,6 +278,27 @@ def prepare_job(
     return ctx
 
 
+def plan_stage(ctx: JobContext) -> MemoryPlan:
+    """Choose the batch sizes that keep the job within its memory budget (``max_memory``, else
+    the machine's), and use them from here on."""
+    spec = ctx.spec
+    plan = plan_memory(
+        ctx.model,
+        ctx.work,
+        batch_size=spec.batch_size,
+        finetune_batch_size=spec.finetune.batch_size if spec.finetunes else None,
+        bits=len(spec.bits),
+        max_memory=spec.memory_budget,
+        device=ctx.device,
+        output_key=spec.output_key,
+    )
+    ctx.plan = plan
+    ctx.evaluator = replace(ctx.evaluator, batch_size=plan.batch_size)
+    if (note := plan.note()) is not None:
+        ctx.notes.append(note)
+    return plan
+
+
 def analyze_stage(
     ctx: JobContext, profile: ModelProfile, given: SensitivityTable | None
 ) -> SensitivityTable:
@@ -278,7 +307,12 @@ def analyze_stage(
         _check_table(given, ctx.model, profile, ctx.spec)
         return given
     return analyze(
-        ctx.model, ctx.work, ctx.spec, profile=profile, progress=ctx.clock.forward("analyze")
+        ctx.model,
+        ctx.work,
+        ctx.spec,
+        batch_size=ctx.batch_size,
+        profile=profile,
+        progress=ctx.clock.forward("analyze"),
     )
 
 
@@ -297,7 +331,7 @@ def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
     act_quant = None
     if spec.quantize_activations:
         encodings = calibrate_activations(
-            model, ctx.work, list(bits), spec.act_bits, batch_size=spec.batch_size
+            model, ctx.work, list(bits), spec.act_bits, batch_size=ctx.batch_size
         )
         act_quant = ActivationQuantizer(model.named_weights(), encodings)
         ctx.evaluator = score = score.with_act_quant(act_quant)
@@ -319,12 +353,15 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
     _restore(ctx.model, quant.float_weights)
     bits = {name: layer.bits for name, layer in quant.layers.items()}
     scales = quant.scales
+    settings = ctx.spec.finetune
+    if ctx.plan is not None:
+        settings = replace(settings, batch_size=ctx.plan.finetune_batch_size)
     tuned = finetune(
         ctx.model,
         ctx.work,
         bits,
         scales,
-        ctx.spec.finetune,
+        settings,
         seed=ctx.spec.seed,
         act_quant=quant.act_quant,
         output_key=ctx.spec.output_key,

@@ -118,6 +118,7 @@ def build_report(
         },
         "timings": dict(ctx.clock.seconds),
         "device": str(ctx.device),
+        "memory": ctx.plan.to_dict() if ctx.plan is not None else None,
         "device_note": ctx.device_note,
         "notes": list(ctx.notes),
         "artifacts": [],

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, TypeVar
 
-from mpq_core.budgets import Budget, parse_budget
+from mpq_core.budgets import Budget, parse_budget, parse_bytes
 from mpq_core.errors import SpecError
 from mpq_core.patterns import compile_pattern
 from mpq_core.spec_checks import (
@@ -270,6 +270,15 @@ class JobSpec:
     batch_size: int = field(
         default=DEFAULT_BATCH_SIZE, metadata=_meta("samples per pass in analysis and evaluation")
     )
+    max_memory: int | str | None = field(
+        default=None,
+        metadata=_meta(
+            "memory the job may use, e.g. 8GB or 6GiB: batch sizes are lowered to fit "
+            "(default: what the machine, or the worker's limit, gives the job)",
+            kind="memory",
+            metavar="SIZE",
+        ),
+    )
     eval_fraction: float = field(
         default=0.2,
         metadata=_meta(
@@ -314,6 +323,7 @@ class JobSpec:
             compile_pattern(pattern, "tie")
         self.eval_fraction = as_float("eval_fraction", self.eval_fraction, 0.0, 0.9)
         self.batch_size = as_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        self.max_memory = _max_memory(self.max_memory)
         self.seed = as_int("seed", self.seed, 0, MAX_SEED)
         self.output_key = _output_key(self.output_key)
         if not isinstance(self.analysis, AnalysisSpec) or not isinstance(
@@ -332,6 +342,11 @@ class JobSpec:
     @property
     def finetunes(self) -> bool:
         return self.finetune.enabled
+
+    @property
+    def memory_budget(self) -> int | None:
+        """``max_memory`` in bytes (validation turns a size such as ``"8GB"`` into a number)."""
+        return None if self.max_memory is None else int(self.max_memory)
 
     def sensitivity_settings(self, *, has_eval_data: bool) -> dict[str, Any]:
         """What, beside the model and the data, decides this job's sensitivity table (JSON).
@@ -491,6 +506,19 @@ def _device(device: Any) -> str:
             code="spec_type" if not isinstance(device, str) else "invalid_spec",
         )
     return device
+
+
+def _max_memory(value: Any) -> int | None:
+    """Bytes, from a number or a size such as ``"8GB"``; at least 64 MiB, at most 1 PiB."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = check_text("max_memory", value, max_chars=40)
+        try:
+            value = parse_bytes(text)
+        except ValueError as exc:
+            raise SpecError(f"max_memory: {exc}", code="invalid_spec") from exc
+    return int(as_float("max_memory", value, 2**26, 2**50))
 
 
 def _output_key(key: Any) -> str | int | None:

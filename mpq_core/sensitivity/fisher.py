@@ -33,12 +33,15 @@ from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
 from mpq_core.shared_flow import per_sample_directional_shared
 
-__all__ = ["fisher_sensitivity", "per_sample_directional"]
+__all__ = ["WORKSPACE_BYTES", "fisher_sensitivity", "per_sample_directional"]
 
 aten = torch.ops.aten
 
 # Per-sample gradients of a linear layer are materialised in chunks of at most this many floats.
 _CHUNK_FLOATS = 2**24
+#: What one contraction holds beside the batch's graph, whatever the batch: a chunk of
+#: per-sample gradients and its product with the perturbations.
+WORKSPACE_BYTES = 2 * 4 * _CHUNK_FLOATS
 # Finite-difference step: the perturbation's norm as a fraction of the weight's norm. Fixed
 # relative to the weight (not to the quantization error, which is 64x smaller at 8 bits than at
 # 2 bits) so the loss change stays well above float32 rounding at every bit width.

@@ -1,0 +1,252 @@
+"""Batch sizes chosen from a memory budget, so a large model runs where it fits.
+
+Every pass of a job (profiling, the Fisher analysis, activation calibration, evaluation,
+fine-tuning) holds the model, what the stage keeps beside it (gradients, master weights, the
+optimiser's moments) and one batch's autograd graph. The first two do not depend on the batch;
+the graph grows linearly with it. So the plan measures the graph of a sample directly: one
+forward pass at two batch sizes, summing the bytes autograd saves for the backward pass (every
+saved tensor goes through ``saved_tensors_hooks``, TorchScript and torch.export alike) and the
+output, whose gradient and softmax the loss adds. The slope is the cost of one sample; the
+largest batch whose graph fits beside the fixed part is the batch size, never above the spec's.
+
+Layers are not split into groups: the Fisher pass contracts each op's output gradient as the
+backward pass delivers it (``sensitivity/fisher.py``), so beyond the graph a pass holds one
+layer's statistics at a time, and a group of layers would need the same whole-model graph.
+
+The budget is the spec's ``max_memory`` or, without one, what the machine gives this process:
+the memory available now plus what the process already holds, capped by its ``RLIMIT_DATA`` /
+``RLIMIT_AS`` (the worker's sandbox sets one) and its cgroup's ``memory.max``; on a GPU, the
+device's free memory plus what PyTorch already reserved.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpq_core.capture import capture_context
+from mpq_core.data import CalibrationData
+from mpq_core.errors import SpecError
+from mpq_core.intake import LoadedModel, select_output
+from mpq_core.runner import iter_batches
+from mpq_core.sensitivity.fisher import WORKSPACE_BYTES
+
+__all__ = ["MemoryPlan", "machine_memory", "plan_memory", "sample_bytes"]
+
+# What a sample costs beyond what autograd saves: the output's gradient and the loss's
+# log-softmax of it (class scores), each the size of the output.
+_OUTPUT_COPIES = 2
+# Headroom for what the estimate does not see: the allocator's fragmentation, temporaries of
+# single ops (a matmul's output before it is saved), the Python objects of the graph.
+_HEADROOM = 1.25
+# Copies of the model's weights a stage holds beside the model itself: the analysis, the
+# weight gradients of its backward pass; evaluation, the float weights it compares against;
+# fine-tuning, master weights, Adam's two moments, the gradients, the best state so far and the
+# float originals the teacher runs with.
+_MODEL_COPIES = {"analysis": 1, "evaluation": 1, "finetune": 6}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The batch sizes a job runs with and why (recorded in ``report.json``)."""
+
+    max_memory: int  # bytes the job may hold
+    source: str  # where the budget came from
+    per_sample: int  # estimated bytes one sample adds to a forward and backward pass
+    resident: int  # bytes the process held when the plan was made (libraries, model, data)
+    model_bytes: int
+    batch_size: int  # profiling, analysis, calibration and evaluation
+    finetune_batch_size: int  # 0 when the job does not fine-tune
+    asked_batch_size: int
+    asked_finetune_batch_size: int
+
+    @property
+    def limited(self) -> bool:
+        """Whether the budget lowered a batch size below the spec's."""
+        return (
+            self.batch_size < self.asked_batch_size
+            or self.finetune_batch_size < self.asked_finetune_batch_size
+        )
+
+    def note(self) -> str | None:
+        """What the user should know when the budget chose smaller batches than asked."""
+        if not self.limited:
+            return None
+        tuned = (
+            f" (fine-tuning {self.finetune_batch_size} instead of {self.asked_finetune_batch_size})"
+            if self.asked_finetune_batch_size
+            else ""
+        )
+        return (
+            f"batch size {self.batch_size} instead of {self.asked_batch_size}{tuned} to stay "
+            f"within "
+            f"{_gib(self.max_memory)} ({self.source}): one sample's forward and backward pass "
+            f"takes about {_mib(self.per_sample)}; results do not depend on the analysis batch "
+            "size, only fine-tuning steps do"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "limited": self.limited}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_limit() -> int | None:
+    """This process's cgroup v2 memory limit, if one is set."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+        text = (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return None if text == "max" else int(text)
+
+
+def machine_memory(device: torch.device) -> tuple[int, str]:
+    """The bytes this process may hold in total on ``device``, and where the number came from."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device), f"free memory of {device}"
+    limits: list[tuple[int, str]] = []
+    available = _meminfo_available()
+    if available is not None:
+        limits.append((available + _rss(), "the machine's available memory"))
+    for which, name in ((resource.RLIMIT_DATA, "RLIMIT_DATA"), (resource.RLIMIT_AS, "RLIMIT_AS")):
+        soft, _ = resource.getrlimit(which)
+        if soft != resource.RLIM_INFINITY:
+            limits.append((soft, f"the process's {name} limit"))
+    cgroup = _cgroup_limit()
+    if cgroup is not None:
+        limits.append((cgroup, "the cgroup's memory.max"))
+    if not limits:
+        return 2**40, "no limit found"
+    return min(limits)
+
+
+def _graph_bytes(model: LoadedModel, data: CalibrationData, k: int, output_key: Any) -> int:
+    """Bytes autograd saves for the backward pass of a batch of ``k`` samples, plus the
+    output's share of the loss (parameters, which the model holds anyway, not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.named_weights().values()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if t.device.type != "meta" and storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch = next(iter_batches(model, data.subset(slice(0, k)), k))  # padded to a fixed batch
+    with capture_context(grad=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = select_output(model(*batch.inputs), output_key)
+    return sum(saved.values()) + _OUTPUT_COPIES * out.numel() * out.element_size()
+
+
+def sample_bytes(model: LoadedModel, data: CalibrationData, output_key: Any = None) -> int:
+    """Estimated bytes one sample adds to a forward and backward pass (with headroom).
+
+    Measured as the difference between batches of 2 and 1 (what the batch shares, such as a
+    position table, cancels out); a model exported for a fixed batch is measured at that size.
+    """
+    if model.fixed_batch:
+        k = model.fixed_batch
+        return int(_HEADROOM * _graph_bytes(model, data, k, output_key) / k)
+    two = min(2, data.num_samples)
+    one_bytes = _graph_bytes(model, data, 1, output_key)
+    slope = _graph_bytes(model, data, two, output_key) - one_bytes if two == 2 else one_bytes
+    return int(_HEADROOM * max(slope, 1))
+
+
+def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:
+    return max(0, min(asked, (budget - fixed) // max(per_sample, 1)))
+
+
+def plan_memory(
+    model: LoadedModel,
+    data: CalibrationData,
+    *,
+    batch_size: int,
+    finetune_batch_size: int | None,
+    bits: int,
+    max_memory: int | None,
+    device: torch.device,
+    output_key: Any = None,
+) -> MemoryPlan:
+    """The batch sizes that keep a job within ``max_memory`` (None: what the machine gives).
+
+    Args:
+        model: the loaded model, on ``device``.
+        data: the calibration data (a sample or two are run).
+        batch_size, finetune_batch_size: what the spec asks for (upper bounds); None when the
+            job does not fine-tune.
+        bits: how many candidate widths the analysis scores (one layer's error stack each).
+        max_memory: the budget in bytes.
+        device: where the job runs.
+        output_key: which output the loss scores.
+
+    Raises:
+        SpecError: ``max_memory_too_small`` when a budget the user set cannot hold one sample.
+    """
+    if max_memory is None:
+        budget, source = machine_memory(device)
+    else:
+        budget, source = max_memory, "max_memory"
+    per_sample = sample_bytes(model, data, output_key)
+    weights = list(model.named_weights().values())
+    model_bytes = sum(p.numel() * p.element_size() for p in weights)
+    largest = max((p.numel() for p in weights), default=0)
+    resident = _rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    # One layer's quantization errors at every width, in float32, and their float copy; the
+    # contraction's own workspace.
+    errors = (bits + 1) * largest * 4 + WORKSPACE_BYTES
+    fixed = {stage: resident + copies * model_bytes for stage, copies in _MODEL_COPIES.items()}
+    analysis = min(
+        _fit(budget, fixed["analysis"] + errors, per_sample, batch_size),
+        _fit(budget, fixed["evaluation"], per_sample, batch_size),
+    )
+    asked_finetune = finetune_batch_size or 0
+    finetune = _fit(budget, fixed["finetune"], per_sample, asked_finetune)
+    if (analysis < 1 or (asked_finetune and finetune < 1)) and max_memory is not None:
+        need = max(fixed["finetune"], fixed["analysis"] + errors) + per_sample
+        raise SpecError(
+            f"max_memory {_gib(budget)} cannot hold this job: the model and what the stages keep "
+            f"beside it take about {_gib(need - per_sample)} and one sample's pass "
+            f"{_mib(per_sample)}; set max_memory to at least {_gib(need)}",
+            code="max_memory_too_small",
+        )
+    return MemoryPlan(
+        max_memory=budget,
+        source=source,
+        per_sample=per_sample,
+        resident=resident,
+        model_bytes=model_bytes,
+        batch_size=max(1, analysis),
+        finetune_batch_size=max(1, finetune) if asked_finetune else 0,
+        asked_batch_size=batch_size,
+        asked_finetune_batch_size=asked_finetune,
+    )

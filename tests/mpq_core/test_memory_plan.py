@@ -1,0 +1,129 @@
+"""The memory plan: batch sizes chosen from a budget keep a whole job within it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mpq_core.data import CalibrationData
+from mpq_core.errors import SpecError
+from mpq_core.intake import load_model
+from mpq_core.memory_plan import machine_memory, plan_memory, sample_bytes
+from mpq_core.spec import JobSpec
+from tests.zoo import SmallMLP, torchscript_bytes
+
+# A GPT-2-style decoder whose logits dominate a sample's memory (vocabulary 8192, 128 tokens:
+# 4 MiB of logits a sequence), traced to TorchScript as users export one.
+_DECODER = """
+import io, warnings, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+def decoder(tokens: int = 128) -> tuple[bytes, int]:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=8192, n_embd=64, n_layer=2, n_head=2, n_positions=tokens)
+    net = GPT2LMHeadModel(cfg).eval()
+    net.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = torch.randint(0, 8192, (2, tokens))
+        torch.jit.save(torch.jit.trace(Logits(net), ids, strict=False), buffer)
+    return buffer.getvalue(), tokens
+"""
+
+
+def _decoder(tokens: int = 128) -> bytes:
+    scope: dict[str, Any] = {}
+    exec(_DECODER, scope)  # the same builder the child processes use
+    archive: bytes = scope["decoder"](tokens)[0]
+    return archive
+
+
+def _ids(n: int, tokens: int = 128) -> CalibrationData:
+    gen = torch.Generator().manual_seed(1)
+    return CalibrationData(inputs=[torch.randint(0, 8192, (n, tokens), generator=gen)])
+
+
+def test_a_sample_costs_at_least_its_output_twice_and_grows_with_the_sequence() -> None:
+    short, long = load_model(_decoder(64)), load_model(_decoder(128))
+    per_short = sample_bytes(short, _ids(4, 64))
+    per_long = sample_bytes(long, _ids(4, 128))
+    logits_bytes = 128 * 8192 * 4
+    assert per_long >= 2 * logits_bytes  # its gradient and the loss's log-softmax
+    assert 1.6 < per_long / per_short < 2.6  # linear in the tokens, as activations are
+
+
+def test_a_budget_that_cannot_hold_one_sample_is_refused_with_what_to_set() -> None:
+    model = load_model(torchscript_bytes(SmallMLP().eval(), (torch.randn(2, 16),)))
+    data = CalibrationData(inputs=[torch.randn(8, 16)])
+    with pytest.raises(SpecError) as err:
+        plan_memory(
+            model,
+            data,
+            batch_size=64,
+            finetune_batch_size=None,
+            bits=6,
+            max_memory=2**26,
+            device=torch.device("cpu"),
+        )
+    assert err.value.code == "max_memory_too_small"
+    assert "set max_memory to at least" in str(err.value)
+
+
+def test_without_a_budget_the_plan_takes_the_process_memory_limit(tmp_path: Path) -> None:
+    code = (
+        "import resource, json\n"
+        "from mpq_core.memory_plan import machine_memory, _rss\n"
+        "import torch\n"
+        "limit = _rss() + 2**30\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))\n"
+        "print(json.dumps([limit, *machine_memory(torch.device('cpu'))]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    limit, budget, source = json.loads(done.stdout)
+    assert budget == limit and "RLIMIT_DATA" in source
+    # Here, without one, it is what the machine has.
+    assert machine_memory(torch.device("cpu"))[0] > 2**28
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("8GB", 8 * 10**9), ("6 GiB", 6 * 2**30), (2**30, 2**30), (1.5e9, 1_500_000_000)],
+)
+def test_max_memory_reads_sizes_and_numbers(value: Any, expected: int) -> None:
+    spec = JobSpec(budgets=["avg-bits=4"], max_memory=value)
+    assert spec.max_memory == expected and spec.memory_budget == expected
+    assert JobSpec.from_dict(spec.to_dict()).max_memory == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        ("plenty", "invalid_spec"),
+        ("8 parsecs", "invalid_spec"),
+        (1000, "spec_out_of_range"),
+        (float("inf"), "spec_not_finite"),
+        (True, "spec_type"),
+        ([8], "spec_type"),
+    ],
+)
+def test_a_bad_max_memory_names_the_field(value: Any, code: str) -> None:
+    with pytest.raises(SpecError) as err:
+        JobSpec(budgets=["avg-bits=4"], max_memory=value)
+    assert err.value.code == code and "max_memory" in str(err.value)
