@@ -18,20 +18,36 @@ def add_parser(subparsers: Any) -> None:
     """Register the ``analyze`` subcommand."""
     p = subparsers.add_parser("analyze", help="per-layer, per-bit-width sensitivities")
     add_input_arguments(p)
-    add_spec_arguments(p, ANALYSIS_FIELDS)
+    add_spec_arguments(p, (*ANALYSIS_FIELDS, "max_memory"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="where to write SENS.json")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpq_core.memory_plan import plan_memory
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
-    from mpq_core.spec import AnalysisSpec
+    from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec
 
     values = spec_values(args)
     analysis = AnalysisSpec(**values.get("analysis", {}))  # a bad setting fails before loading
+    limit = JobSpec(budgets=["avg-bits=8"], max_memory=values.get("max_memory")).memory_budget
     model, data = load_inputs(args.model, args.data)
+    plan = plan_memory(
+        model,
+        data,
+        batch_size=values.get("batch_size", DEFAULT_BATCH_SIZE),
+        finetune_batch_size=None,
+        bits=len(values.get("bits", DEFAULT_BITS)),
+        max_memory=limit,
+        device=torch.device("cpu"),
+        output_key=values.get("output_key"),
+    )
+    if (note := plan.note()) is not None:
+        print(f"note: {note}")
     progress = TerminalProgress(enabled=None if not args.no_progress else False)
     try:
         table = analyze(
@@ -39,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             data,
             analysis,
             bits=values.get("bits"),
-            batch_size=values.get("batch_size"),
+            batch_size=plan.batch_size,
             seed=values.get("seed"),
             output_key=values.get("output_key"),
             progress=progress,

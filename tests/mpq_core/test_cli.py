@@ -195,3 +195,17 @@ def test_an_unexpected_error_is_one_line_with_a_code_never_a_traceback(
     assert run(_parser_whose_command_fails(), ["--debug", "explode"]) == 3
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "[internal_error]" in err
+
+
+def test_analyze_under_max_memory_refuses_a_budget_below_one_sample_and_runs_within_one(
+    cnn_files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = cnn_files
+    out = tmp_path / "sens.json"
+    args = ["analyze", str(model), "--data", str(data), "--out", str(out), "--no-progress"]
+    assert main([*args, "--max-memory", "64MiB"]) == 2
+    assert "[max_memory_too_small]" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--max-memory", "64GiB"]) == 0
+    assert SensitivityTable.load(out).names == [
+        "conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"
+    ]  # fmt: skip
