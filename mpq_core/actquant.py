@@ -94,7 +94,10 @@ def calibrate_activations(
     random sample of each input's values over the calibration data."""
     weights = model.named_weights()
     refs = [WeightRef(n, weights[n]) for n in layer_names]
-    samples: dict[str, list[torch.Tensor]] = {}
+    # Per layer, a uniform sample of the per-batch samples so far, bounded whatever the number
+    # of batches: each value drawn gets a random key and the _SAMPLE smallest keys stay (a
+    # bottom-k sample of the union is a uniform sample of it).
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     extremes: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
 
@@ -103,26 +106,30 @@ def calibrate_activations(
             return
         x = rec.x.detach().reshape(-1).float().cpu()
         take = x[torch.randint(0, x.numel(), (min(x.numel(), _SAMPLE // 4),), generator=gen)]
-        samples.setdefault(rec.name, []).append(take)
+        keys = torch.rand(take.numel(), generator=gen)
+        if rec.name in kept:
+            values, old_keys = kept[rec.name]
+            take, keys = torch.cat([values, take]), torch.cat([old_keys, keys])
+        if take.numel() > _SAMPLE:
+            smallest = torch.topk(keys, _SAMPLE, largest=False).indices
+            take, keys = take[smallest], keys[smallest]
+        kept[rec.name] = (take, keys)
         # The extremes always join the sample, so the grid spans the full range.
         ext = torch.stack([x.min(), x.max()])
-        extremes[rec.name] = (
-            ext if rec.name not in extremes else torch.cat([extremes[rec.name], ext])
-        )
+        if rec.name in extremes:
+            both = torch.cat([extremes[rec.name], ext])
+            ext = torch.stack([both.min(), both.max()])
+        extremes[rec.name] = ext
 
     with capture_context(grad=False):
         for batch in iter_batches(model, data, batch_size):
             cap = LayerCapture(refs, keep=False, on_record=keep)
             with cap:
                 model(*batch.inputs)
-    out = {}
-    for name, parts in samples.items():
-        values = torch.cat([*parts, extremes[name]])
-        if values.numel() > _SAMPLE:
-            values = values[torch.randperm(values.numel(), generator=gen)[:_SAMPLE]]
-            values = torch.cat([values, extremes[name]])
-        out[name] = _choose(values, bits)
-    return out
+    return {
+        name: _choose(torch.cat([values, extremes[name]]), bits)
+        for name, (values, _) in kept.items()
+    }
 
 
 class ActivationQuantizer(TorchDispatchMode):
