@@ -133,8 +133,9 @@ def _failure(outcome: SandboxOutcome, out: Path, limits: SandboxLimits) -> MpqEr
 def _memory_message(limits: SandboxLimits) -> str:
     size = f"{limits.memory_bytes / 2**30:.1f} GiB" if limits.memory_bytes else "the machine's"
     return (
-        f"the job ran out of memory (limit {size}); use a smaller batch_size or fewer "
-        "calibration samples, or ask the operator for a larger MPQ_SANDBOX_MEMORY_BYTES"
+        f"the job ran out of memory (limit {size}); batch sizes are planned to fit it, but this "
+        "job needed more than planned: set a lower max_memory (smaller batches, more "
+        "headroom), or ask the operator for a larger MPQ_SANDBOX_MEMORY_BYTES"
     )
 
 
