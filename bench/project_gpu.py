@@ -1,0 +1,191 @@
+"""A projection, not a measurement: memory and time of 1B and 7B decoders on one H200.
+
+Run: ``python -m bench.project_gpu``. Writes ``bench/results/gpu_projection.{json,md}``.
+
+No GPU was lent to the sessions that built issue 10, so this script projects from what this
+CPU machine can measure exactly. Memory: a job's footprint is its weights, the copies its
+stages keep (``mpq_core.memory_plan``: weight gradients in the analysis; master weights, Adam's
+two moments, gradients, best state and float originals in fine-tuning), one layer's
+quantization errors, and one batch's autograd graph. The graph is measured, not guessed: the
+plan's own ``sample_bytes`` on GPT-2-style decoders of the target width with 1 and 2 blocks, on
+the CPU (saved tensors are the same bytes on any device), extrapolated linearly in the number of
+blocks, and halved for bf16 (measured in float32: this CPU runs bf16 matrix products in
+software, minutes per pass at 4096 wide; a bf16 graph saves the same tensors at half the bytes). Time: one forward and backward pass costs about 6 x parameters x tokens
+floating-point operations; the projection assumes 40% of the H200's 989 dense bf16 TFLOPS, and
+takes the Fisher analysis's cost ratio to one forward and backward pass from the CPU benchmark
+(``bench/results/scale.json``), where one is recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKENS = 128
+H200_BYTES = 141 * 10**9
+H200_BF16_FLOPS = 989e12
+MFU = 0.4  # assumed share of peak a fused bf16 transformer step reaches
+BITS = 6  # candidate widths scored
+
+
+@dataclass(frozen=True)
+class Decoder:
+    name: str
+    width: int
+    blocks: int
+    heads: int
+    vocab: int = 50257
+
+    @property
+    def params(self) -> int:
+        # 12 d^2 per block (attention 4 d^2, MLP 8 d^2), tied token table, learned positions.
+        return 12 * self.blocks * self.width**2 + (self.vocab + TOKENS) * self.width
+
+
+SIZES = [Decoder("1B", 2048, 20, 16), Decoder("7B", 4096, 32, 32)]
+
+
+def _slice_bytes(size: Decoder, blocks: int) -> int:
+    """``sample_bytes`` of the decoder cut to ``blocks`` blocks, in float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mpq_core.data import CalibrationData
+    from mpq_core.intake import load_model
+    from mpq_core.memory_plan import sample_bytes
+
+    cfg = GPT2Config(
+        vocab_size=size.vocab,
+        n_embd=size.width,
+        n_layer=blocks,
+        n_head=size.heads,
+        n_positions=TOKENS,
+    )
+    net = GPT2LMHeadModel(cfg).eval()
+    net.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
+
+    ids = torch.randint(0, size.vocab, (2, TOKENS))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(Logits(net), ids, strict=False), buffer)
+    del net
+    model = load_model(buffer.getvalue())
+    return sample_bytes(model, CalibrationData(inputs=[ids]))
+
+
+def _fisher_ratio() -> tuple[float | None, str]:
+    path = RESULTS / "scale.json"
+    if not path.exists():
+        return None, "no CPU measurement"
+    rows = json.loads(path.read_text()).get("rows", [])
+    ratios = [
+        (r.get("params", 0), r.get("analyze_x"))
+        for r in rows
+        if isinstance(r, dict) and isinstance(r.get("analyze_x"), int | float)
+    ]
+    if not ratios:
+        return None, "no CPU measurement"
+    params, ratio = max(ratios)  # the largest model measured is the closest to these
+    return float(ratio), f"CPU, {params / 1e6:.0f}M decoder"
+
+
+def project(size: Decoder) -> dict[str, Any]:
+    one, two = _slice_bytes(size, 1), _slice_bytes(size, 2)
+    per_sample = (one + (size.blocks - 1) * (two - one)) // 2  # float32 -> bf16
+    weights = 2 * size.params  # bf16
+    largest = size.vocab * size.width
+    errors = (BITS + 1) * largest * 2
+    runtime = 2 * 10**9  # CUDA context and PyTorch's own allocations
+    analysis_fixed = runtime + 2 * weights + errors
+    finetune_fixed = runtime + 7 * weights
+    ratio, ratio_from = _fisher_ratio()
+    fwdbwd_s_per_seq = 6 * size.params * TOKENS / (MFU * H200_BF16_FLOPS)
+    return {
+        "model": size.name,
+        "params": size.params,
+        "width": size.width,
+        "blocks": size.blocks,
+        "per_sample_gib": per_sample / 2**30,
+        "weights_gib": weights / 2**30,
+        "analysis_batch_on_h200": int((H200_BYTES - analysis_fixed) // per_sample),
+        "analysis_gib_at_batch_16": (analysis_fixed + 16 * per_sample) / 2**30,
+        "finetune_batch_on_h200": max(0, int((H200_BYTES - finetune_fixed) // per_sample)),
+        "finetune_gib_at_batch_8": (finetune_fixed + 8 * per_sample) / 2**30,
+        "fwdbwd_s_per_1024_sequences": 1024 * fwdbwd_s_per_seq,
+        "fisher_x": ratio,
+        "fisher_x_from": ratio_from,
+        "analyze_s_per_1024_sequences": None if ratio is None else 1024 * fwdbwd_s_per_seq * ratio,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | params | graph / sequence | weights (bf16) | analysis batch that fits "
+        "| analysis at batch 16 | fine-tuning batch that fits | fine-tuning at batch 8 "
+        "| fwd+bwd, 1024 seq | analyze, 1024 seq |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        analyze = r["analyze_s_per_1024_sequences"]
+        fisher = "-" if analyze is None else f"{analyze:.1f} s ({r['fisher_x']:.1f}x)"
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['per_sample_gib'] * 1024:.0f} MiB "
+            f"| {r['weights_gib']:.1f} GiB | {r['analysis_batch_on_h200']} "
+            f"| {r['analysis_gib_at_batch_16']:.1f} GiB | {r['finetune_batch_on_h200']} "
+            f"| {r['finetune_gib_at_batch_8']:.1f} GiB "
+            f"| {r['fwdbwd_s_per_1024_sequences']:.1f} s "
+            f"| {fisher} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> dict[str, Any]:
+    torch.manual_seed(0)
+    rows = [project(size) for size in SIZES]
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    result = {
+        "kind": "projection (no GPU measured)",
+        "when": when,
+        "assumptions": {
+            "gpu_bytes": H200_BYTES,
+            "bf16_flops": H200_BF16_FLOPS,
+            "mfu": MFU,
+            "tokens": TOKENS,
+            "candidate_bits": BITS,
+        },
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gpu_projection.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = (
+        "# 1B and 7B decoders on one H200: a projection\n\n"
+        f"Generated by `python -m bench.project_gpu` on {when}. **Projected, not measured**: "
+        "no GPU was available. Graph bytes per sequence of "
+        f"{TOKENS} tokens measured on this CPU with mpq's own memory plan (1- and 2-block "
+        "slices at full width in float32, extrapolated in blocks, halved for bf16); time from 6 x params x tokens "
+        f"FLOPs at {MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOPS, times the Fisher cost "
+        "ratio measured on the CPU.\n\n" + _table(rows) + "\n"
+    )
+    (RESULTS / "gpu_projection.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
