@@ -17,6 +17,7 @@ __all__ = [
     "choose_scales",
     "choose_scales_many",
     "dequantize",
+    "errors_from_scales",
     "fake_quantize",
     "qmax",
     "quantization_error",
@@ -167,10 +168,18 @@ def quantization_error(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch
 
 def quantization_errors(w: torch.Tensor, bits: list[int], *, mse: bool = True) -> torch.Tensor:
     """``Q_b(W) - W`` for every width in ``bits``, stacked: ``(len(bits), *w.shape)``."""
-    all_scales = choose_scales_many(w, bits, mse=mse)
-    return torch.stack(
-        [
-            dequantize(quantize(w, scales, b), scales, dtype=w.dtype) - w.detach()
-            for b, scales in zip(bits, all_scales, strict=True)
-        ]
-    )
+    return errors_from_scales(w, bits, choose_scales_many(w, bits, mse=mse))
+
+
+def errors_from_scales(
+    w: torch.Tensor, bits: list[int], scales: torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Q_b(W) - W`` for every width, on scales already chosen (``choose_scales_many``): no
+    clipping search, one quantize/dequantize per width. Written into ``out`` (a
+    ``(len(bits), *w.shape)`` tensor of ``w``'s dtype) when given, so a caller can reuse one
+    buffer for layer after layer."""
+    if out is None:
+        out = torch.empty((len(bits), *w.shape), dtype=w.dtype, device=w.device)
+    for j, (b, s) in enumerate(zip(bits, scales, strict=True)):
+        torch.sub(dequantize(quantize(w, s, b), s, dtype=w.dtype), w.detach(), out=out[j])
+    return out

@@ -29,8 +29,8 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
+from mpq_core.sensitivity.layer_errors import LayerErrors
 from mpq_core.shared_flow import per_sample_directional_shared
 
 __all__ = ["fisher_sensitivity", "per_sample_directional"]
@@ -201,7 +201,7 @@ def fisher_sensitivity(
     layers = profile.layers
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
-    dws = {layer.name: quantization_errors(weights[layer.name], bits) for layer in layers}
+    dws = LayerErrors(weights, [layer.name for layer in layers], bits)  # one layer's at a time
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()
@@ -292,7 +292,7 @@ def _recurrent_directional(
     losses: torch.Tensor,
     names: list[str],
     weights: dict[str, torch.Tensor],
-    dws: dict[str, torch.Tensor],
+    dws: LayerErrors,
 ) -> dict[str, torch.Tensor]:
     """``<g_n, dW_b>`` ``(n, B)`` of the weights of fused recurrent kernels (an LSTM on the
     CPU runs all its steps in one op, whose per-step products are out of reach), from one
@@ -305,7 +305,8 @@ def _recurrent_directional(
     if not names:
         return {}
     params = [weights[name] for name in names]
-    flat = {name: dws[name].reshape(dws[name].shape[0], -1).float() for name in names}
+    # Copies: the stacks share one buffer (``LayerErrors``), and these are used all at once.
+    flat = {name: dws[name].reshape(dws[name].shape[0], -1).float().clone() for name in names}
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for i in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -384,7 +385,7 @@ def _finite_difference(
     output_key: Any,
     names: list[str],
     weights: dict[str, torch.Tensor],
-    dws: dict[str, torch.Tensor],
+    dws: LayerErrors,
     index: dict[str, int],
     sums: torch.Tensor,
     linear_sums: torch.Tensor,
