@@ -6,7 +6,7 @@ Budget kinds (DESIGN.md "Quantities"):
 
 - ``avg-bits=3``: parameter-weighted mean bit width over the quantized layers.
 - ``size=1.5MB``: bytes of all weights, quantized layers packed (codes + one fp16 scale per output
-  channel) plus every float parameter at 4 bytes. Units B, KB, MB, GB, TB (powers of 1000),
+  channel; a layer kept at 16 bits: its 16-bit weight) plus every float parameter at 4 bytes. Units B, KB, MB, GB, TB (powers of 1000),
   KiB, MiB, GiB, TiB (powers of 1024); a bare number is bytes.
 - ``compression=8`` or ``8x``: the model's own size (in its dtype: float32, or 2 bytes a
   parameter for a bfloat16/float16 model) over the quantized size, at least this.
@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpq_core.errors import BudgetError
-from mpq_core.layers import LayerInfo
+from mpq_core.layers import FLOAT_BITS, LayerInfo
 
 __all__ = [
     "BUDGET_KINDS",
@@ -315,7 +315,8 @@ def budget_constraint(
     if budget.kind == "avg-bits":
         return params * b, budget.value * float(params.sum())
     if budget.kind in ("size", "compression"):
-        packed = (params * b + channels * 16.0) / 8.0
+        # Codes plus fp16 scales; a layer kept at FLOAT_BITS has no scales.
+        packed = (params * b + channels * 16.0 * (b != FLOAT_BITS)) / 8.0
         total = budget.value
         if budget.kind == "compression":
             total = _model_bytes(layers, float_params, model_bytes) / budget.value

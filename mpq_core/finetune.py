@@ -30,7 +30,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores, model_outputs
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quant_primitives import dequantize, qmax, quantize
+from mpq_core.quant_primitives import FLOAT_BITS, dequantize, qmax, quantize, round_to_float16
 from mpq_core.runner import iter_batches
 from mpq_core.spec import FinetuneSpec
 
@@ -84,13 +84,19 @@ class _Quantized:
     def load(self) -> None:
         for n, p in self.params.items():
             s, b = self.scales[n], self.bits[n]
-            p.copy_(dequantize(quantize(self.masters[n], s, b), s, p.dtype))
+            if b == FLOAT_BITS:  # kept in float: only rounded to its 16-bit dtype
+                p.copy_(round_to_float16(self.masters[n]))
+            else:
+                p.copy_(dequantize(quantize(self.masters[n], s, b), s, p.dtype))
 
     def ste(self, grads: dict[str, torch.Tensor | None]) -> None:
         for n, master in self.masters.items():
             g = grads.get(n)
             if g is None:
                 master.grad = None
+                continue
+            if self.bits[n] == FLOAT_BITS:  # no clipping range: the gradient passes everywhere
+                master.grad = g
                 continue
             limit = (qmax(self.bits[n]) + 0.5) * self.scales[n].reshape(
                 -1, *[1] * (master.dim() - 1)

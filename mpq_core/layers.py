@@ -8,7 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerInfo"]
+__all__ = ["FLOAT_BITS", "LayerInfo"]
+
+#: The candidate width that keeps a layer unquantized, stored as a 16-bit float (float16, or
+#: bfloat16 for a bfloat16 weight): ``params * 16`` bits, no scales.
+FLOAT_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,10 @@ class LayerInfo:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def storage_bits(self, bits: int) -> int:
-        """Bits to store this layer at ``bits``: codes plus one fp16 scale per output channel."""
+        """Bits to store this layer at ``bits``: codes plus one fp16 scale per output channel;
+        at ``FLOAT_BITS`` the 16-bit float weight alone."""
+        if bits == FLOAT_BITS:
+            return self.params * FLOAT_BITS
         return self.params * bits + self.channels * 16
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,5 +1,10 @@
 """Weight quantizer: symmetric, per output channel, uniform, 2..8 bits, MSE-chosen clipping.
 
+The width ``FLOAT_BITS`` (16) keeps a weight unquantized, rounded to a 16-bit float (bfloat16
+for a bfloat16 weight, else float16): ``fake_quantize``, ``quantization_errors`` and
+``errors_from_scales`` accept it (its error is that rounding), the integer code functions
+(``qmax``, ``choose_scales``, ``quantize``) do not.
+
 Pure tensor functions with no model knowledge. Codes are signed integers in
 ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (the symmetric "narrow" range, so zero is exact and the grid
 is the same on both sides); the scale of channel ``c`` is stored as fp16, and the scales used
@@ -11,7 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from mpq_core.layers import FLOAT_BITS
+
 __all__ = [
+    "FLOAT_BITS",
     "MAX_BITS",
     "MIN_BITS",
     "choose_scales",
@@ -19,10 +27,12 @@ __all__ = [
     "dequantize",
     "errors_from_scales",
     "fake_quantize",
+    "float16_dtype",
     "qmax",
     "quantization_error",
     "quantization_errors",
     "quantize",
+    "round_to_float16",
 ]
 
 MIN_BITS = 2
@@ -51,6 +61,21 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def float16_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit float a weight of ``dtype`` is kept in at ``FLOAT_BITS``: bfloat16 for a
+    bfloat16 weight (no rounding at all), float16 otherwise."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def round_to_float16(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to its ``float16_dtype`` and back to its own dtype (the weight a layer
+    kept at ``FLOAT_BITS`` has). Beyond float16's range a value saturates, not overflows."""
+    half = float16_dtype(w.dtype)
+    if half == torch.float16:
+        w = w.detach().clamp(-_FP16_MAX, _FP16_MAX)
+    return w.detach().to(half).to(w.dtype)
+
+
 def _rows(w: torch.Tensor) -> torch.Tensor:
     return w.detach().reshape(w.shape[0], -1).float()
 
@@ -74,12 +99,21 @@ def choose_scales(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tens
         >>> choose_scales(w, 4).shape
         torch.Size([4])
     """
+    qmax(bits)  # validates the width: a layer kept at FLOAT_BITS has no scales
     return choose_scales_many(w, [bits], mse=mse)[0]
 
 
 def choose_scales_many(w: torch.Tensor, bits: list[int], *, mse: bool = True) -> torch.Tensor:
     """``choose_scales`` for several bit widths at once, ``(len(bits), channels)``; one batched
-    search instead of one per width, which is what small layers spend their time on."""
+    search instead of one per width, which is what small layers spend their time on. A
+    ``FLOAT_BITS`` entry has no scales: its row is ones, and unused."""
+    if FLOAT_BITS in bits:
+        ints = [b for b in bits if b != FLOAT_BITS]
+        out = torch.ones(len(bits), w.shape[0], device=w.device)
+        if ints:
+            found = choose_scales_many(w, ints, mse=mse)
+            out[[j for j, b in enumerate(bits) if b != FLOAT_BITS]] = found
+        return out
     q = torch.tensor([qmax(b) for b in bits], dtype=torch.float32, device=w.device)
     rows = _rows(w)
     amax = rows.abs().amax(dim=1)
@@ -156,7 +190,10 @@ def dequantize(
 
 
 def fake_quantize(w: torch.Tensor, bits: int, *, mse: bool = True) -> torch.Tensor:
-    """``dequantize(quantize(w))``: the weight as the quantized model will see it."""
+    """``dequantize(quantize(w))``: the weight as the quantized model will see it (at
+    ``FLOAT_BITS``, ``w`` rounded to a 16-bit float)."""
+    if bits == FLOAT_BITS:
+        return round_to_float16(w)
     scales = choose_scales(w, bits, mse=mse)
     return dequantize(quantize(w, scales, bits), scales, dtype=w.dtype)
 
@@ -181,5 +218,8 @@ def errors_from_scales(
     if out is None:
         out = torch.empty((len(bits), *w.shape), dtype=w.dtype, device=w.device)
     for j, (b, s) in enumerate(zip(bits, scales, strict=True)):
-        torch.sub(dequantize(quantize(w, s, b), s, dtype=w.dtype), w.detach(), out=out[j])
+        if b == FLOAT_BITS:
+            torch.sub(round_to_float16(w), w.detach(), out=out[j])
+        else:
+            torch.sub(dequantize(quantize(w, s, b), s, dtype=w.dtype), w.detach(), out=out[j])
     return out

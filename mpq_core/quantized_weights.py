@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from mpq_core.intake import LoadedModel
-from mpq_core.quant_primitives import choose_scales, dequantize, qmax, quantize
+from mpq_core.quant_primitives import (
+    FLOAT_BITS,
+    choose_scales,
+    dequantize,
+    float16_dtype,
+    qmax,
+    quantize,
+    round_to_float16,
+)
 
 __all__ = ["QuantizedLayer", "apply_weights", "model_parameters", "quantize_weights"]
 
@@ -23,9 +31,11 @@ class QuantizedLayer:
 
     Attributes:
         name: the parameter's qualified name in the model.
-        bits: 2..8.
-        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
-        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0).
+        bits: 2..8, or ``FLOAT_BITS`` (16) for a layer kept as a 16-bit float.
+        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``; at 16
+            bits the weight itself as float16 (bfloat16 for a bfloat16 model).
+        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0); empty
+            at 16 bits.
     """
 
     name: str
@@ -39,6 +49,8 @@ class QuantizedLayer:
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the quantized model uses: ``quantizer.dequantize(codes, scales)``."""
+        if self.bits == FLOAT_BITS:
+            return self.codes.to(dtype)
         return dequantize(self.codes, self.scales, dtype=dtype)
 
 
@@ -71,7 +83,7 @@ def quantize_weights(
 
     Args:
         model: the model whose current weights are quantized.
-        bits_by_layer: parameter name -> bits (2..8).
+        bits_by_layer: parameter name -> bits (2..8, or 16 to keep the layer as a 16-bit float).
         scales: per-layer scales to use instead of the MSE-chosen ones
             (``quantizer.choose_scales``); rounded to fp16.
 
@@ -89,10 +101,15 @@ def quantize_weights(
     for name, bits in bits_by_layer.items():
         if name not in params:
             raise KeyError(f"the model has no parameter named {name!r}")
-        qmax(bits)  # validates the width
+        if bits != FLOAT_BITS:
+            qmax(bits)  # validates the width
         w = params[name].detach().to("cpu")
         if w.dim() == 0 or w.numel() == 0:
             raise ValueError(f"parameter {name!r} of shape {tuple(w.shape)} cannot be quantized")
+        if bits == FLOAT_BITS:
+            half = round_to_float16(w).to(float16_dtype(w.dtype))
+            out[name] = QuantizedLayer(name, FLOAT_BITS, half, torch.zeros(0))
+            continue
         given = None if scales is None else scales.get(name)
         s = choose_scales(w, bits) if given is None else _fp16_scales(name, given, w.shape[0])
         codes = quantize(w, s, bits)

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from mpq_core.budgets import Budget, parse_budget
 from mpq_core.errors import SpecError
+from mpq_core.layers import FLOAT_BITS
 from mpq_core.patterns import compile_pattern
 from mpq_core.spec_checks import (
     as_bool,
@@ -227,7 +228,10 @@ class JobSpec:
     )
     bits: list[int] = field(
         default_factory=lambda: list(DEFAULT_BITS),
-        metadata=_meta("candidate bit widths, comma-separated", kind="bits"),
+        metadata=_meta(
+            "candidate bit widths, comma-separated; 16 keeps a layer as a 16-bit float",
+            kind="bits",
+        ),
     )
     pins: dict[str, int] = field(
         default_factory=dict,
@@ -447,7 +451,8 @@ def _bit_list(bits: Any) -> list[int]:
     """The candidate widths, sorted and without repeats."""
     if not isinstance(bits, (list, tuple)) or not bits:
         raise SpecError(
-            f"bits must be a non-empty list of widths in 2..8, e.g. [2, 4, 8], got {bits!r:.60}",
+            f"bits must be a non-empty list of widths in 2..8 or 16 (kept in float), "
+            f"e.g. [2, 4, 8], got {bits!r:.60}",
             code="spec_type",
         )
     if len(bits) > MAX_BIT_ENTRIES:
@@ -455,9 +460,10 @@ def _bit_list(bits: Any) -> list[int]:
             f"bits has {len(bits)} entries; list each width once", code="spec_too_large"
         )
     widths = {as_int(f"bits[{i}]", b, -(2**31), 2**31) for i, b in enumerate(bits)}
-    if any(not 2 <= b <= 8 for b in widths):
+    if any(not 2 <= b <= 8 and b != FLOAT_BITS for b in widths):
         raise SpecError(
-            f"bits must be widths in 2..8, got {sorted(widths)}", code="spec_out_of_range"
+            f"bits must be widths in 2..8 or {FLOAT_BITS} (kept in float), got {sorted(widths)}",
+            code="spec_out_of_range",
         )
     return sorted(widths)
 

@@ -16,7 +16,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn
-from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import FLOAT_BITS, MAX_BITS, MIN_BITS
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, Method
 
@@ -43,8 +43,11 @@ def compute_sensitivity(
         >>> table.save("sens.json")  # doctest: +SKIP
     """
     bits = sorted(set(bits))
-    if not bits or bits[0] < MIN_BITS or bits[-1] > MAX_BITS:
-        raise SpecError(f"candidate bits must lie in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    if not bits or any(not MIN_BITS <= b <= MAX_BITS and b != FLOAT_BITS for b in bits):
+        raise SpecError(
+            f"candidate bits must lie in {MIN_BITS}..{MAX_BITS} or be {FLOAT_BITS} "
+            f"(kept in float), got {bits}"
+        )
     start = time.perf_counter()
     if method == Method.FISHER:
         from mpq_core.sensitivity.fisher import fisher_sensitivity
