@@ -29,7 +29,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mpq_core.errors import BudgetError
-from mpq_core.layers import FLOAT_BITS, LayerInfo
+from mpq_core.layers import LayerInfo
+from mpq_core.scheme import QuantScheme
 
 __all__ = [
     "BUDGET_KINDS",
@@ -283,6 +284,7 @@ def budget_constraint(
     float_params: int = 0,
     model_bytes: float | None = None,
     float_bytes: float | None = None,
+    scheme: QuantScheme | None = None,
 ) -> tuple[NDArray[np.float64], float]:
     """The budget as a knapsack constraint: ``sum_i costs[i][choice_i] <= capacity``.
 
@@ -296,6 +298,8 @@ def budget_constraint(
             (float32 of every parameter when None).
         float_bytes: what the float parameters take in the packed checkpoint (4 bytes each
             when None; 2 for a model whose float parameters are all float16 or bfloat16).
+        scheme: the quantizer's scheme (its scales and zero points count towards ``size`` and
+            ``compression``); per-channel symmetric when None.
 
     Returns:
         ``(costs, capacity)`` with ``costs`` of shape ``(len(layers), len(bits))``.
@@ -311,12 +315,13 @@ def budget_constraint(
     """
     b = np.asarray(bits, dtype=np.float64)[None, :]
     params = np.array([layer.params for layer in layers], dtype=np.float64)[:, None]
-    channels = np.array([layer.channels for layer in layers], dtype=np.float64)[:, None]
     if budget.kind == "avg-bits":
         return params * b, budget.value * float(params.sum())
     if budget.kind in ("size", "compression"):
-        # Codes plus fp16 scales; a layer kept at FLOAT_BITS has no scales.
-        packed = (params * b + channels * 16.0 * (b != FLOAT_BITS)) / 8.0
+        packed = np.array(
+            [[layer.storage_bits(int(bw), scheme) / 8.0 for bw in bits] for layer in layers],
+            dtype=np.float64,
+        ).reshape(len(layers), len(bits))
         total = budget.value
         if budget.kind == "compression":
             total = _model_bytes(layers, float_params, model_bytes) / budget.value
@@ -347,8 +352,10 @@ def achieved(
     *,
     model_bytes: float | None = None,
     float_bytes: float | None = None,
+    scheme: QuantScheme | None = None,
 ) -> float:
-    """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...).
+    """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...),
+    with the sizes of ``scheme`` (per-channel symmetric when None).
 
     Example:
         >>> fc = LayerInfo("fc.weight", "linear", (10, 10), 100, 10, 100)
@@ -362,7 +369,9 @@ def achieved(
         bits_sum = sum(layer.params * b for layer, b in zip(layers, chosen_bits, strict=True))
         return bits_sum / total if total else 0.0
     if budget.kind in ("size", "compression"):
-        packed = sum(layer.storage_bits(b) for layer, b in zip(layers, chosen_bits, strict=True))
+        packed = sum(
+            layer.storage_bits(b, scheme) for layer, b in zip(layers, chosen_bits, strict=True)
+        )
         size = packed / 8.0 + _float_bytes(float_params, float_bytes)
         if budget.kind == "size":
             return size

@@ -10,7 +10,8 @@ metadata, and the ``mpq`` command line generates its flags, help and defaults fr
 JSON shape (``schema_version`` 2)::
 
     {"schema_version": 2, "kind": "mpq.job_spec",
-     "budgets": [...], "bits": [...], "pins": {...}, "ties": [...], "solver": "auto",
+     "budgets": [...], "bits": [...], "pins": {...}, "ties": [...],
+     "granularity": "channel", "symmetric": true, "solver": "auto",
      "act_bits": 8, "quantize_activations": false, "cost_table": null, "batch_size": 64,
      "eval_fraction": 0.2, "output_key": null, "seed": 0, "device": "auto",
      "analysis": {"method": "fisher", "loss": "auto", "first_order": false,
@@ -35,6 +36,7 @@ from mpq_core.budgets import Budget, parse_budget
 from mpq_core.errors import SpecError
 from mpq_core.layers import FLOAT_BITS
 from mpq_core.patterns import compile_pattern
+from mpq_core.scheme import QuantScheme
 from mpq_core.spec_checks import (
     as_bool,
     as_float,
@@ -60,10 +62,12 @@ __all__ = [
     "V1_FIELDS",
     "AnalysisSpec",
     "FinetuneSpec",
+    "Granularity",
     "JobSpec",
     "Loss",
     "Method",
     "Solver",
+    "scheme_from",
 ]
 
 SCHEMA_VERSION = 2
@@ -99,6 +103,15 @@ class Solver(StrEnum):
     AUTO = "auto"
     GREEDY = "greedy"
     EXACT = "exact"
+
+
+class Granularity(StrEnum):
+    """Weight scales: one per output channel, or one per group of 32/64/128 input columns."""
+
+    CHANNEL = "channel"
+    G32 = "32"
+    G64 = "64"
+    G128 = "128"
 
 
 class Loss(StrEnum):
@@ -251,6 +264,20 @@ class JobSpec:
             metavar="REGEX",
         ),
     )
+    granularity: Granularity = field(
+        default=Granularity.CHANNEL,
+        metadata=_meta(
+            "weight scales per output channel, or per group of 32/64/128 input columns (layers "
+            "whose input size the group does not divide keep one scale per channel)"
+        ),
+    )
+    symmetric: bool = field(
+        default=True,
+        metadata=_meta(
+            "signed codes, no zero point; --no-symmetric: unsigned codes with a zero point "
+            "per scale (min/max clipping)"
+        ),
+    )
     solver: Solver = field(default=Solver.AUTO, metadata=_meta("knapsack solver"))
     act_bits: int = field(
         default=8,
@@ -309,6 +336,8 @@ class JobSpec:
         self.cost_table = _cost_table(self.cost_table)
         self.parsed_budgets()
         self.bits = _bit_list(self.bits)
+        self.granularity = _granularity(self.granularity)
+        self.symmetric = as_bool("symmetric", self.symmetric)
         self.solver = _choice("solver", self.solver, Solver)
         self.quantize_activations = as_bool("quantize_activations", self.quantize_activations)
         self.device = _device(self.device)
@@ -327,6 +356,11 @@ class JobSpec:
         self.analysis.validate()
         self.finetune.validate()
 
+    @property
+    def scheme(self) -> QuantScheme:
+        """The weight quantizer's scheme this job asks for."""
+        return scheme_from(self.granularity, self.symmetric)
+
     def parsed_budgets(self) -> list[Budget]:
         return [
             parse_budget(text, act_bits=self.act_bits, table_layers=self.cost_table)
@@ -343,9 +377,12 @@ class JobSpec:
         Without separate evaluation data the table is computed on the data minus the held-out
         ``eval_fraction`` (split with ``seed``), so that fraction is part of it too.
         """
+        # The scheme only when not the default, so tables stored before schemes keep their key.
+        scheme = {} if self.scheme.is_default else {"scheme": self.scheme.to_dict()}
         return {
             "analysis": _plain(asdict(self.analysis)),
             "bits": list(self.bits),
+            **scheme,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "output_key": self.output_key,
@@ -445,6 +482,19 @@ def _choice(name: str, value: Any, allowed: type[_E]) -> _E:
     except ValueError:
         choices = ", ".join(m.value for m in allowed)
         raise SpecError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
+def _granularity(value: Any) -> Granularity:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # JSON may give the group size as a number
+    return _choice("granularity", value, Granularity)
+
+
+def scheme_from(granularity: Any = "channel", symmetric: Any = True) -> QuantScheme:
+    """The quantizer scheme of a spec's ``granularity`` and ``symmetric`` (validated)."""
+    g = _granularity(granularity)
+    size = None if g == Granularity.CHANNEL else int(g.value)
+    return QuantScheme(group_size=size, symmetric=as_bool("symmetric", symmetric))
 
 
 def _bit_list(bits: Any) -> list[int]:

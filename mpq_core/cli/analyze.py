@@ -11,7 +11,15 @@ from mpq_core.cli.spec_args import add_spec_arguments, spec_values
 __all__ = ["ANALYSIS_FIELDS", "add_parser", "run"]
 
 #: The job spec fields that decide a sensitivity table (``analyze`` and ``quantize``).
-ANALYSIS_FIELDS = ("analysis", "bits", "batch_size", "seed", "output_key")
+ANALYSIS_FIELDS = (
+    "analysis",
+    "bits",
+    "granularity",
+    "symmetric",
+    "batch_size",
+    "seed",
+    "output_key",
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -27,10 +35,11 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
-    from mpq_core.spec import AnalysisSpec
+    from mpq_core.spec import AnalysisSpec, scheme_from
 
     values = spec_values(args)
     analysis = AnalysisSpec(**values.get("analysis", {}))  # a bad setting fails before loading
+    scheme = scheme_from(values.get("granularity", "channel"), values.get("symmetric", True))
     model, data = load_inputs(args.model, args.data)
     progress = TerminalProgress(enabled=None if not args.no_progress else False)
     try:
@@ -43,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             seed=values.get("seed"),
             output_key=values.get("output_key"),
             progress=progress,
+            scheme=scheme,
         )
     finally:
         progress.close()

@@ -30,6 +30,7 @@ from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
 from mpq_core.runner import iter_batches
+from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.layer_errors import LayerErrors
 from mpq_core.shared_flow import per_sample_directional_shared
 
@@ -176,6 +177,7 @@ def fisher_sensitivity(
     output_key: Any = None,
     first_order: bool = False,
     progress: ProgressFn | None = None,
+    scheme: QuantScheme | None = None,
 ) -> list[list[float]]:
     """Omega[l][b] = 1/2 mean_n <g_n,l, Q_b(W_l) - W_l>^2 for every layer of ``profile``.
 
@@ -191,6 +193,7 @@ def fisher_sensitivity(
             (it assumes the model sits at a minimum of the calibration loss; on held-out
             calibration data it does not, and the term is exact for that data, if noisy).
         progress: called as ``progress("fisher", fraction, {})``.
+        scheme: the weight quantizer's scheme (per-channel symmetric when None).
 
     Example:
         >>> profile = profile_model(model, data)  # doctest: +SKIP
@@ -201,7 +204,9 @@ def fisher_sensitivity(
     layers = profile.layers
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
-    dws = LayerErrors(weights, [layer.name for layer in layers], bits)  # one layer's at a time
+    dws = LayerErrors(
+        weights, [layer.name for layer in layers], bits, scheme
+    )  # one layer's at a time
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()

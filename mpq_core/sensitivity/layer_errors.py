@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from mpq_core.quant_primitives import choose_scales_many, errors_from_scales
+from mpq_core.quant_primitives import choose_params_many, errors_from_scales
+from mpq_core.scheme import QuantScheme
 
 __all__ = ["LayerErrors"]
 
@@ -30,13 +31,20 @@ class LayerErrors:
         2
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor], names: list[str], bits: list[int]):
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        names: list[str],
+        bits: list[int],
+        scheme: QuantScheme | None = None,
+    ):
         self._weights = {name: weights[name] for name in names}
         self._bits = list(bits)
+        scheme = scheme or QuantScheme()
         # Chosen once, on the weights as they are now (a finite-difference pass perturbs them
         # later; the errors must stay those of the unperturbed weights).
-        self._scales = {
-            name: choose_scales_many(w, self._bits) for name, w in self._weights.items()
+        self._params = {
+            name: choose_params_many(w, self._bits, scheme) for name, w in self._weights.items()
         }
         self._buffer: torch.Tensor | None = None
         self._name: str | None = None
@@ -49,7 +57,8 @@ class LayerErrors:
         shape = (len(self._bits), *w.shape)
         out = self._buffer_for(w, shape).view(shape)
         self._name = None  # the buffer is being overwritten
-        self._stack = errors_from_scales(w, self._bits, self._scales[name], out=out)
+        scales, zeros = self._params[name]
+        self._stack = errors_from_scales(w, self._bits, scales, zeros=zeros, out=out)
         self._name = name
         return self._stack
 
