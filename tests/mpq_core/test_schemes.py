@@ -25,6 +25,7 @@ from mpq_core.quant_primitives import (
     fake_quantize,
     quantization_errors,
     quantize,
+    ste_mask,
 )
 from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.layer_errors import LayerErrors
@@ -220,3 +221,18 @@ def test_groupwise_asymmetric_job_round_trips_bit_exactly(tmp_path: Path) -> Non
             eval_source=data,
             sensitivity=result.sensitivity,
         )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=IDS)
+def test_ste_passes_the_gradient_exactly_where_rounding_does_not_clip(
+    scheme: QuantScheme,
+) -> None:
+    w = _weight((6, 96), 7, heavy=True)
+    scales, zeros = choose_params_many(w, [3], scheme)  # MSE clipping: some weights clip
+    s, z = scales[0], None if zeros is None else zeros[0]
+    inside = ste_mask(w, s, 3, z)
+    rows = s.numel()  # one row of the weight per scale
+    err = (dequantize(quantize(w, s, 3, z), s, zeros=z) - w).reshape(rows, -1).abs()
+    clipped = err > s.reshape(rows, 1) * (0.5 + 1e-4)  # more than half a step off: clipped
+    assert bool(clipped.any()) and bool((~clipped).any())
+    assert torch.equal(inside.reshape(s.numel(), -1), ~clipped)
