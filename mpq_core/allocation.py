@@ -291,6 +291,7 @@ def _achieved(budget: Budget, table: SensitivityTable, chosen: Sequence[int]) ->
         chosen,
         model_bytes=table.model_bytes,
         float_bytes=table.float_bytes,
+        scheme=table.scheme,
     )
 
 
@@ -357,6 +358,7 @@ def _budget_constraints(
             float_params=table.float_params,
             model_bytes=table.model_bytes,
             float_bytes=table.float_bytes,
+            scheme=table.scheme,
         )
         grouped = _per_group(costs, owner, groups)
         low = np.where(allowed, grouped, np.inf).argmin(axis=1)

@@ -6,7 +6,7 @@ Budget kinds (DESIGN.md "Quantities"):
 
 - ``avg-bits=3``: parameter-weighted mean bit width over the quantized layers.
 - ``size=1.5MB``: bytes of all weights, quantized layers packed (codes + one fp16 scale per output
-  channel) plus every float parameter at 4 bytes. Units B, KB, MB, GB, TB (powers of 1000),
+  channel; a layer kept at 16 bits: its 16-bit weight) plus every float parameter at 4 bytes. Units B, KB, MB, GB, TB (powers of 1000),
   KiB, MiB, GiB, TiB (powers of 1024); a bare number is bytes.
 - ``compression=8`` or ``8x``: the model's own size (in its dtype: float32, or 2 bytes a
   parameter for a bfloat16/float16 model) over the quantized size, at least this.
@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from mpq_core.errors import BudgetError
 from mpq_core.layers import LayerInfo
+from mpq_core.scheme import QuantScheme
 
 __all__ = [
     "BUDGET_KINDS",
@@ -295,6 +296,7 @@ def budget_constraint(
     float_params: int = 0,
     model_bytes: float | None = None,
     float_bytes: float | None = None,
+    scheme: QuantScheme | None = None,
 ) -> tuple[NDArray[np.float64], float]:
     """The budget as a knapsack constraint: ``sum_i costs[i][choice_i] <= capacity``.
 
@@ -308,6 +310,8 @@ def budget_constraint(
             (float32 of every parameter when None).
         float_bytes: what the float parameters take in the packed checkpoint (4 bytes each
             when None; 2 for a model whose float parameters are all float16 or bfloat16).
+        scheme: the quantizer's scheme (its scales and zero points count towards ``size`` and
+            ``compression``); per-channel symmetric when None.
 
     Returns:
         ``(costs, capacity)`` with ``costs`` of shape ``(len(layers), len(bits))``.
@@ -323,11 +327,13 @@ def budget_constraint(
     """
     b = np.asarray(bits, dtype=np.float64)[None, :]
     params = np.array([layer.params for layer in layers], dtype=np.float64)[:, None]
-    channels = np.array([layer.channels for layer in layers], dtype=np.float64)[:, None]
     if budget.kind == "avg-bits":
         return params * b, budget.value * float(params.sum())
     if budget.kind in ("size", "compression"):
-        packed = (params * b + channels * 16.0) / 8.0
+        packed = np.array(
+            [[layer.storage_bits(int(bw), scheme) / 8.0 for bw in bits] for layer in layers],
+            dtype=np.float64,
+        ).reshape(len(layers), len(bits))
         total = budget.value
         if budget.kind == "compression":
             total = _model_bytes(layers, float_params, model_bytes) / budget.value
@@ -358,8 +364,10 @@ def achieved(
     *,
     model_bytes: float | None = None,
     float_bytes: float | None = None,
+    scheme: QuantScheme | None = None,
 ) -> float:
-    """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...).
+    """What an allocation reaches in the budget's own unit (avg bits, bytes, ratio, ...),
+    with the sizes of ``scheme`` (per-channel symmetric when None).
 
     Example:
         >>> fc = LayerInfo("fc.weight", "linear", (10, 10), 100, 10, 100)
@@ -373,7 +381,9 @@ def achieved(
         bits_sum = sum(layer.params * b for layer, b in zip(layers, chosen_bits, strict=True))
         return bits_sum / total if total else 0.0
     if budget.kind in ("size", "compression"):
-        packed = sum(layer.storage_bits(b) for layer, b in zip(layers, chosen_bits, strict=True))
+        packed = sum(
+            layer.storage_bits(b, scheme) for layer, b in zip(layers, chosen_bits, strict=True)
+        )
         size = packed / 8.0 + _float_bytes(float_params, float_bytes)
         if budget.kind == "size":
             return size

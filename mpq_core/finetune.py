@@ -30,7 +30,13 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores, model_outputs
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quant_primitives import dequantize, qmax, quantize
+from mpq_core.quant_primitives import (
+    FLOAT_BITS,
+    dequantize,
+    quantize,
+    round_to_float16,
+    ste_mask,
+)
 from mpq_core.runner import iter_batches
 from mpq_core.spec import FinetuneSpec
 
@@ -79,12 +85,25 @@ class _Quantized:
         # Scales live where the weights do (quantize_weights computes them on the CPU).
         self.scales = {n: s.to(weights[n].device) for n, s in scales.items()}
         self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+        self.zeros: dict[str, torch.Tensor | None] = {}
+
+    def set_zeros(self, zeros: dict[str, torch.Tensor | None] | None) -> None:
+        """The zero points of layers with asymmetric codes (none: all symmetric)."""
+        self.zeros = {
+            n: None if z is None else z.to(self.params[n].device)
+            for n, z in (zeros or {}).items()
+            if n in self.params
+        }
 
     @torch.no_grad()
     def load(self) -> None:
         for n, p in self.params.items():
             s, b = self.scales[n], self.bits[n]
-            p.copy_(dequantize(quantize(self.masters[n], s, b), s, p.dtype))
+            if b == FLOAT_BITS:  # kept in float: only rounded to its 16-bit dtype
+                p.copy_(round_to_float16(self.masters[n]))
+            else:
+                z = self.zeros.get(n)
+                p.copy_(dequantize(quantize(self.masters[n], s, b, z), s, p.dtype, zeros=z))
 
     def ste(self, grads: dict[str, torch.Tensor | None]) -> None:
         for n, master in self.masters.items():
@@ -92,10 +111,11 @@ class _Quantized:
             if g is None:
                 master.grad = None
                 continue
-            limit = (qmax(self.bits[n]) + 0.5) * self.scales[n].reshape(
-                -1, *[1] * (master.dim() - 1)
-            )
-            master.grad = torch.where(master.detach().abs() <= limit, g, torch.zeros_like(g))
+            if self.bits[n] == FLOAT_BITS:  # no clipping range: the gradient passes everywhere
+                master.grad = g
+                continue
+            inside = ste_mask(master.detach(), self.scales[n], self.bits[n], self.zeros.get(n))
+            master.grad = torch.where(inside, g, torch.zeros_like(g))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: m.detach().clone() for n, m in self.masters.items()}
@@ -240,6 +260,7 @@ def finetune(
     act_quant: Any = None,
     output_key: Any = None,
     progress: ProgressFn | None = None,
+    zeros: dict[str, torch.Tensor | None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with its quantized layers held at ``bits`` / ``scales``.
 
@@ -250,17 +271,19 @@ def finetune(
         model: the loaded model, with its float weights.
         data: the fine-tuning data; ``settings.val_fraction`` of it is held out.
         bits: bit width of each quantized layer, by parameter name.
-        scales: per-channel scales of each quantized layer (kept fixed).
+        scales: scales of each quantized layer, per channel or per group (kept fixed).
         settings: the job spec's ``finetune`` part; defaults to ``FinetuneSpec()``.
         seed: data order and hold-out split.
         act_quant: an ``ActivationQuantizer`` to apply in every forward pass.
         output_key: which element of a tuple/dict output to train on.
         progress: called as ``progress("finetune", fraction, metrics)``.
+        zeros: zero points of the layers with asymmetric codes (kept fixed).
     """
     cfg = settings or FinetuneSpec()
     report = progress or null_progress
     start = time.perf_counter()
     run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
+    run.q.set_zeros(zeros)
     best = before = run.val_loss()
     best_epoch, best_state = 0, run.state()
     history: list[dict[str, float]] = [{"epoch": 0, "val_loss": best}]

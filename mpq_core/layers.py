@@ -8,7 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerInfo"]
+from mpq_core.scheme import QuantScheme
+
+__all__ = ["FLOAT_BITS", "LayerInfo"]
+
+#: The candidate width that keeps a layer unquantized, stored as a 16-bit float (float16, or
+#: bfloat16 for a bfloat16 weight): ``params * 16`` bits, no scales.
+FLOAT_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,14 @@ class LayerInfo:
     macs: int
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def storage_bits(self, bits: int) -> int:
-        """Bits to store this layer at ``bits``: codes plus one fp16 scale per output channel."""
-        return self.params * bits + self.channels * 16
+    def storage_bits(self, bits: int, scheme: QuantScheme | None = None) -> int:
+        """Bits to store this layer at ``bits``: codes plus the scheme's fp16 scales (one per
+        output channel by default) and zero points; at ``FLOAT_BITS`` the 16-bit weight alone."""
+        if bits == FLOAT_BITS:
+            return self.params * FLOAT_BITS
+        if scheme is None or scheme.is_default:
+            return self.params * bits + self.channels * 16
+        return scheme.storage_bits(self.shape, self.params, bits)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -6,9 +6,12 @@ tensors, each one-dimensional:
 
 - ``q`` (``uint8``): every quantized layer's codes packed by :func:`mpq_core.packing.pack_codes`,
   concatenated in table order; each layer starts at a byte boundary and takes
-  ``ceil(params*bits/8)`` bytes;
+  ``ceil(params*bits/8)`` bytes (a layer kept at 16 bits: its float16 or bfloat16 values,
+  little-endian, ``2*params`` bytes; asymmetric codes are unsigned, ``signed=False``, and
+  followed by the layer's zero points, one byte each);
 - ``s`` (``float16``): every quantized layer's per-output-channel scales, concatenated
-  (``shape[0]`` each);
+  (``shape[0]`` each, ``shape[0] * groups`` with group-wise scales, channel-major; none for a
+  layer at 16 bits);
 - ``f`` (``float32``; ``float16``, or ``bfloat16`` as its raw bits in ``uint16``, when every such
   parameter has that dtype, named by the metadata key ``f_dtype``): every other parameter of the
   model (biases, norms, weights left in float;
@@ -18,7 +21,9 @@ and string metadata:
 
 - ``format=mpq.packed``, ``schema_version=2``;
 - ``table``: ``base85(zlib(json))`` (:func:`base64.b85encode`) of the compact JSON
-  ``{"layers": [[name, bits, shape], ...], "floats": [[name, shape], ...]}`` in storage order;
+  ``{"layers": [[name, bits, shape], ...], "floats": [[name, shape], ...]}`` in storage order
+  (a layer at 16 bits or of another scheme than per-channel symmetric carries a fourth entry,
+  ``{"dtype": "float16" | "bfloat16"}`` or ``{"groups": G, "zero": true}``);
   each entry's offset into ``q`` / ``s`` / ``f`` is the sum of the sizes of the entries before it,
   and the sizes must add up to the tensors' lengths exactly;
 - ``crc32``: hex CRC-32 of every tensor's name and bytes, in sorted name order (the table is
@@ -54,7 +59,7 @@ from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.packing import pack_codes, packed_nbytes, unpack_codes
-from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import FLOAT_BITS, MAX_BITS, MIN_BITS
 from mpq_core.quantized_weights import QuantizedLayer, model_parameters
 
 __all__ = [
@@ -122,11 +127,48 @@ class _Table:
 
     layers: list[tuple[str, int, tuple[int, ...]]]
     floats: list[tuple[str, tuple[int, ...]]]
+    # A layer's scheme when not per-channel symmetric: {"dtype": ...} at 16 bits, else
+    # {"groups": G} (scales per channel) and {"zero": True} (asymmetric codes).
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _layer_entry(table: _Table, name: str, bits: int, shape: tuple[int, ...]) -> list[Any]:
+    entry: list[Any] = [name, bits, list(shape)]
+    return [*entry, table.extra[name]] if name in table.extra else entry
+
+
+def _scale_count(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> int:
+    return 0 if bits == FLOAT_BITS else shape[0] * int(extra.get("groups", 1))
+
+
+def _code_bytes(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> int:
+    """Bytes a layer takes in ``q``: packed codes (and zero points, one byte each), or two a
+    value at 16 bits."""
+    count = math.prod(shape)
+    if bits == FLOAT_BITS:
+        return 2 * count
+    zeros = _scale_count(bits, shape, extra) if extra.get("zero") else 0
+    return packed_nbytes(count, bits) + zeros
+
+
+def _check_extra(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> bool:
+    """Whether a table entry's scheme is one this reader knows and fits the layer."""
+    if bits == FLOAT_BITS:
+        return set(extra) == {"dtype"} and extra["dtype"] in ("float16", "bfloat16")
+    groups = extra.get("groups", 1)
+    cols = math.prod(shape[1:])
+    return (
+        set(extra) <= {"groups", "zero"}
+        and extra.get("zero", True) is True
+        and isinstance(groups, int)
+        and groups >= 1
+        and cols % groups == 0
+    )
 
 
 def _encode_table(table: _Table) -> str:
     raw = {
-        "layers": [[name, bits, list(shape)] for name, bits, shape in table.layers],
+        "layers": [_layer_entry(table, n, b, s) for n, b, s in table.layers],
         "floats": [[name, list(shape)] for name, shape in table.floats],
     }
     text = json.dumps(raw, separators=(",", ":")).encode()
@@ -144,17 +186,22 @@ def _shape(value: Any) -> tuple[int, ...]:
 def _decode_table(meta: dict[str, str], where: str) -> _Table:
     try:
         raw = json.loads(zlib.decompress(base64.b85decode(meta[_TABLE])))
-        layers = [(str(n), int(b), _shape(s)) for n, b, s in raw["layers"]]
+        layers = [(str(e[0]), int(e[1]), _shape(e[2])) for e in raw["layers"]]
+        extra = {str(e[0]): dict(e[3]) for e in raw["layers"] if len(e) == 4}
         floats = [(str(n), _shape(s)) for n, s in raw["floats"]]
-    except (KeyError, TypeError, ValueError, AttributeError, zlib.error) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, zlib.error) as exc:
         raise _corrupt(where, f"the 'table' metadata is malformed ({exc!r})") from exc
     for name, bits, shape in layers:
-        if not MIN_BITS <= bits <= MAX_BITS or not shape:
+        if not (MIN_BITS <= bits <= MAX_BITS or bits == FLOAT_BITS) or not shape:
             raise _corrupt(where, f"layer {name!r} has bits={bits} shape={list(shape)}")
+        if (bits == FLOAT_BITS and name not in extra) or not _check_extra(
+            bits, shape, extra.get(name, {})
+        ):
+            raise _corrupt(where, f"layer {name!r} at {bits} bits has a bad scheme entry")
     names = [n for n, _, _ in layers] + [n for n, _ in floats]
     if len(set(names)) != len(names):
         raise _corrupt(where, "the 'table' metadata names a parameter twice")
-    return _Table(layers=layers, floats=floats)
+    return _Table(layers=layers, floats=floats, extra=extra)
 
 
 def _crc(tensors: dict[str, NDArray[Any]]) -> str:
@@ -207,16 +254,13 @@ def save_packed_checkpoint(
         shape = layer.shape
         if tuple(p.shape) != shape or len(shape) == 0:
             raise ValueError(f"layer {name!r}: codes of shape {shape} do not fit the parameter")
-        s = layer.scales.detach().to("cpu", torch.float32).reshape(-1)
-        if s.numel() != shape[0]:
-            raise ValueError(f"layer {name!r}: {s.numel()} scales for {shape[0]} channels")
-        half = s.half()
-        if not torch.equal(half.float(), s):
-            raise ValueError(f"layer {name!r}: scales are not fp16-representable")
         quantized_ptrs.add((p.data_ptr(), tuple(p.shape)))
-        codes.append(pack_codes(layer.codes.detach().cpu().numpy(), layer.bits))
-        scales.append(half.numpy())
+        layer_codes, layer_scales, extra = _layer_arrays(layer)
+        codes.append(layer_codes)
+        scales.append(layer_scales)
         table.layers.append((name, int(layer.bits), tuple(int(d) for d in shape)))
+        if extra:
+            table.extra[name] = extra
     kept = {
         name: p
         for name, p in model.named_weights().items()
@@ -246,6 +290,36 @@ def save_packed_checkpoint(
     target = file_target(path, CHECKPOINT_NAME)
     write_atomic(target, lambda tmp: Path(tmp).write_bytes(data))
     return target.stat().st_size
+
+
+def _layer_arrays(
+    layer: QuantizedLayer,
+) -> tuple[NDArray[np.uint8], NDArray[np.float16], dict[str, Any]]:
+    """A layer's bytes in ``q``, its scales in ``s`` and its table entry's scheme."""
+    name, shape = layer.name, layer.shape
+    if layer.bits == FLOAT_BITS:
+        if layer.codes.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"layer {name!r} at 16 bits holds {layer.codes.dtype}, not 16-bit")
+        raw = _to_numpy(layer.codes, layer.codes.dtype).reshape(-1)
+        little = raw.astype(raw.dtype.newbyteorder("<"), copy=False)
+        dtype = str(layer.codes.dtype).removeprefix("torch.")
+        return little.view(np.uint8), np.zeros(0, np.float16), {"dtype": dtype}
+    groups = 1 if layer.scales.dim() <= 1 else layer.scales.shape[-1]
+    s = layer.scales.detach().to("cpu", torch.float32).reshape(-1)
+    if s.numel() != shape[0] * groups or math.prod(shape[1:]) % groups:
+        raise ValueError(f"layer {name!r}: {s.numel()} scales for {shape[0]} channels")
+    half = s.half()
+    if not torch.equal(half.float(), s):
+        raise ValueError(f"layer {name!r}: scales are not fp16-representable")
+    extra: dict[str, Any] = {"groups": groups} if groups > 1 else {}
+    codes = layer.codes.detach().cpu().numpy()
+    if layer.zeros is None:
+        return pack_codes(codes, layer.bits), half.numpy(), extra
+    zeros = layer.zeros.detach().to("cpu", torch.uint8).reshape(-1).numpy()
+    if zeros.size != s.numel():
+        raise ValueError(f"layer {name!r}: {zeros.size} zero points for {s.numel()} scales")
+    packed = pack_codes(codes, layer.bits, signed=False)
+    return np.concatenate([packed, zeros]), half.numpy(), {**extra, "zero": True}
 
 
 def _corrupt(where: str, why: str) -> ModelFormatError:
@@ -316,9 +390,10 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
     if float_dtype not in _NUMPY_OF:
         raise _corrupt(where, f"its float parameters are stored as {float_dtype!r}")
     f = _tensor(tensors, _FLOATS, _NUMPY_OF[float_dtype], where)
+    ex = table.extra
     sizes = (
-        sum(packed_nbytes(math.prod(shape), bits) for _, bits, shape in table.layers),
-        sum(shape[0] for _, _, shape in table.layers),
+        sum(_code_bytes(b, shape, ex.get(n, {})) for n, b, shape in table.layers),
+        sum(_scale_count(b, shape, ex.get(n, {})) for n, b, shape in table.layers),
         sum(math.prod(shape) for _, shape in table.floats),
     )
     if sizes != (q.size, s.size, f.size):
@@ -330,19 +405,12 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
     layers: dict[str, QuantizedLayer] = {}
     qo = so = 0
     for name, bits, shape in table.layers:
-        count = math.prod(shape)
-        nbytes = packed_nbytes(count, bits)
-        try:
-            unpacked = unpack_codes(q[qo : qo + nbytes], bits, count)
-        except ValueError as exc:
-            raise _corrupt(where, f"layer {name!r}: {exc}") from exc
-        layers[name] = QuantizedLayer(
-            name=name,
-            bits=bits,
-            codes=torch.from_numpy(unpacked.reshape(shape)),
-            scales=torch.from_numpy(s[so : so + shape[0]].astype(np.float32)),
+        extra = table.extra.get(name, {})
+        nbytes, nscales = _code_bytes(bits, shape, extra), _scale_count(bits, shape, extra)
+        layers[name] = _read_layer(
+            name, bits, shape, q[qo : qo + nbytes], s[so : so + nscales], extra, where
         )
-        qo, so = qo + nbytes, so + shape[0]
+        qo, so = qo + nbytes, so + nscales
     float_params: dict[str, torch.Tensor] = {}
     fo = 0
     for name, shape in table.floats:
@@ -356,6 +424,41 @@ def load_packed_checkpoint(path: str | Path) -> PackedCheckpoint:
         except json.JSONDecodeError as exc:
             raise _corrupt(where, "the 'mpq' metadata is not JSON") from exc
     return PackedCheckpoint(layers=layers, float_params=float_params, metadata=user)
+
+
+def _read_layer(
+    name: str,
+    bits: int,
+    shape: tuple[int, ...],
+    q: NDArray[np.uint8],
+    s: NDArray[np.float16],
+    extra: dict[str, Any],
+    where: str,
+) -> QuantizedLayer:
+    """One layer from its bytes in ``q`` and its scales in ``s``."""
+    if bits == FLOAT_BITS:
+        half = extra["dtype"]
+        little = q.view(np.dtype("<f2" if half == "float16" else "<u2"))
+        native = little.astype(_NUMPY_OF[half]).reshape(shape)
+        return QuantizedLayer(name, bits, _from_numpy(native, half), torch.zeros(0))
+    signed = not extra.get("zero")
+    count = math.prod(shape)
+    try:
+        unpacked = unpack_codes(q[: packed_nbytes(count, bits)], bits, count, signed=signed)
+    except ValueError as exc:
+        raise _corrupt(where, f"layer {name!r}: {exc}") from exc
+    groups = int(extra.get("groups", 1))
+    scale_shape = (shape[0],) if groups == 1 else (shape[0], groups)
+    zeros = None
+    if not signed:
+        zeros = torch.from_numpy(q[packed_nbytes(count, bits) :].copy()).reshape(scale_shape)
+    return QuantizedLayer(
+        name=name,
+        bits=bits,
+        codes=torch.from_numpy(unpacked.reshape(shape)),
+        scales=torch.from_numpy(s.astype(np.float32)).reshape(scale_shape),
+        zeros=zeros,
+    )
 
 
 def restore_into(model: LoadedModel, checkpoint: PackedCheckpoint) -> None:

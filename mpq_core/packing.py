@@ -6,11 +6,16 @@ with no gaps, least significant bit first: bit ``k`` of the stream is bit ``k % 
 ``k // 8``, and field ``i`` occupies stream bits ``[i*b, (i+1)*b)``. ``n`` codes take exactly
 ``ceil(n*b / 8)`` bytes; the unused high bits of the last byte are zero.
 
+Unsigned codes (``signed=False``, asymmetric quantization) lie in ``0 .. 2^b - 1`` and are stored
+as they are.
+
 Eight consecutive fields span exactly ``b`` bytes, so the work is done on groups of eight codes
 held in one little-endian ``uint64``, a bounded chunk of the codes at a time.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -43,12 +48,14 @@ def _shifts(bits: int) -> NDArray[np.uint64]:
     return np.arange(8, dtype=np.uint64) * np.uint64(bits)
 
 
-def pack_codes(codes: ArrayLike, bits: int) -> NDArray[np.uint8]:
+def pack_codes(codes: ArrayLike, bits: int, *, signed: bool = True) -> NDArray[np.uint8]:
     """Pack signed codes into a dense little-endian bit stream.
 
     Args:
-        codes: integers of any shape (flattened in C order), each in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+        codes: integers of any shape (flattened in C order), each in ``[-(2^(b-1)-1), 2^(b-1)-1]``
+            (``signed``), else in ``[0, 2^b - 1]``.
         bits: 2..8.
+        signed: whether the codes are signed (symmetric) or unsigned (asymmetric).
 
     Returns:
         ``uint8`` array of ``ceil(codes.size * bits / 8)`` bytes.
@@ -61,6 +68,7 @@ def pack_codes(codes: ArrayLike, bits: int) -> NDArray[np.uint8]:
         [164]
     """
     q = _qmax(bits)
+    low, high, offset = (-q, q, q) if signed else (0, 2 * q + 1, 0)
     flat = np.asarray(codes).reshape(-1)
     if flat.size and not np.issubdtype(flat.dtype, np.integer):
         raise ValueError(f"codes must be integers, got dtype {flat.dtype}")
@@ -69,9 +77,9 @@ def pack_codes(codes: ArrayLike, bits: int) -> NDArray[np.uint8]:
     if n == 0:
         return out
     lo, hi = int(flat.min()), int(flat.max())
-    if lo < -q or hi > q:
+    if lo < low or hi > high:
         raise ValueError(
-            f"codes must lie in [{-q}, {q}] for {bits} bits, got values in [{lo}, {hi}]"
+            f"codes must lie in [{low}, {high}] for {bits} bits, got values in [{lo}, {hi}]"
         )
     shifts = _shifts(bits)
     for start in range(0, n, _CHUNK):
@@ -79,7 +87,7 @@ def pack_codes(codes: ArrayLike, bits: int) -> NDArray[np.uint8]:
         m = part.size
         groups = -(-m // 8)
         fields = np.zeros(groups * 8, dtype=np.uint64)
-        fields[:m] = part.astype(np.int64) + q  # in [0, 2q]: the cast to uint64 is exact
+        fields[:m] = part.astype(np.int64) + offset  # in [0, 2^b): the cast is exact
         words = np.bitwise_or.reduce(fields.reshape(groups, 8) << shifts, axis=1)
         raw = words.astype("<u8", copy=False).view(np.uint8).reshape(groups, 8)[:, :bits]
         first = start * bits // 8  # start is a multiple of 8
@@ -88,8 +96,11 @@ def pack_codes(codes: ArrayLike, bits: int) -> NDArray[np.uint8]:
     return out
 
 
-def unpack_codes(packed: ArrayLike, bits: int, count: int) -> NDArray[np.int8]:
-    """Inverse of :func:`pack_codes`: the first ``count`` codes, as a flat ``int8`` array.
+def unpack_codes(
+    packed: ArrayLike, bits: int, count: int, *, signed: bool = True
+) -> NDArray[np.integer[Any]]:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes, as a flat ``int8`` array
+    (``uint8`` when not ``signed``).
 
     Raises:
         ValueError: ``bits`` outside 2..8, ``packed`` not ``uint8`` or not exactly
@@ -106,7 +117,7 @@ def unpack_codes(packed: ArrayLike, bits: int, count: int) -> NDArray[np.int8]:
         raise ValueError(
             f"{count} codes of {bits} bits take {expected} bytes packed, got {data.size}"
         )
-    out = np.empty(count, dtype=np.int8)
+    out = np.empty(count, dtype=np.int8 if signed else np.uint8)
     shifts = _shifts(bits)
     mask = np.uint64((1 << bits) - 1)
     for start in range(0, count, _CHUNK):
@@ -123,6 +134,9 @@ def unpack_codes(packed: ArrayLike, bits: int, count: int) -> NDArray[np.int8]:
             buf[:, :bits] = padded.reshape(groups, bits)
         words = buf.view("<u8").reshape(groups, 1)
         fields = ((words >> shifts) & mask).reshape(-1)[:m]
+        if not signed:
+            out[start : start + m] = fields.astype(np.uint8)
+            continue
         if m and int(fields.max()) > 2 * q:
             raise ValueError(
                 f"packed data holds the field value {2 * q + 1}, which no {bits}-bit code "

@@ -99,6 +99,10 @@ class Quantization:
     def scales(self) -> dict[str, torch.Tensor]:
         return {name: layer.scales for name, layer in self.layers.items()}
 
+    @property
+    def zeros(self) -> dict[str, torch.Tensor | None]:
+        return {name: layer.zeros for name, layer in self.layers.items()}
+
 
 @dataclass
 class JobResult:
@@ -325,7 +329,7 @@ def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
     calib_reference = score.outputs(model, ctx.work)
     float_eval = score(model, ctx.test, reference)
     float_calib = score(model, ctx.work, calib_reference)
-    layers = quantize_weights(model, bits)
+    layers = quantize_weights(model, bits, scheme=spec.scheme)
     apply_weights(model, layers)
     encodings: dict[str, ActEncoding] = {}
     act_quant = None
@@ -366,8 +370,11 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
         act_quant=quant.act_quant,
         output_key=ctx.spec.output_key,
         progress=ctx.clock.forward("finetune"),
+        zeros=quant.zeros,
     )
-    quant.layers = quantize_weights(ctx.model, bits, scales=scales)
+    quant.layers = quantize_weights(
+        ctx.model, bits, scales=scales, zeros=quant.zeros, scheme=ctx.spec.scheme
+    )
     return tuned
 
 
@@ -426,6 +433,11 @@ def _check_table(
     missing = sorted(set(spec.bits) - set(table.bits))
     if missing:
         raise SpecError(f"the given sensitivity table has no values for bits {missing}")
+    if table.scheme != spec.scheme:
+        raise SpecError(
+            f"the given sensitivity table was computed with the quantizer scheme "
+            f"{table.scheme.to_dict()}, this job asks for {spec.scheme.to_dict()}"
+        )
 
 
 def _move_if_it_runs(model: LoadedModel, data: CalibrationData, device: torch.device) -> str | None:

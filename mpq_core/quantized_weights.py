@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from mpq_core.intake import LoadedModel
-from mpq_core.quant_primitives import choose_scales, dequantize, qmax, quantize
+from mpq_core.quant_primitives import (
+    FLOAT_BITS,
+    choose_params_many,
+    dequantize,
+    float16_dtype,
+    qmax,
+    quantize,
+    round_to_float16,
+)
+from mpq_core.scheme import QuantScheme
 
 __all__ = ["QuantizedLayer", "apply_weights", "model_parameters", "quantize_weights"]
 
@@ -23,15 +32,20 @@ class QuantizedLayer:
 
     Attributes:
         name: the parameter's qualified name in the model.
-        bits: 2..8.
-        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
-        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0).
+        bits: 2..8, or ``FLOAT_BITS`` (16) for a layer kept as a 16-bit float.
+        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``; at 16
+            bits the weight itself as float16 (bfloat16 for a bfloat16 model).
+        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0), or
+            ``(channels, groups)`` with group-wise scales; empty at 16 bits.
+        zeros: asymmetric codes' zero points (``uint8``, the scales' shape; the codes are then
+            ``uint8`` in ``0..2^b-1``), None for symmetric codes.
     """
 
     name: str
     bits: int
     codes: torch.Tensor
     scales: torch.Tensor
+    zeros: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -39,7 +53,9 @@ class QuantizedLayer:
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight the quantized model uses: ``quantizer.dequantize(codes, scales)``."""
-        return dequantize(self.codes, self.scales, dtype=dtype)
+        if self.bits == FLOAT_BITS:
+            return self.codes.to(dtype)
+        return dequantize(self.codes, self.scales, dtype=dtype, zeros=self.zeros)
 
 
 def model_parameters(model: LoadedModel) -> dict[str, torch.Tensor]:
@@ -50,10 +66,10 @@ def model_parameters(model: LoadedModel) -> dict[str, torch.Tensor]:
     return params
 
 
-def _fp16_scales(name: str, scales: torch.Tensor, channels: int) -> torch.Tensor:
-    s = scales.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
-    if s.numel() != channels:
-        raise ValueError(f"layer {name!r}: {s.numel()} scales given for {channels} output channels")
+def _fp16_scales(name: str, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    s = scales.detach().to(device="cpu", dtype=torch.float32)
+    if s.shape != shape:
+        raise ValueError(f"layer {name!r}: scales of shape {tuple(s.shape)} given, {shape} needed")
     # Round to fp16 (how the checkpoint stores them) so the packed model stays bit-exact.
     s = s.half().float()
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
@@ -66,14 +82,18 @@ def quantize_weights(
     bits_by_layer: dict[str, int],
     *,
     scales: dict[str, torch.Tensor] | None = None,
+    zeros: dict[str, torch.Tensor | None] | None = None,
+    scheme: QuantScheme | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Codes and scales of each named layer at its bit width.
 
     Args:
         model: the model whose current weights are quantized.
-        bits_by_layer: parameter name -> bits (2..8).
+        bits_by_layer: parameter name -> bits (2..8, or 16 to keep the layer as a 16-bit float).
         scales: per-layer scales to use instead of the MSE-chosen ones
-            (``quantizer.choose_scales``); rounded to fp16.
+            (``quantizer.choose_params_many``); rounded to fp16.
+        zeros: with ``scales`` and an asymmetric scheme, the layers' zero points.
+        scheme: scale granularity and symmetry (per-channel symmetric when None).
 
     Raises:
         KeyError: a layer name that is not a parameter of the model.
@@ -89,15 +109,43 @@ def quantize_weights(
     for name, bits in bits_by_layer.items():
         if name not in params:
             raise KeyError(f"the model has no parameter named {name!r}")
-        qmax(bits)  # validates the width
+        if bits != FLOAT_BITS:
+            qmax(bits)  # validates the width
         w = params[name].detach().to("cpu")
         if w.dim() == 0 or w.numel() == 0:
             raise ValueError(f"parameter {name!r} of shape {tuple(w.shape)} cannot be quantized")
+        if bits == FLOAT_BITS:
+            half = round_to_float16(w).to(float16_dtype(w.dtype))
+            out[name] = QuantizedLayer(name, FLOAT_BITS, half, torch.zeros(0))
+            continue
         given = None if scales is None else scales.get(name)
-        s = choose_scales(w, bits) if given is None else _fp16_scales(name, given, w.shape[0])
-        codes = quantize(w, s, bits)
-        out[name] = QuantizedLayer(name=name, bits=int(bits), codes=codes, scales=s)
+        out[name] = _quantized(name, w, int(bits), scheme or QuantScheme(), given, zeros)
     return out
+
+
+def _quantized(
+    name: str,
+    w: torch.Tensor,
+    bits: int,
+    scheme: QuantScheme,
+    given: torch.Tensor | None,
+    zeros: dict[str, torch.Tensor | None] | None,
+) -> QuantizedLayer:
+    """One layer's codes on its chosen (or given) scales and zero points."""
+    found, found_zeros = choose_params_many(w, [bits], scheme) if given is None else (None, None)
+    if found is not None:
+        s, z = found[0], None if found_zeros is None else found_zeros[0]
+    else:
+        groups = scheme.groups(tuple(w.shape))
+        shape = (w.shape[0],) if groups == 1 else (w.shape[0], groups)
+        assert given is not None
+        s = _fp16_scales(name, given, shape)
+        z = None if zeros is None else zeros.get(name)
+        if (z is None) != scheme.symmetric:
+            raise ValueError(f"layer {name!r}: zero points go with asymmetric codes only")
+    zq = None if z is None else z.detach().to("cpu", torch.uint8)
+    codes = quantize(w, s, bits, zq)
+    return QuantizedLayer(name=name, bits=bits, codes=codes, scales=s, zeros=zq)
 
 
 def apply_weights(model: LoadedModel, layers: dict[str, QuantizedLayer]) -> None:

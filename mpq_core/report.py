@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq_core.budgets import Budget, achieved
 from mpq_core.evaluate import is_class_scores
+from mpq_core.layers import LayerInfo
+from mpq_core.scheme import QuantScheme
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +70,7 @@ def build_report(
         profile.float_params,
         [bits[layer.name] for layer in profile.layers],
         float_bytes=profile.float_bytes,
+        scheme=spec.scheme,
     )
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -88,6 +92,7 @@ def build_report(
         "spec": spec.to_dict(),
         "budgets": [rep.to_dict() for rep in allocation.budgets],
         "allocation": dict(bits),
+        "scheme": scheme_report(spec.scheme, profile.layers),
         "predicted_loss_increase": allocation.predicted_loss_increase,
         "predicted_metric_loss_increase": comparable,
         "loss_unit": unit,
@@ -124,6 +129,17 @@ def build_report(
         "artifacts": [],
     }
     return finite(report)
+
+
+def scheme_report(scheme: QuantScheme, layers: Sequence[LayerInfo]) -> dict[str, Any]:
+    """The quantizer scheme, with the layers its group size does not fit (input size not a
+    multiple of it, or not above it): those keep one scale per output channel."""
+    fallback = [
+        layer.name
+        for layer in layers
+        if scheme.group_size is not None and scheme.groups(layer.shape) == 1
+    ]
+    return {**scheme.to_dict(), "per_channel_layers": fallback}
 
 
 def finite(value: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 from mpq_core.errors import SpecError
 from mpq_core.layers import LayerInfo
+from mpq_core.scheme import QuantScheme
 
 __all__ = ["SCHEMA_VERSION", "SensitivityTable"]
 
@@ -52,6 +53,12 @@ class SensitivityTable:
         for row in self.omega:
             if len(row) != len(self.bits):
                 raise SpecError("every sensitivity row needs one value per bit width")
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The quantizer scheme the errors were measured with (``meta["scheme"]``; tables
+        from before schemes existed: per-channel symmetric)."""
+        return QuantScheme.from_dict(self.meta.get("scheme"))
 
     @property
     def names(self) -> list[str]:

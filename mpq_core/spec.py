@@ -10,7 +10,8 @@ metadata, and the ``mpq`` command line generates its flags, help and defaults fr
 JSON shape (``schema_version`` 2)::
 
     {"schema_version": 2, "kind": "mpq.job_spec",
-     "budgets": [...], "bits": [...], "pins": {...}, "ties": [...], "solver": "auto",
+     "budgets": [...], "bits": [...], "pins": {...}, "ties": [...],
+     "granularity": "channel", "symmetric": true, "solver": "auto",
      "act_bits": 8, "quantize_activations": false, "cost_table": null, "batch_size": 64,
      "eval_fraction": 0.2, "output_key": null, "seed": 0, "device": "auto",
      "analysis": {"method": "fisher", "loss": "auto", "first_order": false,
@@ -33,7 +34,9 @@ from typing import Any, TypeVar
 
 from mpq_core.budgets import Budget, parse_budget, parse_bytes
 from mpq_core.errors import SpecError
+from mpq_core.layers import FLOAT_BITS
 from mpq_core.patterns import compile_pattern
+from mpq_core.scheme import QuantScheme
 from mpq_core.spec_checks import (
     as_bool,
     as_float,
@@ -59,10 +62,12 @@ __all__ = [
     "V1_FIELDS",
     "AnalysisSpec",
     "FinetuneSpec",
+    "Granularity",
     "JobSpec",
     "Loss",
     "Method",
     "Solver",
+    "scheme_from",
 ]
 
 SCHEMA_VERSION = 2
@@ -98,6 +103,15 @@ class Solver(StrEnum):
     AUTO = "auto"
     GREEDY = "greedy"
     EXACT = "exact"
+
+
+class Granularity(StrEnum):
+    """Weight scales: one per output channel, or one per group of 32/64/128 input columns."""
+
+    CHANNEL = "channel"
+    G32 = "32"
+    G64 = "64"
+    G128 = "128"
 
 
 class Loss(StrEnum):
@@ -227,7 +241,10 @@ class JobSpec:
     )
     bits: list[int] = field(
         default_factory=lambda: list(DEFAULT_BITS),
-        metadata=_meta("candidate bit widths, comma-separated", kind="bits"),
+        metadata=_meta(
+            "candidate bit widths, comma-separated; 16 keeps a layer as a 16-bit float",
+            kind="bits",
+        ),
     )
     pins: dict[str, int] = field(
         default_factory=dict,
@@ -245,6 +262,20 @@ class JobSpec:
             kind="append",
             alias="--tie",
             metavar="REGEX",
+        ),
+    )
+    granularity: Granularity = field(
+        default=Granularity.CHANNEL,
+        metadata=_meta(
+            "weight scales per output channel, or per group of 32/64/128 input columns (layers "
+            "whose input size the group does not divide keep one scale per channel)"
+        ),
+    )
+    symmetric: bool = field(
+        default=True,
+        metadata=_meta(
+            "signed codes, no zero point; --no-symmetric: unsigned codes with a zero point "
+            "per scale (min/max clipping)"
         ),
     )
     solver: Solver = field(default=Solver.AUTO, metadata=_meta("knapsack solver"))
@@ -314,6 +345,8 @@ class JobSpec:
         self.cost_table = _cost_table(self.cost_table)
         self.parsed_budgets()
         self.bits = _bit_list(self.bits)
+        self.granularity = _granularity(self.granularity)
+        self.symmetric = as_bool("symmetric", self.symmetric)
         self.solver = _choice("solver", self.solver, Solver)
         self.quantize_activations = as_bool("quantize_activations", self.quantize_activations)
         self.device = _device(self.device)
@@ -332,6 +365,11 @@ class JobSpec:
             raise SpecError("analysis and finetune must be objects", code="spec_type")
         self.analysis.validate()
         self.finetune.validate()
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The weight quantizer's scheme this job asks for."""
+        return scheme_from(self.granularity, self.symmetric)
 
     def parsed_budgets(self) -> list[Budget]:
         return [
@@ -354,9 +392,12 @@ class JobSpec:
         Without separate evaluation data the table is computed on the data minus the held-out
         ``eval_fraction`` (split with ``seed``), so that fraction is part of it too.
         """
+        # The scheme only when not the default, so tables stored before schemes keep their key.
+        scheme = {} if self.scheme.is_default else {"scheme": self.scheme.to_dict()}
         return {
             "analysis": _plain(asdict(self.analysis)),
             "bits": list(self.bits),
+            **scheme,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "output_key": self.output_key,
@@ -458,11 +499,25 @@ def _choice(name: str, value: Any, allowed: type[_E]) -> _E:
         raise SpecError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
+def _granularity(value: Any) -> Granularity:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # JSON may give the group size as a number
+    return _choice("granularity", value, Granularity)
+
+
+def scheme_from(granularity: Any = "channel", symmetric: Any = True) -> QuantScheme:
+    """The quantizer scheme of a spec's ``granularity`` and ``symmetric`` (validated)."""
+    g = _granularity(granularity)
+    size = None if g == Granularity.CHANNEL else int(g.value)
+    return QuantScheme(group_size=size, symmetric=as_bool("symmetric", symmetric))
+
+
 def _bit_list(bits: Any) -> list[int]:
     """The candidate widths, sorted and without repeats."""
     if not isinstance(bits, (list, tuple)) or not bits:
         raise SpecError(
-            f"bits must be a non-empty list of widths in 2..8, e.g. [2, 4, 8], got {bits!r:.60}",
+            f"bits must be a non-empty list of widths in 2..8 or 16 (kept in float), "
+            f"e.g. [2, 4, 8], got {bits!r:.60}",
             code="spec_type",
         )
     if len(bits) > MAX_BIT_ENTRIES:
@@ -470,9 +525,10 @@ def _bit_list(bits: Any) -> list[int]:
             f"bits has {len(bits)} entries; list each width once", code="spec_too_large"
         )
     widths = {as_int(f"bits[{i}]", b, -(2**31), 2**31) for i, b in enumerate(bits)}
-    if any(not 2 <= b <= 8 for b in widths):
+    if any(not 2 <= b <= 8 and b != FLOAT_BITS for b in widths):
         raise SpecError(
-            f"bits must be widths in 2..8, got {sorted(widths)}", code="spec_out_of_range"
+            f"bits must be widths in 2..8 or {FLOAT_BITS} (kept in float), got {sorted(widths)}",
+            code="spec_out_of_range",
         )
     return sorted(widths)
 

@@ -11,7 +11,15 @@ from mpq_core.cli.spec_args import add_spec_arguments, spec_values
 __all__ = ["ANALYSIS_FIELDS", "add_parser", "run"]
 
 #: The job spec fields that decide a sensitivity table (``analyze`` and ``quantize``).
-ANALYSIS_FIELDS = ("analysis", "bits", "batch_size", "seed", "output_key")
+ANALYSIS_FIELDS = (
+    "analysis",
+    "bits",
+    "granularity",
+    "symmetric",
+    "batch_size",
+    "seed",
+    "output_key",
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from mpq_core.memory_plan import plan_memory
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
-    from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec
+    from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, scheme_from
 
     values = spec_values(args)
     analysis = AnalysisSpec(**values.get("analysis", {}))  # a bad setting fails before loading
+    scheme = scheme_from(values.get("granularity", "channel"), values.get("symmetric", True))
     limit = JobSpec(budgets=["avg-bits=8"], max_memory=values.get("max_memory")).memory_budget
     model, data = load_inputs(args.model, args.data)
     plan = plan_memory(
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             seed=values.get("seed"),
             output_key=values.get("output_key"),
             progress=progress,
+            scheme=scheme,
         )
     finally:
         progress.close()

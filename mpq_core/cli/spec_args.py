@@ -104,6 +104,8 @@ def add_spec_arguments(
             kwargs["metavar"] = f.name.upper()
         if kind in ("append", "pins"):
             kwargs["action"] = "append"
+        elif default is True:  # on by default: --name / --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, bool):
             kwargs["action"] = "store_true"
         elif isinstance(default, Enum):

@@ -16,7 +16,8 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import ProgressFn
-from mpq_core.quant_primitives import MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import FLOAT_BITS, MAX_BITS, MIN_BITS
+from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, Method
 
@@ -34,18 +35,26 @@ def compute_sensitivity(
     bits: list[int],
     *,
     progress: ProgressFn | None = None,
+    scheme: QuantScheme | None = None,
     **options: Any,
 ) -> SensitivityTable:
-    """Score every layer of ``profile`` at every bit width with ``method``.
+    """Score every layer of ``profile`` at every bit width with ``method``, the weights
+    quantized with ``scheme`` (per-channel symmetric when None; recorded in the table's meta,
+    so a table is not reused for another scheme).
 
     Example:
         >>> table = compute_sensitivity("fisher", model, data, profile, [2, 4, 8])  # doctest: +SKIP
         >>> table.save("sens.json")  # doctest: +SKIP
     """
     bits = sorted(set(bits))
-    if not bits or bits[0] < MIN_BITS or bits[-1] > MAX_BITS:
-        raise SpecError(f"candidate bits must lie in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    if not bits or any(not MIN_BITS <= b <= MAX_BITS and b != FLOAT_BITS for b in bits):
+        raise SpecError(
+            f"candidate bits must lie in {MIN_BITS}..{MAX_BITS} or be {FLOAT_BITS} "
+            f"(kept in float), got {bits}"
+        )
     start = time.perf_counter()
+    scheme = scheme or QuantScheme()
+    options = {**options, "scheme": scheme}
     if method == Method.FISHER:
         from mpq_core.sensitivity.fisher import fisher_sensitivity
 
@@ -75,6 +84,7 @@ def compute_sensitivity(
             "labels": data.labels is not None,
             "seconds": round(time.perf_counter() - start, 4),
             "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
+            "scheme": scheme.to_dict(),
         },
     )
 
@@ -90,6 +100,7 @@ def analyze(
     output_key: Any = None,
     profile: ModelProfile | None = None,
     progress: ProgressFn | None = None,
+    scheme: QuantScheme | None = None,
 ) -> SensitivityTable:
     """The sensitivity table of ``model`` on ``data``, as a job spec asks for it.
 
@@ -102,6 +113,7 @@ def analyze(
             ``AnalysisSpec``, the defaults: ``DEFAULT_BITS``, ``DEFAULT_BATCH_SIZE``, 0, None).
         profile: the model's layers, when already profiled on ``data``.
         progress: called as ``progress(method, fraction, metrics)``.
+        scheme: the quantizer scheme; default the job spec's (per-channel symmetric without one).
 
     Example:
         >>> table = analyze(model, data, AnalysisSpec(method="kl"), bits=[2, 4, 8])  # doctest: +SKIP
@@ -127,6 +139,15 @@ def analyze(
         options["first_order"] = True
     if profile is None:
         profile = profile_model(model, data, batch_size=batch_size)
+    if scheme is None:
+        scheme = job.scheme if job is not None else QuantScheme()
     return compute_sensitivity(
-        analysis.method.value, model, data, profile, bits, progress=progress, **options
+        analysis.method.value,
+        model,
+        data,
+        profile,
+        bits,
+        progress=progress,
+        scheme=scheme,
+        **options,
     )

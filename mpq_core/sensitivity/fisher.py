@@ -29,8 +29,9 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import iter_batches
+from mpq_core.scheme import QuantScheme
+from mpq_core.sensitivity.layer_errors import LayerErrors
 from mpq_core.shared_flow import per_sample_directional_shared
 
 __all__ = ["WORKSPACE_BYTES", "fisher_sensitivity", "per_sample_directional"]
@@ -179,6 +180,7 @@ def fisher_sensitivity(
     output_key: Any = None,
     first_order: bool = False,
     progress: ProgressFn | None = None,
+    scheme: QuantScheme | None = None,
 ) -> list[list[float]]:
     """Omega[l][b] = 1/2 mean_n <g_n,l, Q_b(W_l) - W_l>^2 for every layer of ``profile``.
 
@@ -198,6 +200,7 @@ def fisher_sensitivity(
             (it assumes the model sits at a minimum of the calibration loss; on held-out
             calibration data it does not, and the term is exact for that data, if noisy).
         progress: called as ``progress("fisher", fraction, {})``.
+        scheme: the weight quantizer's scheme (per-channel symmetric when None).
 
     Example:
         >>> profile = profile_model(model, data)  # doctest: +SKIP
@@ -208,7 +211,9 @@ def fisher_sensitivity(
     layers = profile.layers
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
-    dws = {layer.name: quantization_errors(weights[layer.name], bits) for layer in layers}
+    dws = LayerErrors(
+        weights, [layer.name for layer in layers], bits, scheme
+    )  # one layer's at a time
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()
@@ -285,7 +290,7 @@ class _BatchScorer:
         self,
         records: list[OpRecord],
         layouts: dict[str, list[str]],
-        dws: dict[str, torch.Tensor],
+        dws: LayerErrors,
         n: int,
     ) -> None:
         self.records, self.dws, self.n = records, dws, n
@@ -334,7 +339,7 @@ def _recurrent_directional(
     losses: torch.Tensor,
     names: list[str],
     weights: dict[str, torch.Tensor],
-    dws: dict[str, torch.Tensor],
+    dws: LayerErrors,
 ) -> dict[str, torch.Tensor]:
     """``<g_n, dW_b>`` ``(n, B)`` of the weights of fused recurrent kernels (an LSTM on the
     CPU runs all its steps in one op, whose per-step products are out of reach), from one
@@ -347,7 +352,8 @@ def _recurrent_directional(
     if not names:
         return {}
     params = [weights[name] for name in names]
-    flat = {name: dws[name].reshape(dws[name].shape[0], -1).float() for name in names}
+    # Copies: the stacks share one buffer (``LayerErrors``), and these are used all at once.
+    flat = {name: dws[name].reshape(dws[name].shape[0], -1).float().clone() for name in names}
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for i in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
@@ -432,7 +438,7 @@ def _finite_difference(
     output_key: Any,
     names: list[str],
     weights: dict[str, torch.Tensor],
-    dws: dict[str, torch.Tensor],
+    dws: LayerErrors,
     index: dict[str, int],
     sums: torch.Tensor,
     linear_sums: torch.Tensor,

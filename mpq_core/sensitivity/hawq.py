@@ -46,6 +46,7 @@ from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
 from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import Batch, iter_batches
+from mpq_core.scheme import QuantScheme
 
 __all__ = ["HessianMethod", "TraceEstimate", "hawq_sensitivity", "hutchinson_traces"]
 
@@ -263,6 +264,7 @@ def hawq_sensitivity(
     progress: ProgressFn | None = None,
     tol: float | None = None,
     hessian: HessianMethod = "auto",
+    scheme: QuantScheme | None = None,
 ) -> list[list[float]]:
     """``omega[l][j] = 1/2 * max(tr(H_l), 0) / params_l * ||Q_{bits[j]}(W_l) - W_l||^2``.
 
@@ -287,6 +289,12 @@ def hawq_sensitivity(
     for layer, trace in zip(profile.layers, est.traces, strict=True):
         w = weights[layer.name].detach()
         per_param = max(trace, 0.0) / max(layer.params, 1)
-        errors = quantization_errors(w, bits).double().pow(2).reshape(len(bits), -1).sum(1)
+        errors = (
+            quantization_errors(w, bits, scheme=scheme)
+            .double()
+            .pow(2)
+            .reshape(len(bits), -1)
+            .sum(1)
+        )
         omega.append([0.5 * per_param * float(e) for e in errors])
     return omega

@@ -30,6 +30,7 @@ from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
 from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import Batch, iter_batches
+from mpq_core.scheme import QuantScheme
 
 __all__ = ["kl_sensitivity", "output_divergence"]
 
@@ -69,6 +70,7 @@ def kl_sensitivity(
     loss: str = "auto",
     output_key: Any = None,
     progress: ProgressFn | None = None,
+    scheme: QuantScheme | None = None,
 ) -> list[list[float]]:
     """``omega[l][j]``: mean output divergence when only layer ``l`` is quantized to ``bits[j]``.
 
@@ -93,7 +95,7 @@ def kl_sensitivity(
         param = weights[layer.name]
         original = param.detach().clone()
         row: list[float] = []
-        errors = quantization_errors(original, bits)
+        errors = quantization_errors(original, bits, scheme=scheme)
         try:
             for error in errors:
                 with torch.no_grad():

@@ -17,6 +17,7 @@ from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.quant_primitives import quantization_error
 from mpq_core.runner import iter_batches
+from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity import compute_sensitivity
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from mpq_core.sensitivity_table import SensitivityTable
@@ -54,6 +55,7 @@ def reference_omega(
     *,
     batch_size: int,
     loss: str = "auto",
+    scheme: QuantScheme | None = None,
 ) -> torch.Tensor:
     """Omega[l][b] = 1/2 mean_n <g_n, Q_b(W) - W>^2 with one backward pass per sample.
 
@@ -63,7 +65,7 @@ def reference_omega(
     """
     weights = model.named_weights()
     params = [weights[layer.name] for layer in profile.layers]
-    dws = [[quantization_error(p, b).double() for b in bits] for p in params]
+    dws = [[quantization_error(p, b, scheme=scheme).double() for b in bits] for p in params]
     per_sample: PerSampleLoss | None = None
     targets = []
     with capture_context(grad=False):
@@ -336,3 +338,23 @@ def test_fisher_keeps_no_batch_alive_after_it_is_scored() -> None:
     fisher_sensitivity(model, data, profile, [2, 4, 8], batch_size=32, progress=count)
     assert len(alive) == 8
     assert alive[1:] == [alive[1]] * 7, alive
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(group_size=32), QuantScheme(symmetric=False), QuantScheme(32, symmetric=False)],
+    ids=["g32", "asym", "g32-asym"],
+)
+def test_scheme_matches_per_sample_reference(scheme: QuantScheme) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 96), nn.Tanh(), nn.Linear(96, 5)
+    )
+    model = load_model(save_bytes(net, (torch.randn(2, 64),), "trace"))
+    data = CalibrationData(inputs=[torch.randn(N, 64)], labels=torch.randint(0, 5, (N,)))
+    profile = profile_model(model, data)
+    omega = fisher_sensitivity(model, data, profile, [2, 4, 16], batch_size=BATCH, scheme=scheme)
+    want = reference_omega(model, data, profile, [2, 4, 16], batch_size=BATCH, scheme=scheme)
+    _assert_rel_close(omega, want, 1e-3)
+    plain = torch.tensor(fisher_sensitivity(model, data, profile, [2, 4], batch_size=BATCH))
+    assert not torch.allclose(torch.tensor(omega)[:, :2], plain)  # the scheme changed dW

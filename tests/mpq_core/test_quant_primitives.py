@@ -126,7 +126,7 @@ def test_dequantize_of_quantize_is_fake_quantize_bit_exact(
         assert torch.equal(dequantize(codes, s.half()), fake_quantize(w, bits, mse=mse))
 
 
-@pytest.mark.parametrize("bits", [-1, 0, 1, 9, 16])
+@pytest.mark.parametrize("bits", [-1, 0, 1, 9, 15, 17])
 def test_bits_outside_range_raise(bits: int) -> None:
     w = _weight(0, (2, 3))
     with pytest.raises(ValueError, match="bits"):
@@ -141,3 +141,12 @@ def test_bits_outside_range_raise(bits: int) -> None:
         fake_quantize(w, bits)
     with pytest.raises(ValueError, match="bits"):
         quantization_error(w, bits)
+
+
+def test_16_bits_has_no_codes_and_rounds_to_float16() -> None:
+    w = _weight(0, (2, 3))
+    for fn in (qmax, lambda b: choose_scales(w, b), lambda b: quantize(w, torch.ones(2), b)):
+        with pytest.raises(ValueError, match="bits"):
+            fn(16)
+    assert torch.equal(fake_quantize(w, 16), w.half().float())
+    assert torch.equal(quantization_error(w, 16), w.half().float() - w)
