@@ -28,11 +28,16 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quant_primitives import quantization_errors
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.scheme import QuantScheme
+from mpq_core.sensitivity.layer_errors import LayerErrors
 
 __all__ = ["kl_sensitivity", "output_divergence"]
+
+
+# Samples are compared a few at a time, so the float64 temporaries of a language model's logits
+# (positions x vocabulary each) stay at this many elements whatever the batch.
+_CHUNK_ELEMENTS = 2**22
 
 
 def output_divergence(reference: torch.Tensor, other: torch.Tensor, kind: str) -> torch.Tensor:
@@ -44,6 +49,17 @@ def output_divergence(reference: torch.Tensor, other: torch.Tensor, kind: str) -
         kind: ``ce`` for ``KL(softmax(reference) || softmax(other))`` (summed over positions),
             ``mse`` for half the squared distance.
     """
+    n = reference.shape[0]
+    per = max(1, _CHUNK_ELEMENTS // max(reference[:1].numel(), 1))
+    return torch.cat(
+        [
+            _divergence(reference[s : s + per], other[s : s + per], kind)
+            for s in range(0, max(n, 1), per)
+        ]
+    )
+
+
+def _divergence(reference: torch.Tensor, other: torch.Tensor, kind: str) -> torch.Tensor:
     ref = reference.detach().double()
     oth = other.detach().double()
     n = ref.shape[0]
@@ -55,9 +71,9 @@ def output_divergence(reference: torch.Tensor, other: torch.Tensor, kind: str) -
     return 0.5 * ((oth - ref) ** 2).reshape(n, -1).sum(dim=1)
 
 
-def _outputs(model: LoadedModel, batches: list[Batch], output_key: Any) -> list[torch.Tensor]:
+def _output(model: LoadedModel, batch: Batch, output_key: Any) -> torch.Tensor:
     with capture_context(grad=False):
-        return [select_output(model(*b.inputs), output_key)[: b.valid].detach() for b in batches]
+        return select_output(model(*batch.inputs), output_key)[: batch.valid].detach()
 
 
 def kl_sensitivity(
@@ -82,35 +98,31 @@ def kl_sensitivity(
         True
     """
     weights = model.named_weights()
+    names = [layer.name for layer in profile.layers]
+    errors = LayerErrors(weights, names, bits, scheme)
+    sums = torch.zeros(len(names), len(bits), dtype=torch.float64)
     batches = list(iter_batches(model, data, batch_size))
-    n = data.num_samples
-    total_steps = len(profile.layers) * len(bits) + 1
-    reference = _outputs(model, batches, output_key)
-    kind = resolve_loss_kind(loss, reference[0])
-    if progress is not None:
-        progress("kl", 1 / total_steps, {})
-    omega: list[list[float]] = []
-    step = 1
-    for layer in profile.layers:
-        param = weights[layer.name]
-        original = param.detach().clone()
-        row: list[float] = []
-        errors = quantization_errors(original, bits, scheme=scheme)
-        try:
-            for error in errors:
+    kind: str | None = None
+    total, done = len(batches) * len(names) * len(bits), 0
+    # Batch by batch, so only one batch's float outputs are ever held (a language model's are
+    # samples x positions x vocabulary); every layer and width is scored against them.
+    for batch in batches:
+        reference = _output(model, batch, output_key)
+        kind = kind or resolve_loss_kind(loss, reference)
+        for i, name in enumerate(names):
+            param = weights[name]
+            original = param.detach().clone()
+            stack = errors[name]
+            try:
+                for j in range(len(bits)):
+                    with torch.no_grad():
+                        param.copy_(original + stack[j])
+                    out = _output(model, batch, output_key)
+                    sums[i, j] += float(output_divergence(reference, out, kind).sum())
+                    done += 1
+                    if progress is not None:
+                        progress("kl", done / total, {})
+            finally:
                 with torch.no_grad():
-                    param.copy_(original + error)
-                outs = _outputs(model, batches, output_key)
-                total = sum(
-                    float(output_divergence(ref, out, kind).sum())
-                    for ref, out in zip(reference, outs, strict=True)
-                )
-                row.append(total / n)
-                step += 1
-                if progress is not None:
-                    progress("kl", step / total_steps, {})
-        finally:
-            with torch.no_grad():
-                param.copy_(original)
-        omega.append(row)
-    return omega
+                    param.copy_(original)
+    return (sums / data.num_samples).tolist()

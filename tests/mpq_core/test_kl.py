@@ -187,3 +187,25 @@ def test_divergence_sums_over_positions() -> None:
     )
     assert torch.allclose(per_sample, per_pos.sum(dim=1))
     assert torch.equal(output_divergence(ref, ref, "ce"), torch.zeros(3, dtype=torch.float64))
+
+
+def test_scoring_batch_by_batch_gives_the_table_of_one_batch(
+    cnn_script: tuple[LoadedModel, ModelProfile], cnn_data: CalibrationData
+) -> None:
+    """Every layer and width is scored against one batch's float outputs at a time; the sums
+    over batches of 3 must equal scoring the whole set in one batch."""
+    model, profile = cnn_script
+    whole = kl_sensitivity(model, cnn_data, profile, [2, 4], batch_size=cnn_data.num_samples)
+    by_three = kl_sensitivity(model, cnn_data, profile, [2, 4], batch_size=3)
+    assert torch.allclose(torch.tensor(by_three), torch.tensor(whole), rtol=1e-4, atol=1e-9)
+
+
+def test_divergence_in_chunks_equals_the_whole_comparison() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ref, out = torch.randn(5, 300, 9000, generator=gen), torch.randn(5, 300, 9000, generator=gen)
+    chunked = output_divergence(ref, out, "ce")  # 2.7M elements a sample: one per chunk
+    whole = F.kl_div(
+        F.log_softmax(out.double(), -1), F.log_softmax(ref.double(), -1), log_target=True,
+        reduction="none",
+    ).sum(-1).sum(-1)  # fmt: skip
+    assert torch.allclose(chunked, whole, rtol=1e-9)
