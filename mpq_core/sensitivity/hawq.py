@@ -80,21 +80,23 @@ class _Objective:
         self.output_key = output_key
         self.batches: list[Batch] = list(iter_batches(model, data, batch_size))
         self.n = data.num_samples
-        # Targets are fixed at the float weights, before any perturbation.
-        with capture_context(grad=False):
-            outs = [
-                select_output(model(*b.inputs), output_key)[: b.valid].detach()
-                for b in self.batches
-            ]
-        self.kind = resolve_loss_kind(loss, outs[0])
-        self.loss_fn = PerSampleLoss(self.kind, seed=seed)
+        # Targets are fixed at the float weights, before any perturbation; one batch's outputs
+        # at a time (a language model's are positions x vocabulary a sample).
+        self.kind = ""
+        self.loss_fn = PerSampleLoss("mse", seed=seed)
         self.targets: list[torch.Tensor] = []
-        for batch, out in zip(self.batches, outs, strict=True):
+        for batch in self.batches:
+            with capture_context(grad=False):
+                out = select_output(model(*batch.inputs), output_key)[: batch.valid].detach()
+            if not self.kind:
+                self.kind = resolve_loss_kind(loss, out)
+                self.loss_fn = PerSampleLoss(self.kind, seed=seed)
             if self.kind == "mse":
-                self.targets.append(out.detach().float().clone())
+                self.targets.append(out.float().clone())
             else:
                 labels = batch.labels[: batch.valid] if batch.labels is not None else None
                 self.targets.append(self.loss_fn.targets(out, labels, batch.start))
+            del out
 
     def batch_loss(self, i: int) -> torch.Tensor:
         """Batch ``i``'s share of the mean loss (sum over its real samples / N); grad enabled."""
