@@ -63,7 +63,7 @@ def test_float_model_against_itself(
     hits = sum(int(ref[i].argmax()) == int(data.labels[i]) for i in range(30))
     assert m.accuracy == hits / 30
     ce = F.cross_entropy(ref.double(), data.labels)
-    assert m.loss == pytest.approx(float(ce), rel=1e-9)
+    assert m.loss == pytest.approx(float(ce), rel=1e-6)
     # Perplexity is reported for sequence outputs (N, T, C) only; these score whole samples.
     assert m.perplexity is None
     assert set(m.to_dict()) == {"loss", "accuracy", "perplexity", "cosine", "sqnr_db", "samples"}
@@ -94,11 +94,11 @@ def test_cosine_and_sqnr_against_a_perturbed_reference(
     want_sqnr = 10 * math.log10(float((ref32**2).sum()) / float(((out - ref32) ** 2).sum()))
     assert m.sqnr_db == pytest.approx(want_sqnr, rel=1e-6)
     want_cos = float(F.cosine_similarity(out, ref32, dim=1).mean())
-    assert m.cosine == pytest.approx(want_cos, rel=1e-9)
+    assert m.cosine == pytest.approx(want_cos, rel=1e-6)
     assert m.cosine < 1.0
     # With labels the loss stays the cross entropy against the labels, whatever the reference.
     assert data.labels is not None
-    assert m.loss == pytest.approx(float(F.cross_entropy(out, data.labels)), rel=1e-9)
+    assert m.loss == pytest.approx(float(F.cross_entropy(out, data.labels)), rel=1e-6)
 
 
 def test_without_labels_loss_is_kl_to_reference(zoo_bytes: Callable[[str, str], bytes]) -> None:
@@ -116,7 +116,7 @@ def test_without_labels_loss_is_kl_to_reference(zoo_bytes: Callable[[str, str], 
         log_target=True,
         reduction="batchmean",
     )
-    assert m.loss == pytest.approx(float(want), rel=1e-9)
+    assert m.loss == pytest.approx(float(want), rel=1e-6)
     assert m.loss > 0
 
 
@@ -131,7 +131,7 @@ def test_regression_output_uses_mse() -> None:
     assert same.accuracy is None and same.perplexity is None
     ref = out + 0.2 * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
     m = evaluate(model, data, ref)
-    assert m.loss == pytest.approx(float(F.mse_loss(out.double(), ref.double())), rel=1e-9)
+    assert m.loss == pytest.approx(float(F.mse_loss(out.double(), ref.double())), rel=1e-6)
     assert m.accuracy is None and m.perplexity is None
 
 
@@ -147,7 +147,7 @@ def test_sequence_outputs_score_every_position() -> None:
     hits = sum(int(out[i, t].argmax()) == int(labels[i, t]) for i in range(10) for t in range(5))
     assert m.accuracy == pytest.approx(hits / 50)
     ce = F.cross_entropy(out.double().reshape(-1, 3), labels.reshape(-1))
-    assert m.loss == pytest.approx(float(ce), rel=1e-9)
+    assert m.loss == pytest.approx(float(ce), rel=1e-6)
     assert m.perplexity == pytest.approx(math.exp(m.loss), rel=1e-12)
 
 
