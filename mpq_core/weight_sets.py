@@ -17,7 +17,7 @@ import torch
 
 from mpq_core.intake import LoadedModel
 
-__all__ = ["WeightSet", "copy_weights", "load_weights", "swapped_in"]
+__all__ = ["WeightSet", "copy_weights", "load_weights", "store_weights", "swapped_in"]
 
 #: Parameter values by qualified parameter name (as in ``LoadedModel.named_weights``).
 WeightSet = dict[str, torch.Tensor]
@@ -28,6 +28,15 @@ def copy_weights(model: LoadedModel, names: Iterable[str] | None = None) -> Weig
     params = model.named_weights()
     chosen = params if names is None else {n: params[n] for n in names}
     return {n: p.detach().clone() for n, p in chosen.items()}
+
+
+@torch.no_grad()
+def store_weights(model: LoadedModel, target: WeightSet) -> None:
+    """Copy the model's current values of the parameters named in ``target`` into its tensors
+    (allocated once by the caller, so a loop that stores every step allocates nothing)."""
+    params = model.named_weights()
+    for name, buffer in target.items():
+        buffer.copy_(params[name])
 
 
 @torch.no_grad()
