@@ -178,8 +178,10 @@ class _Session:
             for batch in iter_batches(self.model, self.val, self.cfg.batch_size):
                 # Epochs are chosen on fidelity to the float model alone: cross entropy on a
                 # small held-out set mostly measures the float model's own mistakes.
-                loss = self.loss_on(batch, label_weight=0.0)
-                total_loss += float(loss.detach()) * batch.valid
+                # A float at once: the loss's graph (capture_context keeps autograd on) would
+                # otherwise hold this batch's activations while the next batch runs.
+                loss = float(self.loss_on(batch, label_weight=0.0).detach())
+                total_loss += loss * batch.valid
                 count += batch.valid
         return total_loss / max(count, 1)
 
