@@ -155,11 +155,26 @@ class MetricSums:
     has_labels: bool = False
     class_scores: bool = False
     sequence: bool = False
+    #: Elements of output scored at once (16 MiB per float32 temporary; at least one sample).
+    chunk_elements: int = 1 << 22
 
     def add(self, out: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Add one batch: ``out`` and ``reference`` ``(B, ...)`` float32, ``labels`` or None."""
+        """Add one batch: ``out`` and ``reference`` ``(B, ...)`` float32, ``labels`` or None.
+
+        The batch is taken a few samples at a time: the loss and the cosine each make several
+        temporaries the size of what they are given (log-softmaxes, products), and a batch of
+        language-model scores is hundreds of megabytes.
+        """
         self.class_scores, self.sequence = is_class_scores(out), out.dim() == 3
         self.has_labels = labels is not None
+        rows = max(1, self.chunk_elements // max(1, out[:1].numel()))
+        for i in range(0, out.shape[0], rows):
+            part = slice(i, i + rows)
+            self._add_samples(out[part], reference[part], None if labels is None else labels[part])
+
+    def _add_samples(
+        self, out: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None
+    ) -> None:
         loss, count = _loss_sum(out, labels, reference)
         self.loss += float(loss)
         self.loss_count += count

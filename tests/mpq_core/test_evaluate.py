@@ -12,7 +12,7 @@ from torch import nn
 
 from mpq_core.actquant import ActivationQuantizer, calibrate_activations
 from mpq_core.data import CalibrationData
-from mpq_core.evaluate import Evaluator, Metrics, compare, evaluate, model_outputs
+from mpq_core.evaluate import Evaluator, Metrics, MetricSums, compare, evaluate, model_outputs
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.quantized_weights import apply_weights, quantize_weights
 from mpq_core.weight_sets import copy_weights
@@ -308,3 +308,20 @@ def test_compare_memory_is_bounded_by_a_batch_not_the_samples() -> None:
     assert large == small, (small, large)
     # Holding every output (as a concatenation did) would take 16 batches' worth on its own.
     assert large < 8 * one_batch_output, (large, one_batch_output)
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_scoring_a_batch_in_chunks_of_samples_changes_nothing(labels: bool) -> None:
+    g = torch.Generator().manual_seed(9)
+    ref = torch.randn(7, 12, 300, generator=g)
+    out = ref + 0.3 * torch.randn(7, 12, 300, generator=g)
+    target = torch.randint(0, 300, (7, 12), generator=g) if labels else None
+    whole, chunked = MetricSums(), MetricSums(chunk_elements=2 * 12 * 300)  # 2 samples at once
+    whole.add(out, ref, target)
+    chunked.add(out, ref, target)
+    got, once = chunked.metrics().to_dict(), whole.metrics().to_dict()
+    want = _whole_tensor_metrics(out, ref, target)
+    assert got["accuracy"] == once["accuracy"] == want.pop("accuracy")
+    assert got["samples"] == 7
+    assert {k: got[k] for k in want} == pytest.approx({k: once[k] for k in want}, rel=1e-6)
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-5)
