@@ -238,9 +238,9 @@ def evaluate(
     sums = MetricSums()
     with capture_context(grad=False):
         for batch in iter_batches(model, data, batch_size):
-            out = _batch_output(model, batch, output_key, act_quant)
             ref = reference[batch.start : batch.start + batch.valid].float()
-            sums.add(out, ref, _labels(batch))
+            # Passed on, not bound: the output is freed before the next batch runs.
+            sums.add(_batch_output(model, batch, output_key, act_quant), ref, _labels(batch))
     return sums.metrics()
 
 
@@ -277,14 +277,31 @@ def compare(
     shape: tuple[int, ...] = ()
     with capture_context(grad=False):
         for batch in iter_batches(model, data, batch_size):
-            with swapped_in(model, float_weights, quantized):
-                ref = _batch_output(model, batch, output_key, None)
-            out = _batch_output(model, batch, output_key, act_quant)
-            labels = _labels(batch)
-            ref_sums.add(ref, ref, labels)
-            sums.add(out, ref, labels)
-            shape = tuple(out.shape[1:])
+            # One function call per batch: its outputs are freed on return, not kept alive by
+            # loop variables while the next batch's outputs are computed.
+            shape = _compare_batch(
+                model, batch, (float_weights, quantized), output_key, act_quant, (ref_sums, sums)
+            )
     return Comparison(ref_sums.metrics(), sums.metrics(), shape)
+
+
+def _compare_batch(
+    model: LoadedModel,
+    batch: Batch,
+    weights: tuple[WeightSet, WeightSet],
+    output_key: Any,
+    act_quant: Any,
+    sums: tuple[MetricSums, MetricSums],
+) -> tuple[int, ...]:
+    """Run ``batch`` with the float, then the quantized ``weights`` and add both to ``sums``;
+    the shape of one sample's output."""
+    with swapped_in(model, *weights):
+        ref = _batch_output(model, batch, output_key, None)
+    out = _batch_output(model, batch, output_key, act_quant)
+    labels = _labels(batch)
+    sums[0].add(ref, ref, labels)
+    sums[1].add(out, ref, labels)
+    return tuple(out.shape[1:])
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,17 @@ from torch.utils._pytree import tree_flatten
 
 class LivePeak(TorchDispatchMode):
     """Counts the storages of tensors created inside the block; ``peak`` is the most bytes
-    alive at once. Tensors made before the block (parameters, the data) are not counted."""
+    alive at once, ``at_mark`` the bytes alive each time the op ``mark`` was about to run.
+    Tensors made before the block (parameters, the data) are not counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, mark: Any = None) -> None:
         super().__init__()
         self.refs: dict[int, int] = {}  # storage address -> live tensors on it
         self.sizes: dict[int, int] = {}
         self.live = 0
         self.peak = 0
+        self.mark = mark  # an op (e.g. a model's first) before which ``live`` is recorded
+        self.at_mark: list[int] = []
 
     def _release(self, key: int) -> None:
         self.refs[key] -= 1
@@ -50,6 +53,8 @@ class LivePeak(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func is self.mark:
+            self.at_mark.append(self.live)
         inputs = {
             t.untyped_storage().data_ptr()
             for t in tree_flatten((args, kwargs))[0]
