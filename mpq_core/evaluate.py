@@ -175,6 +175,7 @@ class MetricSums:
     def _add_samples(
         self, out: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None
     ) -> None:
+        """Add a few samples' sums (one chunk of :meth:`add`)."""
         loss, count = _loss_sum(out, labels, reference)
         self.loss += float(loss)
         self.loss_count += count
