@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
-from mpq_core.evaluate import is_class_scores, model_outputs
+from mpq_core.evaluate import is_class_scores
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
 from mpq_core.quant_primitives import (
@@ -37,8 +37,9 @@ from mpq_core.quant_primitives import (
     round_to_float16,
     ste_mask,
 )
-from mpq_core.runner import iter_batches
+from mpq_core.runner import Batch, iter_batches
 from mpq_core.spec import FinetuneSpec
+from mpq_core.weight_sets import WeightSet, copy_weights, store_weights, swapped_in
 
 __all__ = ["FinetuneResult", "finetune", "split_holdout"]
 
@@ -127,8 +128,9 @@ class _Quantized:
 
 
 class _Session:
-    """One fine-tuning run: the data split, the teacher outputs, the masters and the float
-    parameters being trained, the optimiser and its schedule."""
+    """One fine-tuning run: the data split, the float model's original parameters (the
+    teacher), the masters and the float parameters being trained, the optimiser and its
+    schedule."""
 
     def __init__(
         self,
@@ -143,16 +145,14 @@ class _Session:
     ) -> None:
         self.model, self.cfg, self.output_key = model, cfg, output_key
         self.train, self.val = split_holdout(data, cfg.val_fraction, seed)
-        # The teacher is the float model itself, run once before any weight changes.
-        self.teacher_train = model_outputs(
-            model, self.train, batch_size=cfg.batch_size, output_key=output_key
-        )
-        self.teacher_val = model_outputs(
-            model, self.val, batch_size=cfg.batch_size, output_key=output_key
-        )
+        # The teacher is the float model itself: its original parameters (all of them, since
+        # biases and norms train too) are swapped in for each batch, not its outputs cached.
+        self.originals: WeightSet = copy_weights(model)
         self.q = _Quantized(model, bits, scales)
         self.others = {n: p for n, p in model.named_weights().items() if n not in bits}
-        self.floats_before = {n: p.detach().clone() for n, p in self.others.items()}
+        self.floats_before = {n: self.originals[n] for n in self.others}
+        # Where the current parameters wait while the teacher runs (allocated once).
+        self.held: WeightSet = {n: torch.empty_like(t) for n, t in self.originals.items()}
         self.trainable = list(self.q.params.values()) + list(self.others.values())
         self.requires = [p.requires_grad for p in self.trainable]
         for p in self.trainable:
@@ -169,16 +169,21 @@ class _Session:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.step = 0
 
-    def loss_on(
-        self,
-        inputs: list[torch.Tensor],
-        teacher: torch.Tensor,
-        labels: torch.Tensor | None,
-        valid: int,
-        label_weight: float,
-    ) -> torch.Tensor:
+    def teacher(self, batch: Batch) -> torch.Tensor:
+        """The float model's output on ``batch`` (padding dropped, float32): the original
+        parameters are swapped in for one forward pass without activation quantization, and
+        the current ones back after it."""
+        store_weights(self.model, self.held)
+        with swapped_in(self.model, self.originals, self.held), capture_context(grad=False):
+            out = select_output(self.model(*batch.inputs), self.output_key)
+            return out[: batch.valid].detach().float()
+
+    def loss_on(self, batch: Batch, label_weight: float) -> torch.Tensor:
+        """The training loss on ``batch`` against the float model, plus ``label_weight``
+        times the cross entropy where there are labels."""
+        teacher, valid, labels = self.teacher(batch), batch.valid, batch.labels
         with self.act:
-            out = select_output(self.model(*inputs), self.output_key)[:valid]
+            out = select_output(self.model(*batch.inputs), self.output_key)[:valid]
         loss = self.cfg.distill_weight * _distill(out, teacher)
         if labels is not None and is_class_scores(out) and label_weight:
             loss = loss + label_weight * F.cross_entropy(
@@ -191,11 +196,12 @@ class _Session:
         total_loss, count = 0.0, 0
         with capture_context(grad=False):
             for batch in iter_batches(self.model, self.val, self.cfg.batch_size):
-                t = self.teacher_val[batch.start : batch.start + batch.valid]
                 # Epochs are chosen on fidelity to the float model alone: cross entropy on a
                 # small held-out set mostly measures the float model's own mistakes.
-                loss = self.loss_on(batch.inputs, t, batch.labels, batch.valid, label_weight=0.0)
-                total_loss += float(loss.detach()) * batch.valid
+                # A float at once: the loss's graph (capture_context keeps autograd on) would
+                # otherwise hold this batch's activations while the next batch runs.
+                loss = float(self.loss_on(batch, label_weight=0.0).detach())
+                total_loss += loss * batch.valid
                 count += batch.valid
         return total_loss / max(count, 1)
 
@@ -203,17 +209,14 @@ class _Session:
         """One pass over the shuffled training data (or what is left of ``total`` steps);
         the mean training loss."""
         perm = torch.randperm(self.train.num_samples, generator=self.gen)
-        shuffled, teacher = self.train.subset(perm), self.teacher_train[perm]
+        shuffled = self.train.subset(perm)
         running, seen = 0.0, 0
         with capture_context(grad=True):
             for batch in iter_batches(self.model, shuffled, self.cfg.batch_size):
                 if self.step >= self.total:
                     break
                 self.q.load()
-                t = teacher[batch.start : batch.start + batch.valid]
-                loss = self.loss_on(
-                    batch.inputs, t, batch.labels, batch.valid, self.cfg.label_weight
-                )
+                loss = self.loss_on(batch, self.cfg.label_weight)
                 self._update(torch.autograd.grad(loss, self.trainable, allow_unused=True))
                 self.step += 1
                 running += float(loss.detach()) * batch.valid
@@ -280,10 +283,16 @@ def finetune(
         zeros: zero points of the layers with asymmetric codes (kept fixed).
     """
     cfg = settings or FinetuneSpec()
-    report = progress or null_progress
     start = time.perf_counter()
     run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
     run.q.set_zeros(zeros)
+    return _fit(run, progress or null_progress, start)
+
+
+def _fit(run: _Session, report: ProgressFn, start: float) -> FinetuneResult:
+    """Train ``run`` epoch by epoch until its steps are done or its patience runs out, and
+    leave the model at the epoch with the lowest held-out loss (epoch 0 included)."""
+    cfg = run.cfg
     best = before = run.val_loss()
     best_epoch, best_state = 0, run.state()
     history: list[dict[str, float]] = [{"epoch": 0, "val_loss": best}]

@@ -34,6 +34,7 @@ from mpq_core.runner import MODEL_ERRORS, check_data_fits, check_finetune_sample
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
+from mpq_core.weight_sets import copy_weights, load_weights
 
 __all__ = [
     "STAGES",
@@ -78,7 +79,7 @@ class JobContext:
 class Scores:
     """Metrics of the float and the quantized model, on the evaluation and calibration data."""
 
-    reference: torch.Tensor  # the float model's outputs on the evaluation data
+    output_shape: tuple[int, ...]  # one sample's scored output, e.g. (T, C) for a language model
     float_eval: Metrics
     float_calib: Metrics
     quantized_eval: Metrics
@@ -321,14 +322,10 @@ def analyze_stage(
 
 
 def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
-    """The ``quantize`` stage: score the float model, quantize the weights (and calibrate the
-    activations), score the quantized model."""
-    spec, model, score = ctx.spec, ctx.model, ctx.evaluator
-    float_weights = {n: p.detach().clone() for n, p in model.named_weights().items()}
-    reference = score.outputs(model, ctx.test)
-    calib_reference = score.outputs(model, ctx.work)
-    float_eval = score(model, ctx.test, reference)
-    float_calib = score(model, ctx.work, calib_reference)
+    """The ``quantize`` stage: quantize the weights (and calibrate the activations), then score
+    the float and the quantized model batch by batch (:meth:`Evaluator.compare`)."""
+    spec, model = ctx.spec, ctx.model
+    float_weights = copy_weights(model)
     layers = quantize_weights(model, bits, scheme=spec.scheme)
     apply_weights(model, layers)
     encodings: dict[str, ActEncoding] = {}
@@ -338,13 +335,18 @@ def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
             model, ctx.work, list(bits), spec.act_bits, batch_size=ctx.batch_size
         )
         act_quant = ActivationQuantizer(model.named_weights(), encodings)
-        ctx.evaluator = score = score.with_act_quant(act_quant)
+        ctx.evaluator = ctx.evaluator.with_act_quant(act_quant)
+    # Only the quantized layers differ from the float model: only they are swapped per batch.
+    float_layers = {name: float_weights[name] for name in layers}
+    quantized = copy_weights(model, layers)
+    on_eval = ctx.evaluator.compare(model, ctx.test, float_layers, quantized)
+    on_calib = ctx.evaluator.compare(model, ctx.work, float_layers, quantized)
     scores = Scores(
-        reference=reference,
-        float_eval=float_eval,
-        float_calib=float_calib,
-        quantized_eval=score(model, ctx.test, reference),
-        quantized_calib=score(model, ctx.work, calib_reference),
+        output_shape=on_eval.output_shape,
+        float_eval=on_eval.float_metrics,
+        float_calib=on_calib.float_metrics,
+        quantized_eval=on_eval.quantized_metrics,
+        quantized_calib=on_calib.quantized_metrics,
     )
     return Quantization(layers, float_weights, encodings, act_quant, scores)
 
@@ -354,7 +356,7 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
     scales, then re-quantize (``quant.layers`` is updated). None when the spec asks for none."""
     if not ctx.spec.finetunes:
         return None
-    _restore(ctx.model, quant.float_weights)
+    load_weights(ctx.model, quant.float_weights)
     bits = {name: layer.bits for name, layer in quant.layers.items()}
     scales = quant.scales
     settings = ctx.spec.finetune
@@ -384,7 +386,8 @@ def evaluate_stage(
     """The ``evaluate`` stage: metrics of the fine-tuned model (None without fine-tuning)."""
     if tuned is None:
         return None
-    return ctx.evaluator(ctx.model, ctx.test, quant.scores.reference)
+    # Fine-tuning also trained the float parameters (biases, norms): all of them are swapped.
+    return ctx.evaluator.compare(ctx.model, ctx.test, quant.float_weights).quantized_metrics
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -459,10 +462,3 @@ def _move_if_it_runs(model: LoadedModel, data: CalibrationData, device: torch.de
 def _on(data: CalibrationData, device: torch.device) -> CalibrationData:
     labels = data.labels.to(device) if data.labels is not None else None
     return CalibrationData([t.to(device) for t in data.inputs], labels)
-
-
-def _restore(model: LoadedModel, weights: dict[str, torch.Tensor]) -> None:
-    params = model.named_weights()
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)

@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpq_core.budgets import Budget, achieved
-from mpq_core.evaluate import is_class_scores
+from mpq_core.evaluate import is_class_score_shape
 from mpq_core.layers import LayerInfo
 from mpq_core.scheme import QuantScheme
 
 if TYPE_CHECKING:
-    import torch
-
     from mpq_core.allocation import Allocation
     from mpq_core.evaluate import Metrics
     from mpq_core.finetune import FinetuneResult
@@ -32,7 +30,9 @@ def _ratio(measured: float, predicted: float) -> float | None:
     return measured / predicted if predicted > 0 and math.isfinite(measured) else None
 
 
-def metric_units(predicted: float, reference: torch.Tensor, spec: JobSpec) -> tuple[float, str]:
+def metric_units(
+    predicted: float, output_shape: tuple[int, ...], spec: JobSpec
+) -> tuple[float, str]:
     """The predicted loss rise in the unit of the measured one, and that unit.
 
     Omega predicts the rise of each sample's loss *summed* over what it scores: every position
@@ -40,10 +40,15 @@ def metric_units(predicted: float, reference: torch.Tensor, spec: JobSpec) -> tu
     for other outputs, half the squared output change summed over the elements. The metrics
     are means per position (per element for mean squared error), so the prediction is divided
     by the positions, or doubled and divided by the elements.
+
+    Args:
+        predicted: the allocation's predicted loss increase (Omega's sum).
+        output_shape: one sample's scored output, without the batch dimension.
+        spec: the job spec (its analysis loss).
     """
-    shape = tuple(reference.shape[1:])
+    shape = tuple(output_shape)
     elements = max(1, math.prod(shape))
-    if spec.analysis.loss != "mse" and is_class_scores(reference):
+    if spec.analysis.loss != "mse" and is_class_score_shape(shape):
         if len(shape) == 1:
             return predicted, "per sample"
         return predicted / shape[0], f"per position ({shape[0]} per sample)"
@@ -63,7 +68,7 @@ def build_report(
     model, spec, scores = ctx.model, ctx.spec, quant.scores
     weights = model.named_weights().values()
     bits = allocation.bits_by_layer()
-    comparable, unit = metric_units(allocation.predicted_loss_increase, scores.reference, spec)
+    comparable, unit = metric_units(allocation.predicted_loss_increase, scores.output_shape, spec)
     predicted_bytes = achieved(
         Budget("size", 1.0),
         profile.layers,

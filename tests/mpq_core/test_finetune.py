@@ -13,12 +13,16 @@ from torch import nn
 
 from mpq_core.data import CalibrationData
 from mpq_core.evaluate import model_outputs
-from mpq_core.finetune import FinetuneResult, finetune, split_holdout
+from mpq_core.finetune import FinetuneResult, _fit, _Session, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
+from mpq_core.progress import null_progress
 from mpq_core.quant_primitives import dequantize, quantize
 from mpq_core.quantized_weights import quantize_weights
+from mpq_core.runner import Batch
 from mpq_core.spec import FinetuneSpec
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
+from tests.mpq_core.live_tensors import LivePeak
+from tests.mpq_core.test_evaluate import LM_BITS, _lm, _lm_data
 from tests.zoo import SmallMLP
 
 FORMATS = ["script", "export"]
@@ -247,3 +251,82 @@ def test_fixed_batch_program_runs_every_epoch_in_full(
     # (8): 3 full epochs of ceil(36 / 4) = 9 steps each, none cut short.
     assert res.epochs_run == 3
     assert len(steps) == 3 * 9
+
+
+# --- the teacher: recomputed per batch from the original float parameters --------------------
+
+
+class _CachedTeacher(_Session):
+    """Fine-tuning as it was before the teacher was recomputed: the float model's outputs on
+    every sample computed once, before any weight changes, and looked up per batch (by the
+    sample's input, so the shuffled order needs no bookkeeping)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cache: dict[bytes, torch.Tensor] = {}
+        for split in (self.train, self.val):
+            outs = model_outputs(self.model, split, output_key=self.output_key)
+            for x, y in zip(split.inputs[0], outs, strict=True):
+                self.cache[x.numpy().tobytes()] = y
+
+    def teacher(self, batch: Batch) -> torch.Tensor:
+        rows = batch.inputs[0][: batch.valid]
+        return torch.stack([self.cache[x.numpy().tobytes()] for x in rows])
+
+
+def _finetuned(
+    model: LoadedModel, session: type[_Session]
+) -> tuple[FinetuneResult, dict[str, torch.Tensor]]:
+    data = zoo_data("mlp", 64)
+    cfg = FinetuneSpec(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
+    run = session(model, data, MIXED, _scales(model, MIXED), cfg, 0, None, None)
+    return _fit(run, null_progress, 0.0), _snapshot(model)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_recomputed_teacher_trains_as_the_cached_teacher_did(fmt: str) -> None:
+    got, got_weights = _finetuned(_mlp(fmt), _Session)
+    want, want_weights = _finetuned(_mlp(fmt), _CachedTeacher)
+    assert got.best_epoch == want.best_epoch >= 1  # it trained, and picked the same epoch
+    assert len(got.history) == len(want.history)
+    for a, b in zip(got.history, want.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    for name, value in want_weights.items():
+        assert torch.allclose(got_weights[name], value, rtol=0, atol=1e-5), name
+
+
+def test_teacher_is_the_original_float_model_after_training_moved_every_parameter() -> None:
+    """Biases train too: the teacher must use their original values, not the trained ones."""
+    model = _mlp("script")
+    data = zoo_data("mlp", 32)
+    float_out = model_outputs(model, data)
+    cfg = FinetuneSpec(epochs=2, lr=1e-1, batch_size=8, val_fraction=0.25, patience=5)
+    run = _Session(model, data, MIXED, _scales(model, MIXED), cfg, 0, None, None)
+    run.train_epoch(1, null_progress)
+    run.q.load()
+    trained = _snapshot(model)
+    assert all(not torch.equal(trained[n], run.originals[n]) for n in trained)  # all moved
+    batch = Batch(inputs=data.inputs, labels=data.labels, valid=32, start=0)
+    assert torch.allclose(run.teacher(batch), float_out, rtol=0, atol=1e-6)
+    after = _snapshot(model)  # and the model holds the training state again
+    assert all(torch.equal(after[n], trained[n]) for n in trained)
+    run.finish(run.state())
+
+
+def _finetune_peak(samples: int) -> int:
+    model = _lm()
+    scales = {n: layer.scales for n, layer in quantize_weights(model, LM_BITS).items()}
+    cfg = FinetuneSpec(epochs=1, lr=1e-3, batch_size=8, val_fraction=0.25, patience=5)
+    with LivePeak() as probe:
+        finetune(model, _lm_data(samples), LM_BITS, scales, cfg)
+    return probe.peak
+
+
+def test_finetune_memory_is_bounded_by_a_batch_not_the_samples() -> None:
+    # Full batches of 8 in both runs: 32 samples hold out 8, 256 hold out 64.
+    small, large = _finetune_peak(32), _finetune_peak(256)
+    # What may grow: split_holdout copies the data into its two parts and each epoch copies the
+    # shuffled training part (token ids and labels, int64), three copies of the inputs at most.
+    # Outputs may not: the old cached teacher alone grew by 224 samples' scores, 3.2 MB.
+    inputs = 12 * 8 * 2  # bytes of one sample's ids and labels
+    assert large - small <= 3 * (256 - 32) * inputs, (small, large)

@@ -432,10 +432,10 @@ def test_predicted_and_measured_loss_rise_share_a_unit_for_sequence_outputs() ->
     from mpq_core.report import metric_units
 
     spec = JobSpec(budgets=["avg-bits=4"])
-    per_position, unit = metric_units(6.0, torch.zeros(4, 3, 10), spec)
+    per_position, unit = metric_units(6.0, (3, 10), spec)
     assert per_position == 2.0 and unit == "per position (3 per sample)"
-    assert metric_units(6.0, torch.zeros(4, 10), spec) == (6.0, "per sample")
-    mse, unit = metric_units(6.0, torch.zeros(4, 3, 1), spec)
+    assert metric_units(6.0, (10,), spec) == (6.0, "per sample")
+    mse, unit = metric_units(6.0, (3, 1), spec)
     assert mse == 4.0 and "mean squared error" in unit
 
 
@@ -447,3 +447,42 @@ def test_report_states_the_prediction_in_the_metric_unit(job: Job) -> None:
     assert report["measured_over_predicted"] == pytest.approx(
         rise / report["predicted_metric_loss_increase"]
     )
+
+
+# --- scores measured batch by batch ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("finetune_epochs", [0, 1])
+def test_scores_of_a_sequence_model_equal_whole_output_evaluation(finetune_epochs: int) -> None:
+    """The quantize and evaluate stages recompute the float reference per batch (batches of 4
+    here, 10 samples); their metrics equal those measured against the float model's whole
+    outputs, with activation quantization on the quantized run only, and the job's model ends
+    holding the quantized weights."""
+    from tests.mpq_core.test_evaluate import _lm, _lm_data
+
+    float_model = _lm()
+    data, test = _lm_data(24, seed=1), _lm_data(10, seed=2)
+    reference = model_outputs(float_model, test)
+    spec = JobSpec(
+        budgets=["avg-bits=4"],
+        batch_size=4,
+        quantize_activations=True,
+        act_bits=6,
+        finetune=FinetuneSpec(epochs=finetune_epochs, batch_size=8, lr=1e-2),
+    )
+    result = quantize(spec, _lm(), data, eval_data=test)
+    assert result.report["loss_unit"] == "per position (12 per sample)"
+    model, weights = result.model, result.model.named_weights()
+    for name, layer in result.layers.items():
+        assert torch.equal(weights[name], layer.dequantized()), name
+    acts = ActivationQuantizer(weights, result.encodings)
+    # The model as the job left it: quantized, or quantized and then fine-tuned.
+    last = "finetuned" if finetune_epochs else "quantized"
+    want = {
+        "float": evaluate(float_model, test, reference),
+        last: evaluate(model, test, reference, act_quant=acts),
+    }
+    for key, metrics in want.items():
+        got = result.metrics[key]
+        assert got is not None and got.to_dict() == pytest.approx(metrics.to_dict(), rel=1e-5), key
+    assert (result.metrics["finetuned"] is None) == (finetune_epochs == 0)
