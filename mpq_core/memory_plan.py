@@ -21,6 +21,8 @@ device's free memory plus what PyTorch already reserved.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +37,12 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.runner import iter_batches
 from mpq_core.sensitivity.fisher import WORKSPACE_BYTES
 
-__all__ = ["MemoryPlan", "machine_memory", "plan_memory", "sample_bytes"]
+__all__ = ["MemoryPlan", "machine_memory", "plan_memory", "release_free_memory", "sample_bytes"]
 
-# What a sample costs beyond what autograd saves: the output's gradient and the loss's
-# log-softmax of it (class scores), each the size of the output.
-_OUTPUT_COPIES = 2
+# What a sample costs beyond what autograd saves, in copies of its output: in the analysis, the
+# output's gradient and the loss's log-softmax; in fine-tuning also the teacher's output and the
+# distillation loss's log-softmaxes, probabilities and differences, and their gradients.
+_OUTPUT_COPIES = {"analysis": 2, "finetune": 10}
 # Headroom for what the estimate does not see: the allocator's fragmentation, temporaries of
 # single ops (a matmul's output before it is saved), the Python objects of the graph.
 _HEADROOM = 1.25
@@ -56,7 +59,8 @@ class MemoryPlan:
 
     max_memory: int  # bytes the job may hold
     source: str  # where the budget came from
-    per_sample: int  # estimated bytes one sample adds to a forward and backward pass
+    per_sample: int  # estimated bytes one sample adds to the analysis's forward and backward
+    per_finetune_sample: int  # the same in fine-tuning (the distillation loss's copies)
     resident: int  # bytes the process held when the plan was made (libraries, model, data)
     model_bytes: int
     batch_size: int  # profiling, analysis, calibration and evaluation
@@ -91,6 +95,30 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "limited": self.limited}
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's ``malloc_trim``).
+
+    PyTorch's CPU tensors come from malloc, and glibc keeps freed blocks in its arenas: after a
+    stage's batches are gone the process's resident size stays at that stage's peak, so the
+    next stage starts above the plan's baseline (measured: +170 MiB between the analysis and
+    fine-tuning of a small decoder). A no-op where the C library has no ``malloc_trim``.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _gib(n: int) -> str:
@@ -149,9 +177,11 @@ def machine_memory(device: torch.device) -> tuple[int, str]:
     return min(limits)
 
 
-def _graph_bytes(model: LoadedModel, data: CalibrationData, k: int, output_key: Any) -> int:
-    """Bytes autograd saves for the backward pass of a batch of ``k`` samples, plus the
-    output's share of the loss (parameters, which the model holds anyway, not counted)."""
+def _graph_bytes(
+    model: LoadedModel, data: CalibrationData, k: int, output_key: Any
+) -> tuple[int, int]:
+    """Bytes autograd saves for the backward pass of a batch of ``k`` samples (parameters,
+    which the model holds anyway, not counted), and the bytes of its output."""
     params = {p.untyped_storage().data_ptr() for p in model.named_weights().values()}
     saved: dict[int, int] = {}
 
@@ -164,22 +194,28 @@ def _graph_bytes(model: LoadedModel, data: CalibrationData, k: int, output_key: 
     batch = next(iter_batches(model, data.subset(slice(0, k)), k))  # padded to a fixed batch
     with capture_context(grad=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = select_output(model(*batch.inputs), output_key)
-    return sum(saved.values()) + _OUTPUT_COPIES * out.numel() * out.element_size()
+    return sum(saved.values()), out.numel() * out.element_size()
 
 
-def sample_bytes(model: LoadedModel, data: CalibrationData, output_key: Any = None) -> int:
-    """Estimated bytes one sample adds to a forward and backward pass (with headroom).
+def sample_bytes(
+    model: LoadedModel, data: CalibrationData, output_key: Any = None, *, stage: str = "analysis"
+) -> int:
+    """Estimated bytes one sample adds to a forward and backward pass of ``stage``
+    (``analysis`` or ``finetune``), with headroom.
 
     Measured as the difference between batches of 2 and 1 (what the batch shares, such as a
     position table, cancels out); a model exported for a fixed batch is measured at that size.
     """
+    copies = _OUTPUT_COPIES[stage]
     if model.fixed_batch:
         k = model.fixed_batch
-        return int(_HEADROOM * _graph_bytes(model, data, k, output_key) / k)
-    two = min(2, data.num_samples)
-    one_bytes = _graph_bytes(model, data, 1, output_key)
-    slope = _graph_bytes(model, data, two, output_key) - one_bytes if two == 2 else one_bytes
-    return int(_HEADROOM * max(slope, 1))
+        saved, out = _graph_bytes(model, data, k, output_key)
+        return int(_HEADROOM * (saved + copies * out) / k)
+    saved, out = _graph_bytes(model, data, 1, output_key)
+    if data.num_samples >= 2:
+        saved2, out2 = _graph_bytes(model, data, 2, output_key)
+        saved, out = saved2 - saved, out2 - out
+    return int(_HEADROOM * max(saved + copies * out, 1))
 
 
 def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:
@@ -217,6 +253,9 @@ def plan_memory(
     else:
         budget, source = max_memory, "max_memory"
     per_sample = sample_bytes(model, data, output_key)
+    per_tuned = (
+        sample_bytes(model, data, output_key, stage="finetune") if finetune_batch_size else 0
+    )
     weights = list(model.named_weights().values())
     model_bytes = sum(p.numel() * p.element_size() for p in weights)
     largest = max((p.numel() for p in weights), default=0)
@@ -230,19 +269,20 @@ def plan_memory(
         _fit(budget, fixed["evaluation"], per_sample, batch_size),
     )
     asked_finetune = finetune_batch_size or 0
-    finetune = _fit(budget, fixed["finetune"], per_sample, asked_finetune)
+    finetune = _fit(budget, fixed["finetune"], per_tuned, asked_finetune)
     if (analysis < 1 or (asked_finetune and finetune < 1)) and max_memory is not None:
-        need = max(fixed["finetune"], fixed["analysis"] + errors) + per_sample
+        need = max(fixed["finetune"] + per_tuned, fixed["analysis"] + errors + per_sample)
         raise SpecError(
             f"max_memory {_gib(budget)} cannot hold this job: the model and what the stages keep "
-            f"beside it take about {_gib(need - per_sample)} and one sample's pass "
-            f"{_mib(per_sample)}; set max_memory to at least {_gib(need)}",
+            f"beside it take about {_gib(fixed['analysis'] + errors)} and one sample's pass "
+            f"{_mib(max(per_sample, per_tuned))}; set max_memory to at least {_gib(need)}",
             code="max_memory_too_small",
         )
     return MemoryPlan(
         max_memory=budget,
         source=source,
         per_sample=per_sample,
+        per_finetune_sample=per_tuned,
         resident=resident,
         model_bytes=model_bytes,
         batch_size=max(1, analysis),

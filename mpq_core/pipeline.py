@@ -25,7 +25,7 @@ from mpq_core.errors import SpecError
 from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.memory_plan import MemoryPlan, plan_memory
+from mpq_core.memory_plan import MemoryPlan, plan_memory, release_free_memory
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
@@ -163,17 +163,22 @@ def run(
     spec.parsed_budgets()  # a bad budget fails before any work
     with clock.stage("intake"):
         ctx = prepare_job(spec, model, data, eval_data, clock, limits)
+    # Each stage's freed batches go back to the system before the next is planned for.
+    release_free_memory()
     with clock.stage("profile"):
         plan_stage(ctx)
         profile = profile_model(ctx.model, ctx.work, batch_size=ctx.batch_size)
     with clock.stage("analyze"):
         table = analyze_stage(ctx, profile, sensitivity)
+    release_free_memory()
     with clock.stage("allocate"):
         allocation = allocate(table, spec)
     with clock.stage("quantize"):
         quant = quantize_stage(ctx, allocation.bits_by_layer())
+    release_free_memory()
     with clock.stage("finetune"):
         tuned = finetune_stage(ctx, quant)
+    release_free_memory()
     with clock.stage("evaluate"):
         final = evaluate_stage(ctx, quant, tuned)
     scores = quant.scores

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,68 @@ def test_a_sample_costs_at_least_its_output_twice_and_grows_with_the_sequence() 
     logits_bytes = 128 * 8192 * 4
     assert per_long >= 2 * logits_bytes  # its gradient and the loss's log-softmax
     assert 1.6 < per_long / per_short < 2.6  # linear in the tokens, as activations are
+
+
+# The child builds the decoder, runs a whole job (analysis, quantization, one fine-tuning epoch,
+# evaluation) with the budget given, and reports the plan and its peak resident memory.
+_JOB = """
+import json, sys
+from pathlib import Path
+import torch
+from mpq_core.data import CalibrationData
+from mpq_core.intake import load_model
+from mpq_core.memory_plan import sample_bytes, _rss
+from mpq_core.pipeline import run
+from mpq_core.spec import FinetuneSpec, JobSpec
+
+def peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+mode = sys.argv[1]
+model = load_model(decoder()[0])
+data = CalibrationData(inputs=[torch.randint(0, 8192, (96, 128), generator=torch.Generator().manual_seed(1))])
+model_bytes = sum(p.numel() * p.element_size() for p in model.named_weights().values())
+# Room for the stages' weight copies and 8 samples: far below what a batch of 64 needs.
+budget = _rss() + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20
+spec = JobSpec(
+    budgets=["avg-bits=4"],
+    batch_size=64,
+    max_memory=budget if mode == "planned" else None,
+    finetune=FinetuneSpec(epochs=1, batch_size=64),
+    device="cpu",
+)
+result = run(spec, model, data)
+print(json.dumps({"budget": budget, "peak": peak(), "memory": result.report["memory"]}))
+"""
+
+
+def _job(tmp_path: Path, mode: str) -> dict[str, Any]:
+    script = tmp_path / "job.py"
+    script.write_text(_DECODER + textwrap.dedent(_JOB))
+    done = subprocess.run(
+        [sys.executable, str(script), mode], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+@pytest.mark.slow
+def test_a_job_with_max_memory_stays_within_it_where_the_asked_batch_would_not(
+    tmp_path: Path,
+) -> None:
+    planned = _job(tmp_path, "planned")
+    plan = planned["memory"]
+    assert plan["source"] == "max_memory" and plan["limited"]
+    assert plan["batch_size"] < 64 and plan["finetune_batch_size"] < 64
+    assert planned["peak"] <= planned["budget"], planned
+    # The same job at the asked batch of 64 does not fit that budget: the plan is what kept it.
+    unplanned = _job(tmp_path, "machine")
+    assert unplanned["memory"]["batch_size"] == 64
+    assert unplanned["peak"] > planned["budget"], (unplanned, planned)
 
 
 def test_a_budget_that_cannot_hold_one_sample_is_refused_with_what_to_set() -> None:
