@@ -111,6 +111,12 @@ def _peak_gib() -> float:
     return -1.0
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def build(size: Size, folder: Path) -> dict[str, Any]:
     """Build the decoder with random weights and save it as TorchScript in ``folder``."""
     import torch
@@ -152,14 +158,14 @@ def fwdbwd(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
 
     model, data = load_model(folder / "model.pt"), load_data(data_path)
     loss_fn = PerSampleLoss("ce")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     for k, batch in enumerate(data.batches(batch_size)):
         out = model(*batch.inputs)
         loss_fn(out, loss_fn.targets(out, None, k * batch_size)).sum().backward()
         for p in model.module.parameters():
             p.grad = None  # as the analysis does: no gradient kept from batch to batch
         del out
-    return {"seconds": time.perf_counter() - start, "batches": k + 1}
+    return {"seconds": time.perf_counter() - start, "work_cpu_s": _cpu_s() - cpu, "batches": k + 1}
 
 
 def analyze_stage(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
@@ -170,9 +176,10 @@ def analyze_stage(folder: Path, data_path: Path, batch_size: int) -> dict[str, A
     from mpq_core.spec import AnalysisSpec
 
     model, data = load_model(folder / "model.pt"), load_data(data_path)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     table = analyze(model, data, AnalysisSpec(), batch_size=batch_size)
-    return {"seconds": time.perf_counter() - start, "layers": len(table.layers)}
+    seconds, work_cpu = time.perf_counter() - start, _cpu_s() - cpu
+    return {"seconds": seconds, "work_cpu_s": work_cpu, "layers": len(table.layers)}
 
 
 def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
@@ -187,12 +194,12 @@ def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
         finetune=FinetuneSpec(epochs=1, batch_size=batch_size),
     )
     out = Path(tempfile.mkdtemp(dir=folder, prefix="job-"))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     result = quantize_model(folder / "model.pt", data_path, spec, out)
-    seconds = time.perf_counter() - start
+    seconds, work_cpu = time.perf_counter() - start, _cpu_s() - cpu
     shutil.rmtree(out, ignore_errors=True)
     timings = {k: round(v, 2) for k, v in result.report.get("timings", {}).items()}
-    return {"seconds": seconds, "stage_seconds": timings}
+    return {"seconds": seconds, "work_cpu_s": work_cpu, "stage_seconds": timings}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -210,8 +217,9 @@ def child(args: argparse.Namespace) -> None:
     out["peak_gib"] = _peak_gib()
     # The machine may be shared: CPU seconds next to wall seconds show how much of the time
     # this child actually ran, and the load average what else was running.
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
+    out["cpu_s"] = round(_cpu_s(), 2)
+    if "work_cpu_s" in out:
+        out["work_cpu_s"] = round(out["work_cpu_s"], 2)
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(MARK + json.dumps(out), flush=True)
 
@@ -342,7 +350,7 @@ def merge(old: dict[str, Any], rows: list[dict[str, Any]], info: dict[str, Any])
         key = f"{row['size']}@{row['sequences']}"
         stages = {**runs.get(key, {}).get("stages", {}), **row["stages"]}
         runs[key] = {**runs.get(key, {}), **row, "stages": stages}
-    return {**info, "runs": runs}
+    return {**old, **info, "runs": runs}  # other keys (e.g. hand-written "notes") stay
 
 
 def _cell(stage: dict[str, Any] | None, unit: dict[str, Any] | None, what: str) -> str:
@@ -358,6 +366,12 @@ def _cell(stage: dict[str, Any] | None, unit: dict[str, Any] | None, what: str) 
     return text
 
 
+def _cpu_cell(stage: dict[str, Any]) -> str:
+    if "work_cpu_s" in stage:
+        return f"{stage['work_cpu_s']:.1f}"
+    return f"{stage['cpu_s']:.1f}*" if "cpu_s" in stage else "-"
+
+
 def _ordered(runs: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(runs.values(), key=lambda r: (r.get("params") or 0, r["sequences"]))
 
@@ -365,7 +379,7 @@ def _ordered(runs: dict[str, Any]) -> list[dict[str, Any]]:
 def main_table(runs: dict[str, Any]) -> list[str]:
     lines = [
         "| model | params | dtype | sequences | fwd+bwd s | analyze s (x) | job s (x) "
-        "| peak GiB fwd+bwd | peak GiB analyze | peak GiB job | child CPU s | load avg |",
+        "| peak GiB fwd+bwd | peak GiB analyze | peak GiB job | CPU s | load avg |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in _ordered(runs):
@@ -374,8 +388,8 @@ def main_table(runs: dict[str, Any]) -> list[str]:
         cells = [_cell(st.get(s), unit if s != "fwdbwd" else None, "s") for s in STAGES]
         peaks = [_cell(st.get(s), None, "peak") for s in STAGES]
         # CPU seconds and the machine's load: how much of the wall time each child really ran.
-        cpu = " / ".join(str(st[s].get("cpu_s", "?")) for s in STAGES if s in st)
-        load = " / ".join(str(st[s].get("load_avg_1m", "?")) for s in STAGES if s in st)
+        cpu = " / ".join(_cpu_cell(st[s]) for s in STAGES if s in st)
+        load = " / ".join(str(st[s].get("load_avg_1m", "-")) for s in STAGES if s in st)
         params = f"{row['params'] / 1e6:.1f}M" if row.get("params") else "?"
         lines.append(
             f"| {row['size']} | {params} | {row['config']['dtype']} | {row['sequences']} | "
@@ -430,13 +444,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"decoders with random weights, {TOKENS}-token sequences of random ids, no labels; batch "
         "size as in `batch_size` of each row of scale.json. Seconds are the work after loading; "
         "x is the ratio to one forward+backward over the same sequences; peak is the child "
-        "process's VmHWM. Child CPU s (user+system, imports and loading included) and the "
-        "1-minute load average at the child's end are per stage run: on a shared machine, "
-        "wall seconds far above CPU seconds mean the child waited for a core. Each stage's "
-        "commit is in scale.json.",
+        "process's VmHWM. CPU s (user+system, both threads, of the timed work; with * of the "
+        "whole child, imports and loading included) and the 1-minute load average at the "
+        "child's end are per stage: on a shared machine, wall seconds far above half the CPU "
+        "seconds mean the child waited for a core. Each stage's commit is in scale.json.",
         "",
     ]
-    return "\n".join(head + main_table(result["runs"]) + flat_table(result["runs"])) + "\n"
+    notes = [f"- {note}" for note in result.get("notes", [])]
+    tables = main_table(result["runs"]) + flat_table(result["runs"])
+    return "\n".join(head + tables + (["", "Notes:", "", *notes] if notes else [])) + "\n"
 
 
 def save(rows: list[dict[str, Any]], args: Any) -> dict[str, Any]:
