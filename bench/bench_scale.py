@@ -202,18 +202,47 @@ def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
     return {"seconds": seconds, "work_cpu_s": work_cpu, "stage_seconds": timings}
 
 
-def child(args: argparse.Namespace) -> None:
-    """Run one measurement and print its JSON line (with the peak memory) for the parent."""
+def limit_memory(gib: float | None) -> float | None:
+    """Cap this process's address space at ``gib`` GiB (``None``: the memory available now;
+    0: no cap). A stage that outgrows the machine then fails here with a memory error instead
+    of waking the kernel's OOM killer, which may pick another process: the machine is shared."""
+    if gib is None:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                gib = int(line.split()[1]) * 1024 / GIB
+    if not gib:
+        return None
+    cap = int(gib * GIB)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return round(gib, 2)
+
+
+def _stage(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.dir)
     data_path = folder / f"data_{args.sequences}.npz"
     if args.child == "build":
-        out = build(SIZES[args.size], folder)
-    elif args.child == "fwdbwd":
-        out = fwdbwd(folder, data_path, args.batch_size)
-    elif args.child == "analyze":
-        out = analyze_stage(folder, data_path, args.batch_size)
-    else:
-        out = job(folder, data_path, args.batch_size)
+        return build(SIZES[args.size], folder)
+    if args.child == "fwdbwd":
+        return fwdbwd(folder, data_path, args.batch_size)
+    if args.child == "analyze":
+        return analyze_stage(folder, data_path, args.batch_size)
+    return job(folder, data_path, args.batch_size)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one measurement and print its JSON line (with the peak memory) for the parent."""
+    cap = limit_memory(args.memory_limit)
+    try:
+        out = _stage(args)
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "can't allocate memory" not in str(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        sys.exit(
+            f"can't allocate memory: {first} (address space capped at {cap} GiB, what was "
+            f"available when the child started; peak resident {_peak_gib():.2f} GiB)"
+        )
+    out["memory_limit_gib"] = cap
     out["peak_gib"] = _peak_gib()
     # The machine may be shared: CPU seconds next to wall seconds show how much of the time
     # this child actually ran, and the load average what else was running.
@@ -230,6 +259,8 @@ def child(args: argparse.Namespace) -> None:
 def _failure(proc: subprocess.CompletedProcess[str]) -> str:
     """Why a child gave no result, in one line."""
     code = proc.returncode
+    if code < 0 and -code == signal.SIGABRT and "bad_alloc" in proc.stderr:
+        return "out of memory: std::bad_alloc"
     if code < 0 and -code == signal.SIGKILL:
         return "killed by SIGKILL (the OOM killer or a memory limit)"
     if code < 0:
@@ -247,6 +278,8 @@ def run_child(stage: str, size: str, folder: Path, sequences: int, args: Any) ->
         sys.executable, "-m", "bench.bench_scale", "--child", stage, "--size", size,
         "--dir", str(folder), "--sequences", str(sequences), "--batch-size", str(args.batch_size),
     ]  # fmt: skip
+    if getattr(args, "memory_limit", None) is not None:
+        cmd += ["--memory-limit", str(args.memory_limit)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -496,6 +529,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flat-sequences", default=",".join(map(str, FLAT_SEQUENCES)))
     p.add_argument("--batch-size", type=int, default=16, help="analysis and fine-tuning batch")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="cap each child's address space (default: the memory available at its start; 0: "
+        "none), so a stage too big for the machine fails alone, recorded as out of memory",
+    )
     p.add_argument("--workdir", default=None, help="keep the built models here (reused)")
     p.add_argument("--no-save", action="store_true", help="print, do not write bench/results")
     p.add_argument("--child", choices=("build", *STAGES), help=argparse.SUPPRESS)
