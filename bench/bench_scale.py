@@ -59,6 +59,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -393,13 +394,23 @@ def _cell(stage: dict[str, Any] | None, unit: dict[str, Any] | None, what: str) 
     if stage is None:
         return ""
     if "error" in stage:
-        return stage["error"] if what == "s" else "-"  # said once, in the seconds column
+        return _short(stage["error"]) if what == "s" else "-"  # said once, in seconds
     if what == "peak":
         return f"{stage['peak_gib']:.2f}"
     text = f"{stage['seconds']:.1f}"
     if unit and unit.get("seconds"):
         text += f" ({stage['seconds'] / unit['seconds']:.1f}x)"
     return text
+
+
+def _short(error: str) -> str:
+    """An error as a table cell; scale.json keeps the whole message."""
+    if "SIGKILL" in error:
+        return "killed (OOM killer?)"
+    peak = re.search(r"capped at ([\d.]+) GiB.*peak resident ([\d.]+) GiB", error)
+    if error.startswith("out of memory") and peak:
+        return f"out of memory at {peak[2]} GiB (cap {peak[1]})"
+    return error if len(error) <= 60 else error[:57] + "..."
 
 
 def _cpu_cell(stage: dict[str, Any]) -> str:
