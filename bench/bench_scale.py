@@ -172,22 +172,46 @@ def fwdbwd(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "work_cpu_s": _cpu_s() - cpu, "batches": k + 1}
 
 
-def analyze_stage(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
-    """Fisher sensitivities at the default candidate bits."""
+def analyze_stage(
+    folder: Path, data_path: Path, batch_size: int, max_memory_gib: float | None = None
+) -> dict[str, Any]:
+    """Fisher sensitivities at the default candidate bits; with ``max_memory_gib``, at the
+    batch size mpq's memory plan picks for that budget (as ``mpq analyze --max-memory``)."""
+    import torch
+
     from mpq_core.data import load_data
     from mpq_core.intake import load_model
+    from mpq_core.memory_plan import plan_memory
     from mpq_core.sensitivity import analyze
-    from mpq_core.spec import AnalysisSpec
+    from mpq_core.spec import DEFAULT_BITS, AnalysisSpec
 
     model, data = load_model(folder / "model.pt"), load_data(data_path)
     start, cpu = time.perf_counter(), _cpu_s()
+    if max_memory_gib is not None:
+        batch_size = plan_memory(
+            model,
+            data,
+            batch_size=batch_size,
+            finetune_batch_size=None,
+            bits=len(DEFAULT_BITS),
+            max_memory=int(max_memory_gib * GIB),
+            device=torch.device("cpu"),
+        ).batch_size
     table = analyze(model, data, AnalysisSpec(), batch_size=batch_size)
     seconds, work_cpu = time.perf_counter() - start, _cpu_s() - cpu
-    return {"seconds": seconds, "work_cpu_s": work_cpu, "layers": len(table.layers)}
+    return {
+        "seconds": seconds,
+        "work_cpu_s": work_cpu,
+        "layers": len(table.layers),
+        "planned_batch": batch_size,
+    }
 
 
-def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
-    """The whole job, artefacts included, with one fine-tuning epoch."""
+def job(
+    folder: Path, data_path: Path, batch_size: int, max_memory_gib: float | None = None
+) -> dict[str, Any]:
+    """The whole job, artefacts included, with one fine-tuning epoch (under ``max_memory_gib``
+    when given: the job's memory plan then picks the batch sizes)."""
     from mpq_core.pipeline import quantize_model
     from mpq_core.spec import FinetuneSpec, JobSpec
 
@@ -196,6 +220,7 @@ def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
         batch_size=batch_size,
         device="cpu",
         finetune=FinetuneSpec(epochs=1, batch_size=batch_size),
+        max_memory=None if max_memory_gib is None else int(max_memory_gib * GIB),
     )
     out = Path(tempfile.mkdtemp(dir=folder, prefix="job-"))
     start, cpu = time.perf_counter(), _cpu_s()
@@ -203,7 +228,14 @@ def job(folder: Path, data_path: Path, batch_size: int) -> dict[str, Any]:
     seconds, work_cpu = time.perf_counter() - start, _cpu_s() - cpu
     shutil.rmtree(out, ignore_errors=True)
     timings = {k: round(v, 2) for k, v in result.report.get("timings", {}).items()}
-    return {"seconds": seconds, "work_cpu_s": work_cpu, "stage_seconds": timings}
+    plan = result.report.get("memory") or {}
+    return {
+        "seconds": seconds,
+        "work_cpu_s": work_cpu,
+        "stage_seconds": timings,
+        "planned_batch": plan.get("batch_size"),
+        "planned_finetune_batch": plan.get("finetune_batch_size"),
+    }
 
 
 def limit_memory(gib: float | None) -> float | None:
@@ -229,8 +261,8 @@ def _stage(args: argparse.Namespace) -> dict[str, Any]:
     if args.child == "fwdbwd":
         return fwdbwd(folder, data_path, args.batch_size)
     if args.child == "analyze":
-        return analyze_stage(folder, data_path, args.batch_size)
-    return job(folder, data_path, args.batch_size)
+        return analyze_stage(folder, data_path, args.batch_size, args.max_memory)
+    return job(folder, data_path, args.batch_size, args.max_memory)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -284,6 +316,8 @@ def run_child(stage: str, size: str, folder: Path, sequences: int, args: Any) ->
     ]  # fmt: skip
     if getattr(args, "memory_limit", None) is not None:
         cmd += ["--memory-limit", str(args.memory_limit)]
+    if getattr(args, "max_memory", None) is not None:
+        cmd += ["--max-memory", str(args.max_memory)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -542,6 +576,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flat", default=None, metavar="SIZE", help="also run SIZE at 64/256/1024")
     p.add_argument("--flat-sequences", default=",".join(map(str, FLAT_SEQUENCES)))
     p.add_argument("--batch-size", type=int, default=16, help="analysis and fine-tuning batch")
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="the job's max_memory (analyze: the same plan): batch sizes chosen to fit",
+    )
     p.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     p.add_argument(
         "--memory-limit",
