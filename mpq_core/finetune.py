@@ -168,6 +168,9 @@ class _Session:
         self.act = act_quant if act_quant is not None else nullcontext()
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.step = 0
+        # Passes run on micro-batches of at most this many samples (a memory budget's choice;
+        # a fixed-batch export runs at its own size); each step still sees cfg.batch_size.
+        self.micro = cfg.batch_size
 
     def teacher(self, batch: Batch) -> torch.Tensor:
         """The float model's output on ``batch`` (padding dropped, float32): the original
@@ -195,7 +198,7 @@ class _Session:
         self.q.load()
         total_loss, count = 0.0, 0
         with capture_context(grad=False):
-            for batch in iter_batches(self.model, self.val, self.cfg.batch_size):
+            for batch in iter_batches(self.model, self.val, self.micro):
                 # Epochs are chosen on fidelity to the float model alone: cross entropy on a
                 # small held-out set mostly measures the float model's own mistakes.
                 # A float at once: the loss's graph (capture_context keeps autograd on) would
@@ -216,10 +219,10 @@ class _Session:
                 if self.step >= self.total:
                     break
                 self.q.load()
-                loss = self.loss_on(batch, self.cfg.label_weight)
-                self._update(torch.autograd.grad(loss, self.trainable, allow_unused=True))
+                loss, grads = self._accumulated(batch)
+                self._update(grads)
                 self.step += 1
-                running += float(loss.detach()) * batch.valid
+                running += loss * batch.valid
                 seen += batch.valid
                 report(
                     "finetune",
@@ -227,6 +230,21 @@ class _Session:
                     {"epoch": epoch, "loss": running / max(seen, 1)},
                 )
         return running / max(seen, 1)
+
+    def _accumulated(self, batch: Batch) -> tuple[float, tuple[torch.Tensor | None, ...]]:
+        """The batch's loss and its gradients, summed over micro-batches of ``self.micro``
+        samples, each weighted by its share of the batch: the step a whole batch would take,
+        within the memory of a micro-batch."""
+        value = 0.0
+        total_grads: tuple[torch.Tensor | None, ...] | None = None
+        for part in _micro_batches(batch, self.micro):
+            loss = self.loss_on(part, self.cfg.label_weight) * (part.valid / batch.valid)
+            grads = torch.autograd.grad(loss, self.trainable, allow_unused=True)
+            value += float(loss.detach())
+            total_grads = grads if total_grads is None else tuple(map(_add, total_grads, grads))
+            del loss  # this micro-batch's graph goes before the next is built
+        assert total_grads is not None
+        return value, total_grads
 
     def _update(self, grads: tuple[torch.Tensor | None, ...]) -> None:
         named = dict(zip(list(self.q.params) + list(self.others), grads, strict=True))
@@ -252,6 +270,26 @@ class _Session:
             p.requires_grad_(r)
 
 
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _micro_batches(batch: Batch, size: int) -> list[Batch]:
+    """``batch`` cut into parts of at most ``size`` real samples (the batch itself when it is
+    no larger, or when it carries padding for a fixed-batch export)."""
+    if batch.valid <= size or batch.inputs[0].shape[0] != batch.valid:
+        return [batch]
+    return [
+        Batch(
+            inputs=[t[s : s + size] for t in batch.inputs],
+            labels=None if batch.labels is None else batch.labels[s : s + size],
+            valid=min(size, batch.valid - s),
+            start=batch.start + s,
+        )
+        for s in range(0, batch.valid, size)
+    ]
+
+
 def finetune(
     model: LoadedModel,
     data: CalibrationData,
@@ -264,6 +302,7 @@ def finetune(
     output_key: Any = None,
     progress: ProgressFn | None = None,
     zeros: dict[str, torch.Tensor | None] | None = None,
+    micro_batch_size: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with its quantized layers held at ``bits`` / ``scales``.
 
@@ -281,11 +320,15 @@ def finetune(
         output_key: which element of a tuple/dict output to train on.
         progress: called as ``progress("finetune", fraction, metrics)``.
         zeros: zero points of the layers with asymmetric codes (kept fixed).
+        micro_batch_size: run each step's batch in parts of at most this many samples,
+            accumulating the gradients (same steps and result, less memory); default: whole.
     """
     cfg = settings or FinetuneSpec()
     start = time.perf_counter()
     run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
     run.q.set_zeros(zeros)
+    if micro_batch_size is not None:
+        run.micro = max(1, min(micro_batch_size, cfg.batch_size))
     return _fit(run, progress or null_progress, start)
 
 

@@ -64,7 +64,7 @@ class MemoryPlan:
     resident: int  # bytes the process held when the plan was made (libraries, model, data)
     model_bytes: int
     batch_size: int  # profiling, analysis, calibration and evaluation
-    finetune_batch_size: int  # 0 when the job does not fine-tune
+    finetune_batch_size: int  # fine-tuning's micro-batch; 0 when the job does not fine-tune
     asked_batch_size: int
     asked_finetune_batch_size: int
 
@@ -81,16 +81,16 @@ class MemoryPlan:
         if not self.limited:
             return None
         tuned = (
-            f" (fine-tuning {self.finetune_batch_size} instead of {self.asked_finetune_batch_size})"
-            if self.asked_finetune_batch_size
+            f" (fine-tuning steps of {self.asked_finetune_batch_size} run as micro-batches of "
+            f"{self.finetune_batch_size}, gradients accumulated)"
+            if self.finetune_batch_size < self.asked_finetune_batch_size
             else ""
         )
         return (
             f"batch size {self.batch_size} instead of {self.asked_batch_size}{tuned} to stay "
             f"within "
             f"{_gib(self.max_memory)} ({self.source}): one sample's forward and backward pass "
-            f"takes about {_mib(self.per_sample)}; results do not depend on the analysis batch "
-            "size, only fine-tuning steps do"
+            f"takes about {_mib(self.per_sample)}; results do not depend on these sizes"
         )
 
     def to_dict(self) -> dict[str, Any]:

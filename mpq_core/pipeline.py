@@ -364,20 +364,18 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
     load_weights(ctx.model, quant.float_weights)
     bits = {name: layer.bits for name, layer in quant.layers.items()}
     scales = quant.scales
-    settings = ctx.spec.finetune
-    if ctx.plan is not None:
-        settings = replace(settings, batch_size=ctx.plan.finetune_batch_size)
     tuned = finetune(
         ctx.model,
         ctx.work,
         bits,
         scales,
-        settings,
+        ctx.spec.finetune,
         seed=ctx.spec.seed,
         act_quant=quant.act_quant,
         output_key=ctx.spec.output_key,
         progress=ctx.clock.forward("finetune"),
         zeros=quant.zeros,
+        micro_batch_size=ctx.plan.finetune_batch_size if ctx.plan is not None else None,
     )
     quant.layers = quantize_weights(
         ctx.model, bits, scales=scales, zeros=quant.zeros, scheme=ctx.spec.scheme

@@ -330,3 +330,26 @@ def test_finetune_memory_is_bounded_by_a_batch_not_the_samples() -> None:
     # Outputs may not: the old cached teacher alone grew by 224 samples' scores, 3.2 MB.
     inputs = 12 * 8 * 2  # bytes of one sample's ids and labels
     assert large - small <= 3 * (256 - 32) * inputs, (small, large)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_micro_batches_take_the_steps_whole_batches_take(fmt: str) -> None:
+    """A memory budget runs each step's batch of 8 as micro-batches of 3 (3, 3, 2) with the
+    gradients accumulated: the training must be the one whole batches give."""
+    data = zoo_data("mlp", 64)
+    cfg = FinetuneSpec(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
+    whole_model, micro_model = _mlp(fmt), _mlp(fmt)
+    scales = _scales(whole_model, MIXED)
+    whole = finetune(whole_model, data, MIXED, scales, cfg)
+    micro = finetune(micro_model, data, MIXED, scales, cfg, micro_batch_size=3)
+    assert micro.best_epoch == whole.best_epoch >= 1
+    for a, b in zip(micro.history, whole.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    want = _snapshot(whole_model)
+    for name, value in _snapshot(micro_model).items():
+        assert torch.allclose(value, want[name], rtol=0, atol=1e-4), name
+    # Steps of 3 without accumulation train another model: the comparison can tell.
+    small_model = _mlp(fmt)
+    finetune(small_model, data, MIXED, scales, FinetuneSpec(**{**cfg.__dict__, "batch_size": 3}))
+    small = _snapshot(small_model)
+    assert not all(torch.allclose(small[n], want[n], rtol=0, atol=1e-4) for n in want)
