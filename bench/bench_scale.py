@@ -44,12 +44,12 @@ next to the child's wall time; ``x`` is the ratio to (1). ``--flat SIZE`` runs t
 64, 256 and 1024 sequences on one size: is peak memory flat in the number of sequences (the
 goal of issue 10: within 10%)?
 
-How long it takes (2 shared cores, load average 6-12, float32, 64 sequences, wall time): 1m all
-stages about 4 minutes; 10m about 17 (the job alone 10); 125m fwd+bwd 7 minutes, analyze over
-an hour; 350m one batch of 16 sequences fwd+bwd 9 minutes. ``--flat 1m`` takes over half an
-hour, and its job does not fit 24 GiB at 256 sequences (on main at 154e32b). 1b is listed but
-not practical on such a CPU: without native bfloat16 a single 2048x2048x8192 bfloat16 matmul
-ran over 9 minutes (5.5 s in float32), so one batch would take days.
+How long it takes (2 shared cores, load average 5-12, float32, 64 sequences, wall time): 1m all
+stages about 4 minutes; 10m about 17 (the job alone 10); 125m fwd+bwd 7 minutes, analyze 15
+(9.4 GiB: keep 12 GiB free); 350m one batch of 16 sequences fwd+bwd 9 minutes. ``--flat 1m``
+takes over half an hour, and its job does not fit 24 GiB at 256 sequences (on main at 154e32b).
+1b is listed but not practical on such a CPU: without native bfloat16 a single 2048x2048x8192
+bfloat16 matmul ran over 9 minutes (5.5 s in float32), so one batch would take days.
 """
 
 from __future__ import annotations
