@@ -1,6 +1,7 @@
 """A projection, not a measurement: memory and time of 1B and 7B decoders on one H200.
 
-Run: ``python -m bench.project_gpu``. Writes ``bench/results/gpu_projection.{json,md}``.
+Run: ``python -m bench.project_gpu`` (``--render``: only refresh the Fisher ratio from
+``scale.json``). Writes ``bench/results/gpu_projection.{json,md}``.
 
 No GPU was lent to the sessions that built issue 10, so this script projects from what this
 CPU machine can measure exactly. Memory: a job's footprint is its weights, the copies its
@@ -21,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,19 +92,32 @@ def _slice_bytes(size: Decoder, blocks: int) -> int:
 
 
 def _fisher_ratio() -> tuple[float | None, str]:
+    """The analysis's time over one forward+backward pass on the largest decoder measured by
+    ``bench_scale`` (both stages recorded for the same sequences)."""
     path = RESULTS / "scale.json"
     if not path.exists():
         return None, "no CPU measurement"
-    rows = json.loads(path.read_text()).get("rows", [])
-    ratios = [
-        (r.get("params", 0), r.get("analyze_x"))
-        for r in rows
-        if isinstance(r, dict) and isinstance(r.get("analyze_x"), int | float)
-    ]
-    if not ratios:
+    found = []
+    for run in json.loads(path.read_text()).get("runs", {}).values():
+        stages = run.get("stages", {})
+        fwdbwd, analyze = (stages.get(k, {}).get("seconds") for k in ("fwdbwd", "analyze"))
+        if fwdbwd and analyze:
+            found.append((run.get("params", 0), analyze / fwdbwd, run.get("size", "?")))
+    if not found:
         return None, "no CPU measurement"
-    params, ratio = max(ratios)  # the largest model measured is the closest to these
-    return float(ratio), f"CPU, {params / 1e6:.0f}M decoder"
+    _, ratio, size = max(found)  # the largest model measured is the closest to these
+    return round(ratio, 2), f"CPU, {size} decoder (bench/results/scale.json)"
+
+
+def _with_fisher(row: dict[str, Any]) -> dict[str, Any]:
+    ratio, ratio_from = _fisher_ratio()
+    analyze = None if ratio is None else row["fwdbwd_s_per_1024_sequences"] * ratio
+    return {
+        **row,
+        "fisher_x": ratio,
+        "fisher_x_from": ratio_from,
+        "analyze_s_per_1024_sequences": analyze,
+    }
 
 
 def project(size: Decoder) -> dict[str, Any]:
@@ -114,24 +129,22 @@ def project(size: Decoder) -> dict[str, Any]:
     runtime = 2 * 10**9  # CUDA context and PyTorch's own allocations
     analysis_fixed = runtime + 2 * weights + errors
     finetune_fixed = runtime + 7 * weights
-    ratio, ratio_from = _fisher_ratio()
     fwdbwd_s_per_seq = 6 * size.params * TOKENS / (MFU * H200_BF16_FLOPS)
-    return {
-        "model": size.name,
-        "params": size.params,
-        "width": size.width,
-        "blocks": size.blocks,
-        "per_sample_gib": per_sample / 2**30,
-        "weights_gib": weights / 2**30,
-        "analysis_batch_on_h200": int((H200_BYTES - analysis_fixed) // per_sample),
-        "analysis_gib_at_batch_16": (analysis_fixed + 16 * per_sample) / 2**30,
-        "finetune_batch_on_h200": max(0, int((H200_BYTES - finetune_fixed) // per_sample)),
-        "finetune_gib_at_batch_8": (finetune_fixed + 8 * per_sample) / 2**30,
-        "fwdbwd_s_per_1024_sequences": 1024 * fwdbwd_s_per_seq,
-        "fisher_x": ratio,
-        "fisher_x_from": ratio_from,
-        "analyze_s_per_1024_sequences": None if ratio is None else 1024 * fwdbwd_s_per_seq * ratio,
-    }
+    return _with_fisher(
+        {
+            "model": size.name,
+            "params": size.params,
+            "width": size.width,
+            "blocks": size.blocks,
+            "per_sample_gib": per_sample / 2**30,
+            "weights_gib": weights / 2**30,
+            "analysis_batch_on_h200": int((H200_BYTES - analysis_fixed) // per_sample),
+            "analysis_gib_at_batch_16": (analysis_fixed + 16 * per_sample) / 2**30,
+            "finetune_batch_on_h200": max(0, int((H200_BYTES - finetune_fixed) // per_sample)),
+            "finetune_gib_at_batch_8": (finetune_fixed + 8 * per_sample) / 2**30,
+            "fwdbwd_s_per_1024_sequences": 1024 * fwdbwd_s_per_seq,
+        }
+    )
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -156,8 +169,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> dict[str, Any]:
+    """Project every size; with ``--render``, only redo the Fisher columns of the rows already
+    in ``gpu_projection.json`` from the latest ``scale.json`` (no model is built)."""
     torch.manual_seed(0)
-    rows = [project(size) for size in SIZES]
+    saved = RESULTS / "gpu_projection.json"
+    if "--render" in sys.argv and saved.exists():
+        rows = [_with_fisher(row) for row in json.loads(saved.read_text())["rows"]]
+    else:
+        rows = [project(size) for size in SIZES]
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     result = {
         "kind": "projection (no GPU measured)",
