@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,31 +43,11 @@ def _status_mib(field: str) -> int:
 
 def _write_decoder(path: Path) -> int:
     """Trace the decoder to TorchScript at ``path``; its parameter count."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from bench.decoders import DecoderConfig, traced_decoder
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=TOKENS
-    )
-    net = GPT2LMHeadModel(cfg).eval()
-    net.config.use_cache = False
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        example = torch.zeros(2, TOKENS, dtype=torch.long)
-        torch.jit.save(torch.jit.trace(Logits(net), example, strict=False), buffer)
-    path.write_bytes(buffer.getvalue())
-    return sum(p.numel() for p in net.parameters())
+    archive, params = traced_decoder(DecoderConfig(VOCAB, WIDTH, LAYERS, HEADS, TOKENS))
+    path.write_bytes(archive)
+    return params
 
 
 def _child(archive: Path, sequences: int) -> dict[str, Any]:

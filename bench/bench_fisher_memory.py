@@ -14,13 +14,13 @@ keeps each batch alive grows by a batch's worth at every step (issue 10 measured
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.decoders import DecoderConfig, traced_decoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, WIDTH, LAYERS, HEADS, TOKENS, SEQUENCES, BATCH = 8192, 256, 6, 4, 64, 128, 16
@@ -34,29 +34,9 @@ def _rss_mib() -> int:
 
 
 def _decoder() -> tuple[bytes, torch.Tensor, int]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    archive, params = traced_decoder(DecoderConfig(VOCAB, WIDTH, LAYERS, HEADS, TOKENS))
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=TOKENS
-    )
-    net = GPT2LMHeadModel(cfg).eval()
-    net.config.use_cache = False
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
-
-    ids = torch.randint(0, VOCAB, (SEQUENCES, TOKENS))
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(Logits(net), ids[:2], strict=False), buffer)
-    return buffer.getvalue(), ids, sum(p.numel() for p in net.parameters())
+    return archive, torch.randint(0, VOCAB, (SEQUENCES, TOKENS)), params
 
 
 def main() -> dict[str, Any]:

@@ -20,10 +20,8 @@ takes the Fisher analysis's cost ratio to one forward and backward pass from the
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,37 +55,15 @@ SIZES = [Decoder("1B", 2048, 20, 16), Decoder("7B", 4096, 32, 32)]
 
 def _slice_bytes(size: Decoder, blocks: int) -> int:
     """``sample_bytes`` of the decoder cut to ``blocks`` blocks, in float32."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    from bench.decoders import DecoderConfig, traced_decoder
     from mpq_core.data import CalibrationData
     from mpq_core.intake import load_model
     from mpq_core.memory_plan import sample_bytes
 
-    cfg = GPT2Config(
-        vocab_size=size.vocab,
-        n_embd=size.width,
-        n_layer=blocks,
-        n_head=size.heads,
-        n_positions=TOKENS,
-    )
-    net = GPT2LMHeadModel(cfg).eval()
-    net.config.use_cache = False
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
-
+    cfg = DecoderConfig(size.vocab, size.width, blocks, size.heads, TOKENS)
+    archive, _ = traced_decoder(cfg, tokens=TOKENS)
     ids = torch.randint(0, size.vocab, (2, TOKENS))
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(Logits(net), ids, strict=False), buffer)
-    del net
-    model = load_model(buffer.getvalue())
+    model = load_model(archive)
     return sample_bytes(model, CalibrationData(inputs=[ids]))
 
 

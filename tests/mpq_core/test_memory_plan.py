@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from bench.decoders import DecoderConfig, traced_decoder
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
@@ -22,37 +24,16 @@ from tests.zoo import SmallMLP, torchscript_bytes
 # A GPT-2-style decoder whose logits dominate a sample's memory (vocabulary 8192, 128 tokens:
 # 4 MiB of logits a sequence), traced to TorchScript as users export one.
 _DECODER = """
-import io, warnings, torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from bench.decoders import DecoderConfig, traced_decoder
 
 def decoder(tokens: int = 128) -> tuple[bytes, int]:
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=8192, n_embd=64, n_layer=2, n_head=2, n_positions=tokens)
-    net = GPT2LMHeadModel(cfg).eval()
-    net.config.use_cache = False
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids).logits
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids = torch.randint(0, 8192, (2, tokens))
-        torch.jit.save(torch.jit.trace(Logits(net), ids, strict=False), buffer)
-    return buffer.getvalue(), tokens
+    return traced_decoder(DecoderConfig(8192, 64, 2, 2, tokens))
 """
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _decoder(tokens: int = 128) -> bytes:
-    scope: dict[str, Any] = {}
-    exec(_DECODER, scope)  # the same builder the child processes use
-    archive: bytes = scope["decoder"](tokens)[0]
-    return archive
+    return traced_decoder(DecoderConfig(8192, 64, 2, 2, tokens))[0]
 
 
 def _ids(n: int, tokens: int = 128) -> CalibrationData:
@@ -109,7 +90,11 @@ def _job(tmp_path: Path, mode: str) -> dict[str, Any]:
     script = tmp_path / "job.py"
     script.write_text(_DECODER + textwrap.dedent(_JOB))
     done = subprocess.run(
-        [sys.executable, str(script), mode], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
