@@ -229,7 +229,10 @@ def job(
     shutil.rmtree(out, ignore_errors=True)
     timings = {k: round(v, 2) for k, v in result.report.get("timings", {}).items()}
     plan = result.report.get("memory") or {}
+    # The job resets the process's peak after each stage and reports each stage's own.
+    stage_peaks = plan.get("peak_bytes_by_stage") or {}
     return {
+        "stage_peak_gib": {k: round(v / GIB, 3) for k, v in stage_peaks.items()},
         "seconds": seconds,
         "work_cpu_s": work_cpu,
         "stage_seconds": timings,
@@ -279,7 +282,7 @@ def child(args: argparse.Namespace) -> None:
             f"available when the child started; peak resident {_peak_gib():.2f} GiB)"
         )
     out["memory_limit_gib"] = cap
-    out["peak_gib"] = _peak_gib()
+    out["peak_gib"] = max(_peak_gib(), *out.get("stage_peak_gib", {}).values())
     # The machine may be shared: CPU seconds next to wall seconds show how much of the time
     # this child actually ran, and the load average what else was running.
     out["cpu_s"] = round(_cpu_s(), 2)

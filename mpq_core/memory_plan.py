@@ -21,6 +21,7 @@ device's free memory plus what PyTorch already reserved.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import resource
@@ -37,7 +38,14 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.runner import iter_batches
 from mpq_core.sensitivity.fisher import WORKSPACE_BYTES
 
-__all__ = ["MemoryPlan", "machine_memory", "plan_memory", "release_free_memory", "sample_bytes"]
+__all__ = [
+    "MemoryPlan",
+    "machine_memory",
+    "peak_resident_and_reset",
+    "plan_memory",
+    "release_free_memory",
+    "sample_bytes",
+]
 
 # What a sample costs beyond what autograd saves, in copies of its output: in the analysis, the
 # output's gradient and the loss's log-softmax; in fine-tuning also the teacher's output and the
@@ -119,6 +127,23 @@ def release_free_memory() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def peak_resident_and_reset() -> int | None:
+    """This process's peak resident bytes since the last reset (``VmHWM``), then a reset, so
+    each stage of a job reports its own peak. None where ``/proc`` does not tell."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    peak = next(
+        (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")),
+        None,
+    )
+    # 5 resets the peak resident size; where refused, each stage reports the job's peak so far.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return peak
 
 
 def _gib(n: int) -> str:

@@ -9,6 +9,8 @@ allocation, the sensitivity table, metrics, encodings and the report);
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,12 @@ from mpq_core.errors import SpecError
 from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.memory_plan import MemoryPlan, plan_memory, release_free_memory
+from mpq_core.memory_plan import (
+    MemoryPlan,
+    peak_resident_and_reset,
+    plan_memory,
+    release_free_memory,
+)
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
@@ -68,6 +75,7 @@ class JobContext:
     evaluator: Evaluator
     notes: list[str] = field(default_factory=list)  # what the user should know, in report.json
     plan: MemoryPlan | None = None  # the batch sizes that fit the memory budget
+    stage_peaks: dict[str, int] = field(default_factory=dict)  # peak resident bytes by stage
 
     @property
     def batch_size(self) -> int:
@@ -161,26 +169,24 @@ def run(
     """
     clock = StageClock(progress or null_progress)
     spec.parsed_budgets()  # a bad budget fails before any work
-    with clock.stage("intake"):
+    peaks: dict[str, int] = {}
+    peak_resident_and_reset()
+    with _measured(clock, "intake", peaks):
         ctx = prepare_job(spec, model, data, eval_data, clock, limits)
-    # Each stage's freed batches go back to the system before the next is planned for.
-    release_free_memory()
-    with clock.stage("profile"):
+    with _measured(clock, "profile", peaks):
         plan_stage(ctx)
         profile = profile_model(ctx.model, ctx.work, batch_size=ctx.batch_size)
-    with clock.stage("analyze"):
+    with _measured(clock, "analyze", peaks):
         table = analyze_stage(ctx, profile, sensitivity)
-    release_free_memory()
-    with clock.stage("allocate"):
+    with _measured(clock, "allocate", peaks):
         allocation = allocate(table, spec)
-    with clock.stage("quantize"):
+    with _measured(clock, "quantize", peaks):
         quant = quantize_stage(ctx, allocation.bits_by_layer())
-    release_free_memory()
-    with clock.stage("finetune"):
+    with _measured(clock, "finetune", peaks):
         tuned = finetune_stage(ctx, quant)
-    release_free_memory()
-    with clock.stage("evaluate"):
+    with _measured(clock, "evaluate", peaks):
         final = evaluate_stage(ctx, quant, tuned)
+    ctx.stage_peaks = peaks
     scores = quant.scores
     metrics = {"float": scores.float_eval, "quantized": scores.quantized_eval, "finetuned": final}
     report = build_report(ctx, profile, allocation, quant, tuned, final)
@@ -241,6 +247,18 @@ def quantize_model(
 
 
 # --- stages --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _measured(clock: StageClock, name: str, peaks: dict[str, int]) -> Iterator[None]:
+    """``clock.stage(name)``, then the stage's freed memory handed back to the system (so the
+    next stage starts from what is really held) and its peak resident size kept in ``peaks``."""
+    with clock.stage(name):
+        yield
+    release_free_memory()
+    peak = peak_resident_and_reset()
+    if peak is not None:
+        peaks[name] = peak
 
 
 def prepare_job(

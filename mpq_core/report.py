@@ -128,7 +128,10 @@ def build_report(
         },
         "timings": dict(ctx.clock.seconds),
         "device": str(ctx.device),
-        "memory": ctx.plan.to_dict() if ctx.plan is not None else None,
+        "memory": {
+            **(ctx.plan.to_dict() if ctx.plan is not None else {}),
+            "peak_bytes_by_stage": dict(ctx.stage_peaks),
+        },
         "device_note": ctx.device_note,
         "notes": list(ctx.notes),
         "artifacts": [],

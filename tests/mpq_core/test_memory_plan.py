@@ -18,6 +18,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
 from mpq_core.memory_plan import machine_memory, plan_memory, sample_bytes
+from mpq_core.progress import STAGES
 from mpq_core.spec import JobSpec
 from tests.zoo import SmallMLP, torchscript_bytes
 
@@ -82,7 +83,9 @@ spec = JobSpec(
     device="cpu",
 )
 result = run(spec, model, data)
-print(json.dumps({"budget": budget, "peak": peak(), "memory": result.report["memory"]}))
+# The job resets the peak after each stage and reports each stage's own.
+stages = result.report["memory"]["peak_bytes_by_stage"]
+print(json.dumps({"budget": budget, "peak": max(peak(), *stages.values()), "memory": result.report["memory"], "stages": sorted(stages)}))
 """
 
 
@@ -110,6 +113,7 @@ def test_a_job_with_max_memory_stays_within_it_where_the_asked_batch_would_not(
     assert plan["source"] == "max_memory" and plan["limited"]
     assert plan["batch_size"] < 64 and plan["finetune_batch_size"] < 64
     assert planned["peak"] <= planned["budget"], planned
+    assert planned["stages"] == sorted(STAGES[:-1])  # every stage but export reports its peak
     # The same job at the asked batch of 64 does not fit that budget: the plan is what kept it.
     unplanned = _job(tmp_path, "machine")
     assert unplanned["memory"]["batch_size"] == 64
