@@ -282,7 +282,7 @@ def child(args: argparse.Namespace) -> None:
             f"available when the child started; peak resident {_peak_gib():.2f} GiB)"
         )
     out["memory_limit_gib"] = cap
-    out["peak_gib"] = max(_peak_gib(), *out.get("stage_peak_gib", {}).values())
+    out["peak_gib"] = max([_peak_gib(), *out.get("stage_peak_gib", {}).values()])
     # The machine may be shared: CPU seconds next to wall seconds show how much of the time
     # this child actually ran, and the load average what else was running.
     out["cpu_s"] = round(_cpu_s(), 2)
