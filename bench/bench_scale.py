@@ -67,7 +67,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -124,32 +123,14 @@ def _cpu_s() -> float:
 def build(size: Size, folder: Path) -> dict[str, Any]:
     """Build the decoder with random weights and save it as TorchScript in ``folder``."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=size.vocab,
-        n_embd=size.width,
-        n_layer=size.layers,
-        n_head=size.heads,
-        n_positions=size.positions,
+    from bench.decoders import DecoderConfig, traced_decoder
+
+    cfg = DecoderConfig(
+        size.vocab, size.width, size.layers, size.heads, size.positions, getattr(torch, size.dtype)
     )
-    net = GPT2LMHeadModel(cfg).to(getattr(torch, size.dtype)).eval()
-    net.config.use_cache = False
-
-    class Logits(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids).logits  # type: ignore[no-any-return]
-
-    ids = torch.randint(0, size.vocab, (2, TOKENS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(Logits(net), ids, strict=False), str(folder / "model.pt"))
-    params = sum(p.numel() for p in net.parameters())  # the tied head counted once
+    archive, params = traced_decoder(cfg, tokens=TOKENS)  # the tied head counted once
+    (folder / "model.pt").write_bytes(archive)
     return {"params": params}
 
 
