@@ -73,8 +73,9 @@ mode = sys.argv[1]
 model = load_model(decoder()[0])
 data = CalibrationData(inputs=[torch.randint(0, 8192, (96, 128), generator=torch.Generator().manual_seed(1))])
 model_bytes = sum(p.numel() * p.element_size() for p in model.named_weights().values())
-# Room for the stages' weight copies and 8 samples: far below what a batch of 64 needs.
-budget = _rss() + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20
+# Room for the stages' weight copies and 8 samples (the plan fills 90% of a budget): far
+# below what a batch of 64 needs.
+budget = int((_rss() + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20) / 0.9)
 spec = JobSpec(
     budgets=["avg-bits=4"],
     batch_size=64,
