@@ -128,10 +128,7 @@ def build_report(
         },
         "timings": dict(ctx.clock.seconds),
         "device": str(ctx.device),
-        "memory": {
-            **(ctx.plan.to_dict() if ctx.plan is not None else {}),
-            "peak_bytes_by_stage": dict(ctx.stage_peaks),
-        },
+        "memory": _memory(ctx),
         "device_note": ctx.device_note,
         "notes": list(ctx.notes),
         "artifacts": [],
@@ -148,6 +145,12 @@ def scheme_report(scheme: QuantScheme, layers: Sequence[LayerInfo]) -> dict[str,
         if scheme.group_size is not None and scheme.groups(layer.shape) == 1
     ]
     return {**scheme.to_dict(), "per_channel_layers": fallback}
+
+
+def _memory(ctx: JobContext) -> dict[str, Any]:
+    """The batch sizes the memory plan chose and each stage's peak resident bytes."""
+    plan = ctx.plan.to_dict() if ctx.plan is not None else {}
+    return {**plan, "peak_bytes_by_stage": dict(ctx.stage_peaks)}
 
 
 def finite(value: Any) -> Any:
