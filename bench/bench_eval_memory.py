@@ -35,10 +35,10 @@ CAP_GIB = 8
 
 
 def _status_mib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) // 1024
-    return -1
+    from mpq_core.memory_plan import status_bytes
+
+    value = status_bytes(field)
+    return -1 if value is None else value // 2**20
 
 
 def _write_decoder(path: Path) -> int:

@@ -21,16 +21,15 @@ from typing import Any
 import torch
 
 from bench.decoders import DecoderConfig, traced_decoder
+from mpq_core.memory_plan import status_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, WIDTH, LAYERS, HEADS, TOKENS, SEQUENCES, BATCH = 8192, 256, 6, 4, 64, 128, 16
 
 
 def _rss_mib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-    return -1
+    value = status_bytes("VmRSS")
+    return -1 if value is None else value // 2**20
 
 
 def _decoder() -> tuple[bytes, torch.Tensor, int]:

@@ -40,7 +40,8 @@ MODES = ("in-process", "namespaces", "process")
 
 def _own_peak_mib() -> float:
     # VmHWM belongs to this process image; ru_maxrss would also carry the peak of the process
-    # this one was forked from.
+    # this one was forked from. Read here, not through mpq_core.memory_plan, which imports
+    # torch: whether the caller holds torch is what this benchmark measures.
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024

@@ -108,10 +108,10 @@ SIZES: dict[str, Size] = {
 
 def _peak_gib() -> float:
     """This process's peak resident memory (``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / GIB
-    return -1.0
+    from mpq_core.memory_plan import status_bytes
+
+    peak = status_bytes("VmHWM")
+    return -1.0 if peak is None else peak / GIB
 
 
 def _cpu_s() -> float:

@@ -22,7 +22,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpq_core.shared_flow import FlowStep, SharedFlow, follow
 
-__all__ = ["LayerCapture", "OpRecord", "WeightRef", "WeightUse", "capture_context", "weight_use"]
+__all__ = [
+    "LayerCapture",
+    "OpRecord",
+    "WeightRef",
+    "WeightUse",
+    "capture_context",
+    "shape_only",
+    "weight_use",
+]
 
 aten = torch.ops.aten
 
@@ -135,6 +143,12 @@ class OpRecord:
     transposed: bool = False  # the parameter is stored (in, out) and used as is (GPT-2 Conv1D)
 
 
+def shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A stand-in for a tensor no longer needed: its shape and dtype on the meta device, no
+    data (what a record's shape-based bookkeeping still reads once the data is released)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def _conv_kind(weight: torch.Tensor, transposed: bool) -> str:
     dims = weight.dim() - 2
     return ("conv_transpose" if transposed else "conv") + f"{dims}d"
@@ -205,7 +219,7 @@ class LayerCapture(TorchDispatchMode):
         for rec in self._pending:
             rec.node = rec.out.grad_fn
             if self._release_outputs and rec.flow is None:
-                rec.out = torch.empty(rec.out.shape, dtype=rec.out.dtype, device="meta")
+                rec.out = shape_only(rec.out)
         self._pending.clear()
         for step in self._pending_steps:
             step.node = step.out.grad_fn

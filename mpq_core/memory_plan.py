@@ -40,11 +40,14 @@ from mpq_core.sensitivity.fisher import WORKSPACE_BYTES
 
 __all__ = [
     "MemoryPlan",
+    "SampleCost",
     "machine_memory",
+    "measure_sample",
     "peak_resident_and_reset",
     "plan_memory",
     "release_free_memory",
     "sample_bytes",
+    "status_bytes",
 ]
 
 # What a sample costs beyond what autograd saves, in copies of its output: in the analysis, the
@@ -134,17 +137,24 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def peak_resident_and_reset() -> int | None:
-    """This process's peak resident bytes since the last reset (``VmHWM``), then a reset, so
-    each stage of a job reports its own peak. None where ``/proc`` does not tell."""
+def status_bytes(field: str) -> int | None:
+    """A size field of this process's ``/proc/self/status`` in bytes (``VmRSS``: resident now,
+    ``VmHWM``: peak resident); None where ``/proc`` does not tell."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    peak = next(
-        (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")),
-        None,
-    )
+    prefix = f"{field}:"
+    for line in status.splitlines():
+        if line.startswith(prefix):
+            return int(line.split()[1]) * 1024  # the kernel writes kB
+    return None
+
+
+def peak_resident_and_reset() -> int | None:
+    """This process's peak resident bytes since the last reset (``VmHWM``), then a reset, so
+    each stage of a job reports its own peak. None where ``/proc`` does not tell."""
+    peak = status_bytes("VmHWM")
     # 5 resets the peak resident size; where refused, each stage reports the job's peak so far.
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
@@ -160,10 +170,7 @@ def _mib(n: int) -> str:
 
 
 def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS") or 0
 
 
 def _meminfo_available() -> int | None:
@@ -227,25 +234,40 @@ def _graph_bytes(
     return sum(saved.values()), out.numel() * out.element_size()
 
 
-def sample_bytes(
-    model: LoadedModel, data: CalibrationData, output_key: Any = None, *, stage: str = "analysis"
-) -> int:
-    """Estimated bytes one sample adds to a forward and backward pass of ``stage``
-    (``analysis`` or ``finetune``), with headroom.
+@dataclass(frozen=True)
+class SampleCost:
+    """What one sample adds to a forward and backward pass, measured once per job."""
 
-    Measured as the difference between batches of 2 and 1 (what the batch shares, such as a
-    position table, cancels out); a model exported for a fixed batch is measured at that size.
-    """
-    copies = _OUTPUT_COPIES[stage]
+    saved: float  # bytes autograd saves for the backward pass
+    output: float  # bytes of the sample's output
+
+    def bytes_for(self, stage: str = "analysis") -> int:
+        """Estimated bytes a sample of ``stage`` (``analysis`` or ``finetune``) takes, with
+        headroom: what autograd saves, and the stage's copies of the output."""
+        return int(_HEADROOM * max(self.saved + _OUTPUT_COPIES[stage] * self.output, 1))
+
+
+def measure_sample(model: LoadedModel, data: CalibrationData, output_key: Any = None) -> SampleCost:
+    """One sample's graph and output bytes, as the difference between batches of 2 and 1 (what
+    the batch shares, such as a position table, cancels out); a model exported for a fixed
+    batch is measured at that size."""
     if model.fixed_batch:
         k = model.fixed_batch
         saved, out = _graph_bytes(model, data, k, output_key)
-        return int(_HEADROOM * (saved + copies * out) / k)
+        return SampleCost(saved / k, out / k)
     saved, out = _graph_bytes(model, data, 1, output_key)
     if data.num_samples >= 2:
         saved2, out2 = _graph_bytes(model, data, 2, output_key)
         saved, out = saved2 - saved, out2 - out
-    return int(_HEADROOM * max(saved + copies * out, 1))
+    return SampleCost(saved, out)
+
+
+def sample_bytes(
+    model: LoadedModel, data: CalibrationData, output_key: Any = None, *, stage: str = "analysis"
+) -> int:
+    """Estimated bytes one sample adds to a forward and backward pass of ``stage``
+    (``analysis`` or ``finetune``), with headroom (see :func:`measure_sample`)."""
+    return measure_sample(model, data, output_key).bytes_for(stage)
 
 
 def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:
@@ -283,10 +305,9 @@ def plan_memory(
     else:
         budget, source = max_memory, "max_memory"
     usable = int(budget * _PLANNED_SHARE)
-    per_sample = sample_bytes(model, data, output_key)
-    per_tuned = (
-        sample_bytes(model, data, output_key, stage="finetune") if finetune_batch_size else 0
-    )
+    cost = measure_sample(model, data, output_key)  # one measurement serves every stage
+    per_sample = cost.bytes_for("analysis")
+    per_tuned = cost.bytes_for("finetune") if finetune_batch_size else 0
     weights = list(model.named_weights().values())
     model_bytes = sum(p.numel() * p.element_size() for p in weights)
     largest = max((p.numel() for p in weights), default=0)

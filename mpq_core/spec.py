@@ -67,6 +67,7 @@ __all__ = [
     "Loss",
     "Method",
     "Solver",
+    "parse_max_memory",
     "scheme_from",
 ]
 
@@ -356,7 +357,7 @@ class JobSpec:
             compile_pattern(pattern, "tie")
         self.eval_fraction = as_float("eval_fraction", self.eval_fraction, 0.0, 0.9)
         self.batch_size = as_int("batch_size", self.batch_size, 1, MAX_BATCH)
-        self.max_memory = _max_memory(self.max_memory)
+        self.max_memory = parse_max_memory(self.max_memory)
         self.seed = as_int("seed", self.seed, 0, MAX_SEED)
         self.output_key = _output_key(self.output_key)
         if not isinstance(self.analysis, AnalysisSpec) or not isinstance(
@@ -564,8 +565,14 @@ def _device(device: Any) -> str:
     return device
 
 
-def _max_memory(value: Any) -> int | None:
-    """Bytes, from a number or a size such as ``"8GB"``; at least 64 MiB, at most 1 PiB."""
+def parse_max_memory(value: Any) -> int | None:
+    """``max_memory`` in bytes, from a number or a size such as ``"8GB"``; at least 64 MiB, at
+    most 1 PiB.
+
+    Raises:
+        SpecError: ``invalid_spec``, ``spec_type``, ``spec_not_finite`` or ``spec_out_of_range``
+            for anything else.
+    """
     if value is None:
         return None
     if isinstance(value, str):

@@ -38,12 +38,18 @@ def run(args: argparse.Namespace) -> int:
     from mpq_core.memory_plan import plan_memory
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
-    from mpq_core.spec import DEFAULT_BATCH_SIZE, DEFAULT_BITS, AnalysisSpec, JobSpec, scheme_from
+    from mpq_core.spec import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_BITS,
+        AnalysisSpec,
+        parse_max_memory,
+        scheme_from,
+    )
 
     values = spec_values(args)
     analysis = AnalysisSpec(**values.get("analysis", {}))  # a bad setting fails before loading
     scheme = scheme_from(values.get("granularity", "channel"), values.get("symmetric", True))
-    limit = JobSpec(budgets=["avg-bits=8"], max_memory=values.get("max_memory")).memory_budget
+    limit = parse_max_memory(values.get("max_memory"))
     model, data = load_inputs(args.model, args.data)
     plan = plan_memory(
         model,

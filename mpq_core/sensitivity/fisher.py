@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context
+from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context, shape_only
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
@@ -316,7 +316,7 @@ class _BatchScorer:
         rec = self.records[k]
         dw = self.dws[rec.name].transpose(1, 2) if rec.transposed else self.dws[rec.name]
         self._add(rec.name, per_sample_directional(rec, delta, dw, self.n, self.layouts[k]))
-        rec.x = _released(rec.x)
+        rec.x = shape_only(rec.x)
 
     def score_shared(self, flow_deltas: dict[int, torch.Tensor]) -> None:
         """The uses whose output the batch shares, once their consumers' gradients are in."""
@@ -328,11 +328,6 @@ class _BatchScorer:
                 self._add(rec.name, d)
             elif rec.flow.failed and rec.name not in self.by_difference:
                 self.by_difference.append(rec.name)
-
-
-def _released(t: torch.Tensor) -> torch.Tensor:
-    """A shape-only stand-in (meta device) for a tensor no longer needed."""
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
 def _recurrent_directional(

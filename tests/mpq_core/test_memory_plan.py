@@ -19,7 +19,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
 from mpq_core.memory_plan import machine_memory, plan_memory, sample_bytes
 from mpq_core.progress import STAGES
-from mpq_core.spec import JobSpec
+from mpq_core.spec import JobSpec, parse_max_memory
 from tests.zoo import SmallMLP, torchscript_bytes
 
 # A GPT-2-style decoder whose logits dominate a sample's memory (vocabulary 8192, 128 tokens:
@@ -55,19 +55,12 @@ def test_a_sample_costs_at_least_its_output_twice_and_grows_with_the_sequence() 
 # evaluation) with the budget given, and reports the plan and its peak resident memory.
 _JOB = """
 import json, sys
-from pathlib import Path
 import torch
 from mpq_core.data import CalibrationData
 from mpq_core.intake import load_model
-from mpq_core.memory_plan import sample_bytes, _rss
+from mpq_core.memory_plan import sample_bytes, status_bytes
 from mpq_core.pipeline import run
 from mpq_core.spec import FinetuneSpec, JobSpec
-
-def peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 mode = sys.argv[1]
 model = load_model(decoder()[0])
@@ -75,7 +68,7 @@ data = CalibrationData(inputs=[torch.randint(0, 8192, (96, 128), generator=torch
 model_bytes = sum(p.numel() * p.element_size() for p in model.named_weights().values())
 # Room for the stages' weight copies and 8 samples (the plan fills 90% of a budget): far
 # below what a batch of 64 needs.
-budget = int((_rss() + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20) / 0.9)
+budget = int((status_bytes("VmRSS") + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20) / 0.9)
 spec = JobSpec(
     budgets=["avg-bits=4"],
     batch_size=64,
@@ -86,7 +79,7 @@ spec = JobSpec(
 result = run(spec, model, data)
 # The job resets the peak after each stage and reports each stage's own.
 stages = result.report["memory"]["peak_bytes_by_stage"]
-print(json.dumps({"budget": budget, "peak": max(peak(), *stages.values()), "memory": result.report["memory"], "stages": sorted(stages)}))
+print(json.dumps({"budget": budget, "peak": max(status_bytes("VmHWM"), *stages.values()), "memory": result.report["memory"], "stages": sorted(stages)}))
 """
 
 
@@ -180,3 +173,6 @@ def test_a_bad_max_memory_names_the_field(value: Any, code: str) -> None:
     with pytest.raises(SpecError) as err:
         JobSpec(budgets=["avg-bits=4"], max_memory=value)
     assert err.value.code == code and "max_memory" in str(err.value)
+    with pytest.raises(SpecError) as direct:  # what `mpq analyze --max-memory` calls
+        parse_max_memory(value)
+    assert direct.value.code == code
