@@ -26,7 +26,6 @@ Pure Python (zipfile, json, ast, numpy's header reader): no torch import at modu
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -38,6 +37,7 @@ from typing import Any, Literal
 
 from mpq_core.errors import DataError, ModelFormatError, MpqError
 from mpq_core.expr_guard import guard_refusal, sympy_expr_refusal
+from mpq_core.mapped_file import Buffer, as_file
 from mpq_core.op_allowlist import export_target_refusal
 from mpq_core.script_guard import check_script_pickles, check_script_sources
 
@@ -113,7 +113,7 @@ def _bad_name(name: str) -> str | None:
     return None
 
 
-def scan_zip(data: bytes, kind: Kind, limits: ArchiveLimits = DEFAULT_LIMITS) -> zipfile.ZipFile:
+def scan_zip(data: Buffer, kind: Kind, limits: ArchiveLimits = DEFAULT_LIMITS) -> zipfile.ZipFile:
     """Open ``data`` as a zip and check its central directory (nothing is decompressed).
 
     Returns the open archive, for reading the small entries the later checks need.
@@ -123,7 +123,7 @@ def scan_zip(data: bytes, kind: Kind, limits: ArchiveLimits = DEFAULT_LIMITS) ->
     """
     fmt = "model_format" if kind == "model" else "data_format"
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(as_file(data))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise _error(kind, f"the zip archive is corrupt: {exc}", fmt) from exc
     infos = zf.infolist()
@@ -190,7 +190,7 @@ def _split_root(zf: zipfile.ZipFile) -> dict[str, str]:
 
 
 def check_model_archive(
-    data: bytes, fmt: Literal["torchscript", "export"], limits: ArchiveLimits = DEFAULT_LIMITS
+    data: Buffer, fmt: Literal["torchscript", "export"], limits: ArchiveLimits = DEFAULT_LIMITS
 ) -> dict[str, bytes]:
     """Every intake check of a model archive whose format is already detected.
 

@@ -11,7 +11,8 @@ import hashlib
 import io
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from mpq_core.load_guard import (
     forbid_python_eval,
     forbid_unpickling,
 )
+from mpq_core.mapped_file import Buffer, as_file, mapped
 
 __all__ = ["InputSpec", "LoadedModel", "detect_format", "load_model", "select_output"]
 
@@ -87,7 +89,7 @@ class LoadedModel:
                 torch.export.save(self.program, target)
 
 
-def _zip_names(data: bytes) -> list[str] | None:
+def _zip_names(data: Buffer) -> list[str] | None:
     """Entry names of a zip that spans the whole file, else None.
 
     A torch.export archive stores a complete torch.save zip inside it; when the outer archive is
@@ -95,7 +97,7 @@ def _zip_names(data: bytes) -> list[str] | None:
     starts at byte 0 describes the file itself.
     """
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(as_file(data)) as zf:
             infos = zf.infolist()
             if not infos or min(i.header_offset for i in infos) != 0:
                 return None
@@ -104,12 +106,12 @@ def _zip_names(data: bytes) -> list[str] | None:
         return None
 
 
-def _looks_truncated_zip(data: bytes) -> bool:
+def _looks_truncated_zip(data: Buffer) -> bool:
     # A zip whose central directory was cut off still starts with a local file header.
     return data[:4] == b"PK\x03\x04"
 
 
-def detect_format(data: bytes) -> ModelFormat:
+def detect_format(data: Buffer) -> ModelFormat:
     """Tell a TorchScript archive from a torch.export program by its content.
 
     Raises:
@@ -155,11 +157,15 @@ _PICKLE_MESSAGE = (
 )
 
 
-def _load_torchscript(data: bytes) -> tuple[torch.nn.Module, int]:
+def _torch_source(source: bytes | Path) -> io.BytesIO | str:
+    return io.BytesIO(source) if isinstance(source, bytes) else str(source)
+
+
+def _load_torchscript(source: bytes | Path) -> tuple[torch.nn.Module, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            module = torch.jit.load(_torch_source(source), map_location="cpu")
         except (RuntimeError, ValueError) as exc:
             raise ModelFormatError(
                 f"the TorchScript archive cannot be loaded: {_first_line(exc)}",
@@ -195,12 +201,12 @@ def _retie_weights(module: torch.nn.Module) -> None:
         setattr(module.get_submodule(prefix) if prefix else module, leaf, owner)
 
 
-def _load_export(data: bytes) -> tuple[Any, torch.nn.Module, list[InputSpec], int | None]:
+def _load_export(source: bytes | Path) -> tuple[Any, torch.nn.Module, list[InputSpec], int | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             with forbid_unpickling(), forbid_python_eval():
-                program = torch.export.load(io.BytesIO(data))
+                program = torch.export.load(_torch_source(source))
         except MpqError:
             raise
         except Exception as exc:  # torch raises many types here; all mean "cannot load"
@@ -237,6 +243,15 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+@contextmanager
+def _content(source: bytes | Path) -> Iterator[Buffer]:
+    if isinstance(source, bytes):
+        yield source
+    else:
+        with mapped(source) as data:
+            yield data
+
+
 def load_model(
     source: str | Path | bytes, *, limits: ArchiveLimits = DEFAULT_LIMITS
 ) -> LoadedModel:
@@ -256,16 +271,20 @@ def load_model(
         >>> model.format
         'torchscript'
     """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    fmt = detect_format(data)
-    samples = check_model_archive(data, fmt, limits)
-    check_sample_inputs(samples)
-    sha = hashlib.sha256(data).hexdigest()
+    if not isinstance(source, bytes):
+        source = Path(source)
+    with _content(source) as data:
+        fmt = detect_format(data)
+        samples = check_model_archive(data, fmt, limits)
+        check_sample_inputs(samples)
+        sha = hashlib.sha256(data).hexdigest()
+    # The mapping is closed: torch reads the weights from the file, so the file is not held
+    # twice. The file is the one just checked: uploads are read-only in the job's sandbox.
     if fmt == "torchscript":
-        module, n = _load_torchscript(data)
+        module, n = _load_torchscript(source)
         module.eval()
         return LoadedModel(format=fmt, module=module, sha256=sha, num_inputs=n)
-    program, module, specs, fixed_batch = _load_export(data)
+    program, module, specs, fixed_batch = _load_export(source)
     return LoadedModel(
         program=program,
         format=fmt,

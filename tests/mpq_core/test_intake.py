@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -197,11 +200,68 @@ def test_frozen_torchscript_refused() -> None:
     assert "frozen" in err.message
 
 
-def test_random_bytes_refused() -> None:
+@pytest.mark.parametrize("via", ["bytes", "path"])
+def test_random_bytes_refused(via: str, tmp_path: Path) -> None:
     data = random.Random(0).randbytes(4096)
     assert data[:1] != b"\x80" and data[:2] != b"PK"  # neither pickle nor zip by accident
-    err = _refused(data)
+    err = _refused(_given(data, via, tmp_path))
     assert err.code == "model_format"
+
+
+@pytest.mark.parametrize(("name", "fmt", "expected"), ACCEPTED)
+def test_a_file_loads_as_its_bytes_do(
+    zoo_bytes: ZooBytes, name: str, fmt: str, expected: str, tmp_path: Path
+) -> None:
+    data = zoo_bytes(name, fmt)
+    from_file, from_bytes = load_model(_given(data, "path", tmp_path)), load_model(data)
+    assert from_file.format == from_bytes.format == expected
+    assert from_file.sha256 == from_bytes.sha256
+    assert from_file.named_weights().keys() == from_bytes.named_weights().keys()
+    for key, weight in from_file.named_weights().items():
+        assert torch.equal(weight, from_bytes.named_weights()[key])
+
+
+# The child loads a 128 MiB TorchScript model from its file and prints how far its resident
+# memory rose at the peak, as a multiple of the file's size.
+_LOAD_PEAK = """
+import os, sys
+import torch
+from mpq_core.intake import load_model
+from mpq_core.memory_plan import status_bytes
+
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4096, 8192)
+
+    def forward(self, x):
+        return self.fc(x)
+
+path = sys.argv[1]
+torch.jit.save(torch.jit.script(Wide()), path)
+before = status_bytes("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak restarts from here
+model = load_model(path)
+print((status_bytes("VmHWM") - before) / os.path.getsize(path))
+"""
+
+
+def test_loading_a_file_holds_its_weights_once(tmp_path: Path) -> None:
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_PEAK)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "wide.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = float(done.stdout.strip().splitlines()[-1])
+    # The weights once, and the mapping's pages (released before torch reads the weights);
+    # reading the file into bytes and loading from them peaked at 4.1 times its size.
+    assert growth < 1.5, f"loading peaked at {growth:.2f} times the file's size"
 
 
 def test_zip_of_something_else_refused() -> None:
@@ -221,11 +281,23 @@ def test_empty_file_refused(tmp_path: Path) -> None:
     assert _refused(b"").code == "model_format"
 
 
+def _given(data: bytes, via: str, tmp_path: Path) -> bytes | Path:
+    """``data`` as load_model gets it: the bytes, or a file (read through a read-only mapping)."""
+    if via == "bytes":
+        return data
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("via", ["bytes", "path"])
 @pytest.mark.parametrize("fmt", ["script", "export"])
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
-def test_truncated_archive_refused(zoo_bytes: ZooBytes, fmt: str, fraction: float) -> None:
+def test_truncated_archive_refused(
+    zoo_bytes: ZooBytes, fmt: str, fraction: float, via: str, tmp_path: Path
+) -> None:
     data = zoo_bytes("mlp", fmt)
-    err = _refused(data[: int(len(data) * fraction)])
+    err = _refused(_given(data[: int(len(data) * fraction)], via, tmp_path))
     # A .pt2 holds a nested, uncompressed zip (data/sample_inputs/model.pt); cut after it, the
     # outer directory is gone but the nested one is still found: it must not pass for a pickle.
     assert err.code in ("model_truncated", "model_corrupt"), (
