@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from mpq_core.progress import ProgressFn, null_progress
 from mpq_core.quant_primitives import (
     FLOAT_BITS,
     dequantize,
+    output_major,
     quantize,
     round_to_float16,
     ste_mask,
@@ -87,6 +89,8 @@ class _Quantized:
         self.scales = {n: s.to(weights[n].device) for n, s in scales.items()}
         self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
         self.zeros: dict[str, torch.Tensor | None] = {}
+        # Layers stored (in, out, ...): their scales follow dim 1 (``quantize_weights``).
+        self.transposed: frozenset[str] = frozenset()
 
     def set_zeros(self, zeros: dict[str, torch.Tensor | None] | None) -> None:
         """The zero points of layers with asymmetric codes (none: all symmetric)."""
@@ -103,8 +107,9 @@ class _Quantized:
             if b == FLOAT_BITS:  # kept in float: only rounded to its 16-bit dtype
                 p.copy_(round_to_float16(self.masters[n]))
             else:
-                z = self.zeros.get(n)
-                p.copy_(dequantize(quantize(self.masters[n], s, b, z), s, p.dtype, zeros=z))
+                z, t = self.zeros.get(n), n in self.transposed
+                w = output_major(self.masters[n], t)
+                p.copy_(output_major(dequantize(quantize(w, s, b, z), s, p.dtype, zeros=z), t))
 
     def ste(self, grads: dict[str, torch.Tensor | None]) -> None:
         for n, master in self.masters.items():
@@ -115,7 +120,9 @@ class _Quantized:
             if self.bits[n] == FLOAT_BITS:  # no clipping range: the gradient passes everywhere
                 master.grad = g
                 continue
-            inside = ste_mask(master.detach(), self.scales[n], self.bits[n], self.zeros.get(n))
+            t = n in self.transposed
+            w = output_major(master.detach(), t)
+            inside = output_major(ste_mask(w, self.scales[n], self.bits[n], self.zeros.get(n)), t)
             master.grad = torch.where(inside, g, torch.zeros_like(g))
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -303,6 +310,7 @@ def finetune(
     progress: ProgressFn | None = None,
     zeros: dict[str, torch.Tensor | None] | None = None,
     micro_batch_size: int | None = None,
+    transposed: Collection[str] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with its quantized layers held at ``bits`` / ``scales``.
 
@@ -322,11 +330,14 @@ def finetune(
         zeros: zero points of the layers with asymmetric codes (kept fixed).
         micro_batch_size: run each step's batch in parts of at most this many samples,
             accumulating the gradients (same steps and result, less memory); default: whole.
+        transposed: the layers stored ``(in, out, ...)``, whose scales follow dim 1 (as
+            ``quantize_weights`` was told).
     """
     cfg = settings or FinetuneSpec()
     start = time.perf_counter()
     run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
     run.q.set_zeros(zeros)
+    run.q.transposed = frozenset(transposed)
     if micro_batch_size is not None:
         run.micro = max(1, min(micro_batch_size, cfg.batch_size))
     return _fit(run, progress or null_progress, start)

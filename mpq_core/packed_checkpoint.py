@@ -128,7 +128,9 @@ class _Table:
     layers: list[tuple[str, int, tuple[int, ...]]]
     floats: list[tuple[str, tuple[int, ...]]]
     # A layer's scheme when not per-channel symmetric: {"dtype": ...} at 16 bits, else
-    # {"groups": G} (scales per channel) and {"zero": True} (asymmetric codes).
+    # {"groups": G} (scales per channel), {"zero": True} (asymmetric codes) and
+    # {"transposed": True} (a weight stored (in, out, ...): its codes are stored transposed,
+    # output channels first, as the scales follow them).
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -137,8 +139,15 @@ def _layer_entry(table: _Table, name: str, bits: int, shape: tuple[int, ...]) ->
     return [*entry, table.extra[name]] if name in table.extra else entry
 
 
+def _code_shape(shape: tuple[int, ...], extra: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of a layer's codes: the parameter's, output channels first."""
+    if extra.get("transposed") and len(shape) >= 2:
+        return (shape[1], shape[0], *shape[2:])
+    return shape
+
+
 def _scale_count(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> int:
-    return 0 if bits == FLOAT_BITS else shape[0] * int(extra.get("groups", 1))
+    return 0 if bits == FLOAT_BITS else _code_shape(shape, extra)[0] * int(extra.get("groups", 1))
 
 
 def _code_bytes(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> int:
@@ -156,10 +165,12 @@ def _check_extra(bits: int, shape: tuple[int, ...], extra: dict[str, Any]) -> bo
     if bits == FLOAT_BITS:
         return set(extra) == {"dtype"} and extra["dtype"] in ("float16", "bfloat16")
     groups = extra.get("groups", 1)
-    cols = math.prod(shape[1:])
+    cols = math.prod(_code_shape(shape, extra)[1:])
     return (
-        set(extra) <= {"groups", "zero"}
+        set(extra) <= {"groups", "zero", "transposed"}
         and extra.get("zero", True) is True
+        and extra.get("transposed", True) is True
+        and len(shape) >= (2 if "transposed" in extra else 1)
         and isinstance(groups, int)
         and groups >= 1
         and cols % groups == 0
@@ -296,7 +307,7 @@ def _layer_arrays(
     layer: QuantizedLayer,
 ) -> tuple[NDArray[np.uint8], NDArray[np.float16], dict[str, Any]]:
     """A layer's bytes in ``q``, its scales in ``s`` and its table entry's scheme."""
-    name, shape = layer.name, layer.shape
+    name, shape = layer.name, tuple(layer.codes.shape)  # output channels first
     if layer.bits == FLOAT_BITS:
         if layer.codes.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"layer {name!r} at 16 bits holds {layer.codes.dtype}, not 16-bit")
@@ -312,6 +323,8 @@ def _layer_arrays(
     if not torch.equal(half.float(), s):
         raise ValueError(f"layer {name!r}: scales are not fp16-representable")
     extra: dict[str, Any] = {"groups": groups} if groups > 1 else {}
+    if layer.transposed:
+        extra["transposed"] = True
     codes = layer.codes.detach().cpu().numpy()
     if layer.zeros is None:
         return pack_codes(codes, layer.bits), half.numpy(), extra
@@ -442,6 +455,7 @@ def _read_layer(
         native = little.astype(_NUMPY_OF[half]).reshape(shape)
         return QuantizedLayer(name, bits, _from_numpy(native, half), torch.zeros(0))
     signed = not extra.get("zero")
+    shape = _code_shape(shape, extra)
     count = math.prod(shape)
     try:
         unpacked = unpack_codes(q[: packed_nbytes(count, bits)], bits, count, signed=signed)
@@ -458,6 +472,7 @@ def _read_layer(
         codes=torch.from_numpy(unpacked.reshape(shape)),
         scales=torch.from_numpy(s.astype(np.float32)).reshape(scale_shape),
         zeros=zeros,
+        transposed=bool(extra.get("transposed")),
     )
 
 

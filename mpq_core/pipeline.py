@@ -9,7 +9,7 @@ allocation, the sensitivity table, metrics, encodings and the report);
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +27,7 @@ from mpq_core.errors import SpecError
 from mpq_core.evaluate import Evaluator, Metrics
 from mpq_core.finetune import FinetuneResult, finetune, split_holdout
 from mpq_core.intake import LoadedModel, load_model
+from mpq_core.layers import transposed_names
 from mpq_core.memory_plan import (
     MemoryPlan,
     peak_resident_and_reset,
@@ -181,7 +182,7 @@ def run(
     with _measured(clock, "allocate", peaks):
         allocation = allocate(table, spec)
     with _measured(clock, "quantize", peaks):
-        quant = quantize_stage(ctx, allocation.bits_by_layer())
+        quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed_names(profile.layers))
     with _measured(clock, "finetune", peaks):
         tuned = finetune_stage(ctx, quant)
     with _measured(clock, "evaluate", peaks):
@@ -331,6 +332,12 @@ def analyze_stage(
     ctx: JobContext, profile: ModelProfile, given: SensitivityTable | None
 ) -> SensitivityTable:
     """The ``analyze`` stage: the given table once checked against the model, else a new one."""
+    if given is not None and _scaled_along_inputs(given):
+        ctx.notes.append(
+            "the given sensitivity table was computed with scales along the input channels of "
+            "weights stored (in, out), as mpq did before; it was computed again"
+        )
+        given = None
     if given is not None:
         _check_table(given, ctx.model, profile, ctx.spec)
         return given
@@ -344,12 +351,16 @@ def analyze_stage(
     )
 
 
-def quantize_stage(ctx: JobContext, bits: dict[str, int]) -> Quantization:
+def quantize_stage(
+    ctx: JobContext, bits: dict[str, int], transposed: Collection[str] = ()
+) -> Quantization:
     """The ``quantize`` stage: quantize the weights (and calibrate the activations), then score
-    the float and the quantized model batch by batch (:meth:`Evaluator.compare`)."""
+    the float and the quantized model batch by batch (:meth:`Evaluator.compare`).
+    ``transposed``: the layers stored ``(in, out, ...)`` (``transposed_names(profile.layers)``).
+    """
     spec, model = ctx.spec, ctx.model
     float_weights = copy_weights(model)
-    layers = quantize_weights(model, bits, scheme=spec.scheme)
+    layers = quantize_weights(model, bits, scheme=spec.scheme, transposed=transposed)
     apply_weights(model, layers)
     encodings: dict[str, ActEncoding] = {}
     act_quant = None
@@ -382,6 +393,7 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
     load_weights(ctx.model, quant.float_weights)
     bits = {name: layer.bits for name, layer in quant.layers.items()}
     scales = quant.scales
+    transposed = {name for name, layer in quant.layers.items() if layer.transposed}
     tuned = finetune(
         ctx.model,
         ctx.work,
@@ -394,9 +406,15 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
         progress=ctx.clock.forward("finetune"),
         zeros=quant.zeros,
         micro_batch_size=ctx.plan.finetune_batch_size if ctx.plan is not None else None,
+        transposed=transposed,
     )
     quant.layers = quantize_weights(
-        ctx.model, bits, scales=scales, zeros=quant.zeros, scheme=ctx.spec.scheme
+        ctx.model,
+        bits,
+        scales=scales,
+        zeros=quant.zeros,
+        scheme=ctx.spec.scheme,
+        transposed=transposed,
     )
     return tuned
 
@@ -445,6 +463,13 @@ def resolve_device(name: str) -> torch.device:
 
 def _loaded(source: DataSource, limits: ArchiveLimits) -> CalibrationData:
     return source if isinstance(source, CalibrationData) else load_data(source, limits=limits)
+
+
+def _scaled_along_inputs(table: SensitivityTable) -> bool:
+    """Whether ``table`` quantized its transposed weights along dim 0 (tables made before
+    their scales followed the output channels): its values do not fit this quantizer."""
+    transposed = any(layer.transposed for layer in table.layers)
+    return transposed and table.meta.get("scales_along") != "output"
 
 
 def _check_table(

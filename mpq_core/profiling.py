@@ -248,8 +248,8 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
         if entry is None:
             order.append(rec.name)
             entry = info[rec.name] = {"kind": _kind(rec), "shape": shape, "macs": 0, "layouts": []}
-            if rec.transposed:
-                entry["transposed"] = True
+            if rec.transposed or entry["kind"].startswith("conv_transpose"):
+                entry["transposed"] = True  # stored (in, out, ...): scales follow dim 1
         entry["macs"] += _macs(rec, shape)
         entry["layouts"].append(layouts[i] if i < len(layouts) else "blocked")
     layers = []
@@ -265,7 +265,7 @@ def profile_model(model: LoadedModel, data: CalibrationData, batch_size: int = 3
                 kind=entry["kind"],
                 shape=shape,
                 params=params,
-                channels=shape[0],
+                channels=shape[1] if entry.get("transposed") and len(shape) >= 2 else shape[0],
                 macs=entry["macs"] // n,
                 extra={
                     "layouts": entry["layouts"],

@@ -30,6 +30,7 @@ __all__ = [
     "errors_from_scales",
     "fake_quantize",
     "float16_dtype",
+    "output_major",
     "qmax",
     "quantization_error",
     "quantization_errors",
@@ -77,6 +78,14 @@ def round_to_float16(w: torch.Tensor) -> torch.Tensor:
     if half == torch.float16:
         w = w.detach().clamp(-_FP16_MAX, _FP16_MAX)
     return w.detach().to(half).to(w.dtype)
+
+
+def output_major(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``w`` with its output channels on dim 0, the layout every function here expects: a view
+    with dims 0 and 1 swapped for a weight stored ``(in, out, ...)`` (GPT-2's ``Conv1D``, a
+    transposed convolution). Its own inverse: applied to a result, it gives the stored layout.
+    """
+    return w.transpose(0, 1) if transposed and w.dim() >= 2 else w
 
 
 def _rows(w: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -7,6 +7,7 @@ and ``mpq_core.packed_checkpoint`` stores them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from mpq_core.quant_primitives import (
     choose_params_many,
     dequantize,
     float16_dtype,
+    output_major,
     qmax,
     quantize,
     round_to_float16,
@@ -33,12 +35,16 @@ class QuantizedLayer:
     Attributes:
         name: the parameter's qualified name in the model.
         bits: 2..8, or ``FLOAT_BITS`` (16) for a layer kept as a 16-bit float.
-        codes: ``int8`` codes, the weight's shape, in ``[-(2^(b-1)-1), 2^(b-1)-1]``; at 16
-            bits the weight itself as float16 (bfloat16 for a bfloat16 model).
-        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0), or
-            ``(channels, groups)`` with group-wise scales; empty at 16 bits.
+        codes: ``int8`` codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``, output channels first (the
+            weight's shape, or dims 0 and 1 swapped when ``transposed``); at 16 bits the weight
+            itself, as stored, as float16 (bfloat16 for a bfloat16 model).
+        scales: ``float32`` scales, fp16-representable, one per output channel (dim 0 of the
+            codes), or ``(channels, groups)`` with group-wise scales; empty at 16 bits.
         zeros: asymmetric codes' zero points (``uint8``, the scales' shape; the codes are then
             ``uint8`` in ``0..2^b-1``), None for symmetric codes.
+        transposed: the parameter is stored ``(in, out, ...)`` (GPT-2's ``Conv1D``, a
+            transposed convolution): the codes are its transpose, so that scales and groups
+            follow its output channels and input dimension.
     """
 
     name: str
@@ -46,16 +52,20 @@ class QuantizedLayer:
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.codes.shape)
+        """The parameter's shape."""
+        return tuple(output_major(self.codes, self.transposed).shape)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight the quantized model uses: ``quantizer.dequantize(codes, scales)``."""
+        """The float weight the quantized model uses, in the parameter's layout:
+        ``quantizer.dequantize(codes, scales)``."""
         if self.bits == FLOAT_BITS:
             return self.codes.to(dtype)
-        return dequantize(self.codes, self.scales, dtype=dtype, zeros=self.zeros)
+        w = dequantize(self.codes, self.scales, dtype=dtype, zeros=self.zeros)
+        return output_major(w, self.transposed)
 
 
 def model_parameters(model: LoadedModel) -> dict[str, torch.Tensor]:
@@ -84,6 +94,7 @@ def quantize_weights(
     scales: dict[str, torch.Tensor] | None = None,
     zeros: dict[str, torch.Tensor | None] | None = None,
     scheme: QuantScheme | None = None,
+    transposed: Collection[str] = (),
 ) -> dict[str, QuantizedLayer]:
     """Codes and scales of each named layer at its bit width.
 
@@ -94,6 +105,8 @@ def quantize_weights(
             (``quantizer.choose_params_many``); rounded to fp16.
         zeros: with ``scales`` and an asymmetric scheme, the layers' zero points.
         scheme: scale granularity and symmetry (per-channel symmetric when None).
+        transposed: the layers stored ``(in, out, ...)`` (``transposed_names(profile.layers)``):
+            their scales follow dim 1.
 
     Raises:
         KeyError: a layer name that is not a parameter of the model.
@@ -119,7 +132,9 @@ def quantize_weights(
             out[name] = QuantizedLayer(name, FLOAT_BITS, half, torch.zeros(0))
             continue
         given = None if scales is None else scales.get(name)
-        out[name] = _quantized(name, w, int(bits), scheme or QuantScheme(), given, zeros)
+        flip = name in transposed
+        w = output_major(w, flip)  # output channels first: scales follow them
+        out[name] = _quantized(name, w, int(bits), scheme or QuantScheme(), given, zeros, flip)
     return out
 
 
@@ -130,8 +145,10 @@ def _quantized(
     scheme: QuantScheme,
     given: torch.Tensor | None,
     zeros: dict[str, torch.Tensor | None] | None,
+    transposed: bool,
 ) -> QuantizedLayer:
-    """One layer's codes on its chosen (or given) scales and zero points."""
+    """One layer's codes on its chosen (or given) scales and zero points; ``w`` output
+    channels first."""
     found, found_zeros = choose_params_many(w, [bits], scheme) if given is None else (None, None)
     if found is not None:
         s, z = found[0], None if found_zeros is None else found_zeros[0]
@@ -145,7 +162,7 @@ def _quantized(
             raise ValueError(f"layer {name!r}: zero points go with asymmetric codes only")
     zq = None if z is None else z.detach().to("cpu", torch.uint8)
     codes = quantize(w, s, bits, zq)
-    return QuantizedLayer(name=name, bits=bits, codes=codes, scales=s, zeros=zq)
+    return QuantizedLayer(name, bits, codes, s, zq, transposed)
 
 
 def apply_weights(model: LoadedModel, layers: dict[str, QuantizedLayer]) -> None:

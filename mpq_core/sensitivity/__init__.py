@@ -85,6 +85,9 @@ def compute_sensitivity(
             "seconds": round(time.perf_counter() - start, 4),
             "options": {k: v for k, v in options.items() if isinstance(v, int | float | str)},
             "scheme": scheme.to_dict(),
+            # Weights stored (in, out, ...) are quantized along their output channels (dim 1);
+            # tables without this mark scaled them along dim 0 and are not reused for them.
+            "scales_along": "output",
         },
     )
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mpq_core.capture import LayerCapture, OpRecord, WeightRef, capture_context, shape_only
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
+from mpq_core.layers import transposed_names
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
 from mpq_core.progress import ProgressFn, null_progress
@@ -211,9 +212,8 @@ def fisher_sensitivity(
     layers = profile.layers
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
-    dws = LayerErrors(
-        weights, [layer.name for layer in layers], bits, scheme
-    )  # one layer's at a time
+    names = [layer.name for layer in layers]
+    dws = LayerErrors(weights, names, bits, scheme, transposed_names(layers))  # a layer at a time
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()

@@ -44,7 +44,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
-from mpq_core.quant_primitives import quantization_errors
+from mpq_core.quant_primitives import output_major, quantization_errors
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.scheme import QuantScheme
 
@@ -289,7 +289,7 @@ def hawq_sensitivity(
     weights = model.named_weights()
     omega: list[list[float]] = []
     for layer, trace in zip(profile.layers, est.traces, strict=True):
-        w = weights[layer.name].detach()
+        w = output_major(weights[layer.name].detach(), layer.transposed)
         per_param = max(trace, 0.0) / max(layer.params, 1)
         errors = (
             quantization_errors(w, bits, scheme=scheme)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
+from mpq_core.layers import transposed_names
 from mpq_core.losses import resolve_loss_kind
 from mpq_core.profiling import ModelProfile
 from mpq_core.progress import ProgressFn
@@ -99,7 +100,7 @@ def kl_sensitivity(
     """
     weights = model.named_weights()
     names = [layer.name for layer in profile.layers]
-    errors = LayerErrors(weights, names, bits, scheme)
+    errors = LayerErrors(weights, names, bits, scheme, transposed_names(profile.layers))
     sums = torch.zeros(len(names), len(bits), dtype=torch.float64)
     batches = list(iter_batches(model, data, batch_size))
     kind: str | None = None

@@ -9,9 +9,11 @@ quantize/dequantize per width) into one buffer that every layer shares.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
-from mpq_core.quant_primitives import choose_params_many, errors_from_scales
+from mpq_core.quant_primitives import choose_params_many, errors_from_scales, output_major
 from mpq_core.scheme import QuantScheme
 
 __all__ = ["LayerErrors"]
@@ -19,6 +21,10 @@ __all__ = ["LayerErrors"]
 
 class LayerErrors:
     """``errors[name]`` is ``Q_b(W) - W`` stacked over ``bits``, ``(len(bits), *W.shape)``.
+
+    The layers named in ``transposed`` store their weights ``(in, out, ...)``: they are
+    quantized with scales along dim 1 (their output channels), and their stacks are still in
+    the stored layout (a transposed view of the buffer).
 
     The stack returned for one layer lives in a buffer shared by all layers: it stays valid
     until a different layer is asked for, and a caller that needs it longer must copy it. So
@@ -37,8 +43,10 @@ class LayerErrors:
         names: list[str],
         bits: list[int],
         scheme: QuantScheme | None = None,
+        transposed: Collection[str] = (),
     ):
-        self._weights = {name: weights[name] for name in names}
+        self._weights = {name: output_major(weights[name], name in transposed) for name in names}
+        self._transposed = frozenset(transposed)
         self._bits = list(bits)
         scheme = scheme or QuantScheme()
         # Chosen once, on the weights as they are now (a finite-difference pass perturbs them
@@ -58,7 +66,9 @@ class LayerErrors:
         out = self._buffer_for(w, shape).view(shape)
         self._name = None  # the buffer is being overwritten
         scales, zeros = self._params[name]
-        self._stack = errors_from_scales(w, self._bits, scales, zeros=zeros, out=out)
+        stack = errors_from_scales(w, self._bits, scales, zeros=zeros, out=out)
+        # Back to the stored layout: dims 1 and 2 of the stack are the weight's dims 0 and 1.
+        self._stack = stack.transpose(1, 2) if name in self._transposed else stack
         self._name = name
         return self._stack
 

@@ -15,7 +15,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import LoadedModel, load_model, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, profile_model
-from mpq_core.quant_primitives import quantization_error
+from mpq_core.quant_primitives import output_major, quantization_error
 from mpq_core.runner import iter_batches
 from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity import compute_sensitivity
@@ -65,7 +65,17 @@ def reference_omega(
     """
     weights = model.named_weights()
     params = [weights[layer.name] for layer in profile.layers]
-    dws = [[quantization_error(p, b, scheme=scheme).double() for b in bits] for p in params]
+    # A weight stored (in, out) is quantized along its output channels, dim 1.
+    dws = [
+        [
+            output_major(
+                quantization_error(output_major(p, layer.transposed), b, scheme=scheme),
+                layer.transposed,
+            ).double()
+            for b in bits
+        ]
+        for p, layer in zip(params, profile.layers, strict=True)
+    ]
     per_sample: PerSampleLoss | None = None
     targets = []
     with capture_context(grad=False):
