@@ -5,7 +5,7 @@ Run::
 
     python -m bench.bench_scale --sizes 1m,10m --sequences 64
     python -m bench.bench_scale --sizes 125m --stages fwdbwd,analyze --timeout 7200
-    python -m bench.bench_scale --sizes 1b --sequences 16 --stages fwdbwd   # one batch of 16
+    python -m bench.bench_scale --sizes 1b --max-memory 20   # bfloat16: needs AVX512-BF16/AMX
     python -m bench.bench_scale --sizes '' --flat 10m     # analyze/job memory at 64, 256, 1024
 
 Writes ``bench/results/scale.{json,md}``, merged with the rows already there (keyed by size and
@@ -48,8 +48,10 @@ How long it takes (2 shared cores, load average 5-12, float32, 64 sequences, wal
 stages about 4 minutes; 10m about 17 (the job alone 10); 125m fwd+bwd 7 minutes, analyze 15
 (9.4 GiB: keep 12 GiB free); 350m one batch of 16 sequences fwd+bwd 9 minutes. ``--flat 1m``
 takes over half an hour, and its job does not fit 24 GiB at 256 sequences (on main at 154e32b).
-1b is listed but not practical on such a CPU: without native bfloat16 a single 2048x2048x8192
-bfloat16 matmul ran over 9 minutes (5.5 s in float32), so one batch would take days.
+1b runs in bfloat16, which is practical only on a CPU with native bfloat16 (AVX512-BF16 or AMX,
+``lscpu``): with AMX a 1024x1024 bfloat16 matmul runs at about 1 TFLOP/s, 15x float32, and 1b's
+fwd+bwd of 64 sequences takes under 2 minutes; on a CPU without, one 2048x2048x8192 bfloat16
+matmul ran over 9 minutes (5.5 s in float32), so one batch would take days.
 """
 
 from __future__ import annotations
@@ -355,11 +357,26 @@ def _commit() -> str:
     return f"{_git('rev-parse', 'HEAD')} (engine {engine})"
 
 
+def _bf16_flags() -> list[str]:
+    """The CPU's native bfloat16 instructions (``/proc/cpuinfo`` flags): without them a
+    bfloat16 model runs orders of magnitude slower than in float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return sorted(f for f in flags if f in ("avx512_bf16", "amx_bf16"))
+
+
 def machine() -> dict[str, Any]:
     import torch
 
     return {
         "cpu": platform.processor() or platform.machine(),
+        "bf16_instructions": _bf16_flags(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
