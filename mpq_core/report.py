@@ -142,7 +142,7 @@ def scheme_report(scheme: QuantScheme, layers: Sequence[LayerInfo]) -> dict[str,
     fallback = [
         layer.name
         for layer in layers
-        if scheme.group_size is not None and scheme.groups(layer.shape) == 1
+        if scheme.group_size is not None and scheme.groups(layer.quant_shape) == 1
     ]
     return {**scheme.to_dict(), "per_channel_layers": fallback}
 

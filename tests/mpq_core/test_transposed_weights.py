@@ -19,6 +19,7 @@ from mpq_core.pipeline import quantize_model
 from mpq_core.profiling import profile_model
 from mpq_core.quant_primitives import output_major, qmax
 from mpq_core.quantized_weights import quantize_weights
+from mpq_core.report import scheme_report
 from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity.layer_errors import LayerErrors
@@ -183,3 +184,11 @@ def test_fine_tuning_holds_a_transposed_weight_on_its_output_channels_grid() -> 
     steps = w.reshape(OUT, IN // 32, 32) / scales["proj_w"][..., None]
     assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert float(steps.abs().max()) <= qmax(3) + 1e-3
+
+
+def test_the_report_names_the_layers_left_per_channel_by_their_input_dimension() -> None:
+    model, data = _loaded()
+    layers = profile_model(model, data).layers
+    # proj_w: 64 inputs (two groups of 32); up_w: 16 inputs (too few); head: 96 (three).
+    report = scheme_report(QuantScheme(group_size=32), layers)
+    assert report["per_channel_layers"] == ["up_w"]
