@@ -312,9 +312,10 @@ def plan_memory(
     model_bytes = sum(p.numel() * p.element_size() for p in weights)
     largest = max((p.numel() for p in weights), default=0)
     resident = _rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    # One layer's quantization errors at every width, in float32, and their float copy; the
+    # One layer's quantization errors at every width, in float32, and the two float32 copies
+    # of the layer they are rebuilt from (its rows, one width's quantized rows); the
     # contraction's own workspace.
-    errors = (bits + 1) * largest * 4 + WORKSPACE_BYTES
+    errors = (bits + 2) * largest * 4 + WORKSPACE_BYTES
     fixed = {stage: resident + copies * model_bytes for stage, copies in _MODEL_COPIES.items()}
     analysis = min(
         _fit(usable, fixed["analysis"] + errors, per_sample, batch_size),

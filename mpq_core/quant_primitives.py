@@ -324,18 +324,44 @@ def errors_from_scales(
 ) -> torch.Tensor:
     """``Q_b(W) - W`` for every width, on scales (and zero points) already chosen
     (``choose_params_many``): no clipping search, one quantize/dequantize per width. Written
-    into ``out`` (a ``(len(bits), *w.shape)`` tensor of ``w``'s dtype) when given, so a caller
-    can reuse one buffer for layer after layer."""
+    into ``out`` (a ``(len(bits), *w.shape)`` float tensor) when given, so a caller can reuse one
+    buffer for layer after layer; the difference is taken in ``out``'s dtype (``w``'s without
+    it), so a float32 ``out`` holds a 16-bit weight's errors exactly.
+
+    ``Q_b(W)`` is exactly ``dequantize(quantize(W))`` in ``w``'s dtype, computed in one float
+    row tensor per width without the integer codes (the sensitivity passes rebuild a layer's
+    errors for every batch, so this is on their path)."""
     if out is None:
         out = torch.empty((len(bits), *w.shape), dtype=w.dtype, device=w.device)
+    w = w.detach()
+    ref = w.to(out.dtype)
+    rows_by_groups: dict[int, torch.Tensor] = {}
     for j, (b, s) in enumerate(zip(bits, scales, strict=True)):
         if b == FLOAT_BITS:
-            torch.sub(round_to_float16(w), w.detach(), out=out[j])
+            torch.sub(round_to_float16(w).to(out.dtype), ref, out=out[j])
             continue
+        groups = _groups_of(w, s)
+        rows = rows_by_groups.get(groups)
+        if rows is None:
+            rows = rows_by_groups[groups] = _rows(w, groups)
         z = None if zeros is None else zeros[j]
-        wq = dequantize(quantize(w, s, b, z), s, dtype=w.dtype, zeros=z)
-        torch.sub(wq, w.detach(), out=out[j])
+        wq = _fake_quantized_rows(rows, s, b, z).reshape(w.shape).to(w.dtype)
+        torch.sub(wq.to(out.dtype), ref, out=out[j])
     return out
+
+
+def _fake_quantized_rows(
+    rows: torch.Tensor, scales: torch.Tensor, bits: int, zeros: torch.Tensor | None
+) -> torch.Tensor:
+    """``dequantize(quantize(rows))`` in float32, the same operations in the same order
+    (round, shift by the zero point, clamp, unshift, scale), in place on one new tensor."""
+    lo, hi = _code_limits(bits, zeros is None)
+    s = scales.float().reshape(-1)[:, None]
+    q = torch.div(rows, s).round_()
+    if zeros is None:
+        return q.clamp_(lo, hi).mul_(s)
+    z = zeros.reshape(-1).float()[:, None]
+    return q.add_(z).clamp_(lo, hi).sub_(z).mul_(s)
 
 
 def ste_mask(

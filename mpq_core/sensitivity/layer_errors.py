@@ -20,7 +20,8 @@ __all__ = ["LayerErrors"]
 
 
 class LayerErrors:
-    """``errors[name]`` is ``Q_b(W) - W`` stacked over ``bits``, ``(len(bits), *W.shape)``.
+    """``errors[name]`` is ``Q_b(W) - W`` stacked over ``bits``, ``(len(bits), *W.shape)``, in
+    float32 (exact for 16-bit weights).
 
     The layers named in ``transposed`` store their weights ``(in, out, ...)``: they are
     quantized with scales along dim 1 (their output channels), and their stacks are still in
@@ -74,14 +75,16 @@ class LayerErrors:
 
     def _buffer_for(self, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """The shared buffer's first ``prod(shape)`` elements, (re)allocated when too small or
-        of another dtype or device; sized for the largest layer of that dtype at once."""
+        on another device; sized for the largest layer at once.
+
+        Float32 whatever the weights' dtype: the contractions read the errors in float32, and
+        converting a 16-bit stack for every op that uses the layer cost a quarter of a bfloat16
+        1B decoder's analysis (the memory plan counts 4 bytes a value)."""
         size = len(self._bits) * w.numel()
         buf = self._buffer
-        if buf is None or buf.dtype != w.dtype or buf.device != w.device or buf.numel() < size:
+        if buf is None or buf.device != w.device or buf.numel() < size:
             self._buffer = buf = None  # drop the old one before allocating the next
             self._stack = None
-            largest = max(p.numel() for p in self._weights.values() if p.dtype == w.dtype) * len(
-                self._bits
-            )
-            buf = self._buffer = torch.empty(largest, dtype=w.dtype, device=w.device)
+            largest = max(p.numel() for p in self._weights.values()) * len(self._bits)
+            buf = self._buffer = torch.empty(largest, dtype=torch.float32, device=w.device)
         return buf[:size]

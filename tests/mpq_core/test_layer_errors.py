@@ -3,6 +3,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,7 +12,16 @@ from torch.utils._pytree import tree_flatten
 from mpq_core.data import CalibrationData
 from mpq_core.intake import load_model
 from mpq_core.profiling import profile_model
-from mpq_core.quant_primitives import choose_scales_many, errors_from_scales, quantization_errors
+from mpq_core.quant_primitives import (
+    choose_params_many,
+    choose_scales_many,
+    dequantize,
+    errors_from_scales,
+    quantization_errors,
+    quantize,
+    round_to_float16,
+)
+from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from mpq_core.sensitivity.layer_errors import LayerErrors
 from tests.conftest import save_bytes
@@ -51,6 +61,31 @@ def test_errors_from_scales_is_quantization_errors() -> None:
         wd = w.to(dtype)
         got = errors_from_scales(wd, bits, choose_scales_many(wd, bits))
         assert got.dtype == dtype and torch.equal(got, quantization_errors(wd, bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(), QuantScheme(symmetric=False), QuantScheme(group_size=32, symmetric=False)],
+    ids=["channel-sym", "channel-asym", "g32-asym"],
+)
+def test_errors_are_exactly_the_quantized_weight_minus_the_weight(
+    scheme: QuantScheme, dtype: torch.dtype
+) -> None:
+    w = (torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 0.2).to(dtype)
+    bits = [2, 3, 5, 8, 16]
+    scales, zeros = choose_params_many(w, bits, scheme)
+    # A float32 buffer, as LayerErrors uses: the difference of two 16-bit values is exact.
+    stack = errors_from_scales(w, bits, scales, zeros=zeros, out=torch.empty(5, 8, 64))
+    for j, b in enumerate(bits):
+        if b == 16:
+            wq = round_to_float16(w)
+        else:
+            z = None if zeros is None else zeros[j]
+            wq = dequantize(quantize(w, scales[j], b, z), scales[j], dtype=dtype, zeros=z)
+        assert torch.equal(stack[j], wq.float() - w.float()), b
+    own = errors_from_scales(w, bits, scales, zeros=zeros)  # no buffer: in the weight's dtype
+    assert own.dtype == dtype and torch.equal(own, stack.to(dtype))
 
 
 def test_layer_errors_builds_each_layer_from_its_own_weight() -> None:
