@@ -91,13 +91,7 @@ def per_sample_directional(
     if rec.kind == "linear":
         x = _sample_rows(rows_of(rec).float(), n, layout)  # (n, T, in)
         d = _sample_rows(delta.reshape(-1, delta.shape[-1]).float(), n, layout)  # (n, T, out)
-        flat = dws.reshape(nb, -1).float()  # (B, out*in)
-        per = max(1, _CHUNK_FLOATS // max(flat.shape[1], 1))
-        parts = []
-        for s in range(0, n, per):
-            g = torch.bmm(d[s : s + per].transpose(1, 2), x[s : s + per])  # (n', out, in)
-            parts.append(g.reshape(g.shape[0], -1) @ flat.T)
-        return torch.cat(parts)
+        return _linear_blocks(x, d, dws.float())
     if rec.kind == "embedding":
         ids = rec.x.reshape(-1)
         d = delta.reshape(ids.shape[0], -1).float()  # (R, D)
@@ -108,6 +102,24 @@ def per_sample_directional(
     if rec.kind.startswith("conv"):
         return _conv_applied(rec, delta, dws)
     raise ValueError(f"no directional derivative for layer kind {rec.kind}")
+
+
+def _linear_blocks(x: torch.Tensor, d: torch.Tensor, dws: torch.Tensor) -> torch.Tensor:
+    """``<x_n^T d_n, dW_b>`` ``(n, B)`` from rows ``x`` ``(n, T, in)``, ``d`` ``(n, T, out)`` and
+    ``dws`` ``(B, out, in)``: per-sample gradients formed a block of output rows at a time for
+    as many samples as the workspace holds, so each block of ``dws`` is read once per group of
+    samples rather than once per sample (a 2048x8192 layer's six widths are 400 MB of reads)."""
+    n, nb, (out_dim, in_dim) = x.shape[0], dws.shape[0], dws.shape[1:]
+    samples = max(1, min(n, _CHUNK_FLOATS // max(16 * in_dim, 1)))  # at least 16 rows a block
+    total = torch.zeros(n, nb, dtype=torch.float32, device=x.device)
+    for s in range(0, n, samples):
+        xs, ds = x[s : s + samples], d[s : s + samples]
+        rows = max(1, _CHUNK_FLOATS // (xs.shape[0] * in_dim))
+        for o in range(0, out_dim, rows):
+            g = torch.bmm(ds[:, :, o : o + rows].transpose(1, 2), xs)  # (n', rows, in)
+            block = dws[:, o : o + rows].reshape(nb, -1)  # (B, rows*in)
+            total[s : s + xs.shape[0]] += g.reshape(g.shape[0], -1) @ block.T
+    return total
 
 
 def _conv_unfolded(rec: OpRecord, delta: torch.Tensor, dws: torch.Tensor, n: int) -> torch.Tensor:
