@@ -169,20 +169,25 @@ class _Wide(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
 
 
-def test_groupwise_asymmetric_job_round_trips_bit_exactly(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(48, 8, 4, 4)
-    data = CalibrationData(inputs=[x], labels=torch.randint(0, 5, (48,)))
-    model_bytes = save_bytes(_Wide().eval(), (x[:2],), "script")
-    finetune = FinetuneSpec(epochs=1, batch_size=8, lr=1e-3)
-    spec = JobSpec(
+def grouped_asymmetric_spec() -> JobSpec:
+    """A job with scales per 32 input columns, zero points and one fine-tuning epoch."""
+    return JobSpec(
         budgets=["avg-bits=4"],
         bits=[2, 4, 8],
         granularity=32,
         symmetric=False,
         batch_size=16,
-        finetune=finetune,
+        finetune=FinetuneSpec(epochs=1, batch_size=8, lr=1e-3),
     )
+
+
+def test_groupwise_asymmetric_job_round_trips_bit_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(48, 8, 4, 4)
+    data = CalibrationData(inputs=[x], labels=torch.randint(0, 5, (48,)))
+    model_bytes = save_bytes(_Wide().eval(), (x[:2],), "script")
+    spec = grouped_asymmetric_spec()
+    finetune = spec.finetune
     result = quantize_model(model_bytes, data, spec, tmp_path / "job", eval_source=data)
     assert result.sensitivity.scheme == spec.scheme
     ck = load_packed_checkpoint(result.out_dir)

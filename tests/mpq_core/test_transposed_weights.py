@@ -25,6 +25,7 @@ from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity.layer_errors import LayerErrors
 from mpq_core.spec import FinetuneSpec, JobSpec
 from tests.conftest import save_bytes, stock_load
+from tests.mpq_core.test_schemes import grouped_asymmetric_spec
 
 IN, OUT = 64, 16
 LOUD = 3  # the output channel made 100 times larger than the others
@@ -124,14 +125,7 @@ def test_layer_errors_of_a_transposed_weight_are_those_of_its_quantized_weight(
 
 def test_a_job_quantizes_conv1d_weights_per_output_channel_end_to_end(tmp_path: Path) -> None:
     archive, data = _model()
-    spec = JobSpec(
-        budgets=["avg-bits=4"],
-        bits=[2, 4, 8],
-        granularity=32,
-        symmetric=False,
-        batch_size=16,
-        finetune=FinetuneSpec(epochs=1, batch_size=8, lr=1e-3),
-    )
+    spec = grouped_asymmetric_spec()
     result = quantize_model(archive, data, spec, tmp_path / "job", eval_source=data)
     ck = load_packed_checkpoint(result.out_dir)
     proj = ck.layers["proj_w"]
