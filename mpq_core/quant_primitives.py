@@ -334,18 +334,18 @@ def errors_from_scales(
     if out is None:
         out = torch.empty((len(bits), *w.shape), dtype=w.dtype, device=w.device)
     w = w.detach()
-    ref = w.to(out.dtype)
-    rows_by_groups: dict[int, torch.Tensor] = {}
+    # One contiguous float32 copy serves every width: as rows per scale and, in ``out``'s
+    # dtype, as the weight subtracted. ``w`` may be a transposed view (``output_major``): an
+    # elementwise op mixing its strides with contiguous tensors ran several times slower.
+    base = w.float().contiguous()
+    ref = base if out.dtype == torch.float32 else base.to(out.dtype)
     for j, (b, s) in enumerate(zip(bits, scales, strict=True)):
         if b == FLOAT_BITS:
-            torch.sub(round_to_float16(w).to(out.dtype), ref, out=out[j])
-            continue
-        groups = _groups_of(w, s)
-        rows = rows_by_groups.get(groups)
-        if rows is None:
-            rows = rows_by_groups[groups] = _rows(w, groups)
-        z = None if zeros is None else zeros[j]
-        wq = _fake_quantized_rows(rows, s, b, z).reshape(w.shape).to(w.dtype)
+            wq = round_to_float16(base.to(w.dtype))
+        else:
+            rows = base.reshape(w.shape[0] * _groups_of(w, s), -1)
+            z = None if zeros is None else zeros[j]
+            wq = _fake_quantized_rows(rows, s, b, z).reshape(w.shape).to(w.dtype)
         torch.sub(wq.to(out.dtype), ref, out=out[j])
     return out
 
