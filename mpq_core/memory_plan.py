@@ -324,12 +324,24 @@ def plan_memory(
     asked_finetune = finetune_batch_size or 0
     finetune = _fit(usable, fixed["finetune"], per_tuned, asked_finetune)
     if (analysis < 1 or (asked_finetune and finetune < 1)) and max_memory is not None:
-        need = max(fixed["finetune"] + per_tuned, fixed["analysis"] + errors + per_sample)
-        need = int(need / _PLANNED_SHARE)
+        tuning = fixed["finetune"] + per_tuned
+        need = int(max(tuning, fixed["analysis"] + errors + per_sample) / _PLANNED_SHARE)
+        if asked_finetune and finetune < 1:
+            what = (
+                f"fine-tuning keeps {_MODEL_COPIES['finetune']} copies of the "
+                f"{_gib(model_bytes)} of weights (masters, Adam's moments, gradients, the "
+                f"teacher's originals, the best state) beside the model, {_gib(tuning)} with one "
+                f"sample's pass; without fine-tuning (finetune.epochs 0) the job needs "
+                f"{_gib(int((fixed['analysis'] + errors + per_sample) / _PLANNED_SHARE))}"
+            )
+        else:
+            what = (
+                f"the model and one layer's quantization errors take about "
+                f"{_gib(fixed['analysis'] + errors)} and one sample's pass {_mib(per_sample)}"
+            )
         raise SpecError(
-            f"max_memory {_gib(budget)} cannot hold this job: the model and what the stages keep "
-            f"beside it take about {_gib(fixed['analysis'] + errors)} and one sample's pass "
-            f"{_mib(max(per_sample, per_tuned))}; set max_memory to at least {_gib(need)}",
+            f"max_memory {_gib(budget)} cannot hold this job: {what}; set max_memory to at "
+            f"least {_gib(need)}",
             code="max_memory_too_small",
         )
     return MemoryPlan(

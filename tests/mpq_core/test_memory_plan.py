@@ -17,7 +17,13 @@ from bench.decoders import DecoderConfig, traced_decoder
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
-from mpq_core.memory_plan import machine_memory, plan_memory, sample_bytes
+from mpq_core.memory_plan import (
+    MemoryPlan,
+    machine_memory,
+    plan_memory,
+    sample_bytes,
+    status_bytes,
+)
 from mpq_core.progress import STAGES
 from mpq_core.spec import JobSpec, parse_max_memory
 from tests.zoo import SmallMLP, torchscript_bytes
@@ -129,6 +135,34 @@ def test_a_budget_that_cannot_hold_one_sample_is_refused_with_what_to_set() -> N
         )
     assert err.value.code == "max_memory_too_small"
     assert "set max_memory to at least" in str(err.value)
+
+
+def test_a_budget_too_small_only_for_fine_tuning_says_so_and_what_would_do() -> None:
+    # 128 MiB of weights: fine-tuning keeps 8 copies (1 GiB) beside them, the analysis at one
+    # width one layer's errors (about 0.4 GiB) and a workspace.
+    model = load_model(
+        torchscript_bytes(torch.nn.Linear(8192, 4096).eval(), (torch.randn(2, 8192),))
+    )
+    data = CalibrationData(inputs=[torch.randn(8, 8192)])
+    budget = int((status_bytes("VmRSS") + 800 * 2**20) / 0.9)
+
+    def plan(finetune_batch_size: int | None) -> MemoryPlan:
+        return plan_memory(
+            model,
+            data,
+            batch_size=8,
+            finetune_batch_size=finetune_batch_size,
+            bits=1,
+            max_memory=budget,
+            device=torch.device("cpu"),
+        )
+
+    assert plan(None).batch_size >= 1  # enough without fine-tuning
+    with pytest.raises(SpecError) as err:
+        plan(8)
+    message = str(err.value)
+    assert err.value.code == "max_memory_too_small"
+    assert "fine-tuning keeps 8 copies" in message and "finetune.epochs 0" in message
 
 
 def test_without_a_budget_the_plan_takes_the_process_memory_limit(tmp_path: Path) -> None:
