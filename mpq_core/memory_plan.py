@@ -274,6 +274,30 @@ def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:
     return max(0, min(asked, (budget - fixed) // max(per_sample, 1)))
 
 
+def _too_small(budget: int, analysing: int, tuning: int, model_bytes: int) -> SpecError:
+    """The refusal of a budget the user set: what does not fit, and what would.
+
+    Args:
+        analysing: bytes the analysis needs with one sample.
+        tuning: bytes fine-tuning needs with one sample when that is what does not fit, else 0.
+    """
+    need = int(max(analysing, tuning) / _PLANNED_SHARE)
+    if tuning:
+        what = (
+            f"fine-tuning keeps {_MODEL_COPIES['finetune']} copies of the {_gib(model_bytes)} "
+            f"of weights (masters, Adam's moments, gradients, the teacher's originals, the best "
+            f"state) beside the model, {_gib(tuning)} with one sample's pass; without "
+            f"fine-tuning (finetune.epochs 0) the job needs {_gib(int(analysing / _PLANNED_SHARE))}"
+        )
+    else:
+        what = f"the model, one layer's quantization errors and one sample take {_gib(analysing)}"
+    return SpecError(
+        f"max_memory {_gib(budget)} cannot hold this job: {what}; set max_memory to at least "
+        f"{_gib(need)}",
+        code="max_memory_too_small",
+    )
+
+
 def plan_memory(
     model: LoadedModel,
     data: CalibrationData,
@@ -324,26 +348,9 @@ def plan_memory(
     asked_finetune = finetune_batch_size or 0
     finetune = _fit(usable, fixed["finetune"], per_tuned, asked_finetune)
     if (analysis < 1 or (asked_finetune and finetune < 1)) and max_memory is not None:
-        tuning = fixed["finetune"] + per_tuned
-        need = int(max(tuning, fixed["analysis"] + errors + per_sample) / _PLANNED_SHARE)
-        if asked_finetune and finetune < 1:
-            what = (
-                f"fine-tuning keeps {_MODEL_COPIES['finetune']} copies of the "
-                f"{_gib(model_bytes)} of weights (masters, Adam's moments, gradients, the "
-                f"teacher's originals, the best state) beside the model, {_gib(tuning)} with one "
-                f"sample's pass; without fine-tuning (finetune.epochs 0) the job needs "
-                f"{_gib(int((fixed['analysis'] + errors + per_sample) / _PLANNED_SHARE))}"
-            )
-        else:
-            what = (
-                f"the model and one layer's quantization errors take about "
-                f"{_gib(fixed['analysis'] + errors)} and one sample's pass {_mib(per_sample)}"
-            )
-        raise SpecError(
-            f"max_memory {_gib(budget)} cannot hold this job: {what}; set max_memory to at "
-            f"least {_gib(need)}",
-            code="max_memory_too_small",
-        )
+        analysing = fixed["analysis"] + errors + per_sample
+        tuning = fixed["finetune"] + per_tuned if asked_finetune else 0
+        raise _too_small(budget, analysing, tuning if finetune < 1 else 0, model_bytes)
     return MemoryPlan(
         max_memory=budget,
         source=source,
