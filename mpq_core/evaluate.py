@@ -22,7 +22,7 @@ from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.runner import Batch, iter_batches
-from mpq_core.weight_sets import WeightSet, copy_weights, swapped_in
+from mpq_core.weight_sets import WeightSet, load_weights, swapped_in
 
 __all__ = [
     "Comparison",
@@ -257,23 +257,23 @@ def compare(
 ) -> Comparison:
     """Score the float and the quantized model on ``data`` in one pass, batch by batch: each
     batch runs with ``float_weights`` swapped in (the reference, never under ``act_quant``),
-    then with ``quantized_weights`` (under ``act_quant``). The model ends holding
+    then with the model's own weights (under ``act_quant``). The model ends holding
     ``quantized_weights``.
 
     Args:
-        model: the model; the parameters named in ``float_weights`` are overwritten in place.
+        model: the model.
         data: what to score on.
-        float_weights: the float values of the parameters that differ between the two models.
-        quantized_weights: the quantized (or fine-tuned) values of the same parameters; None
-            for the values the model holds now (copied first).
+        float_weights: the float values of the parameters that differ between the two models
+            (swapped in, not copied: :func:`mpq_core.weight_sets.swapped_in`).
+        quantized_weights: the quantized (or fine-tuned) values of the same parameters,
+            loaded into the model first; None for the values the model holds now.
         batch_size, output_key, act_quant: as for :func:`evaluate`.
 
     Example:
         >>> float_metrics, quantized_metrics, _ = compare(model, test, float_weights)  # doctest: +SKIP
     """
-    quantized = quantized_weights
-    if quantized is None:
-        quantized = copy_weights(model, float_weights)
+    if quantized_weights is not None:
+        load_weights(model, quantized_weights)
     ref_sums, sums = MetricSums(), MetricSums()
     shape: tuple[int, ...] = ()
     with capture_context(grad=False):
@@ -281,7 +281,7 @@ def compare(
             # One function call per batch: its outputs are freed on return, not kept alive by
             # loop variables while the next batch's outputs are computed.
             shape = _compare_batch(
-                model, batch, (float_weights, quantized), output_key, act_quant, (ref_sums, sums)
+                model, batch, float_weights, output_key, act_quant, (ref_sums, sums)
             )
     return Comparison(ref_sums.metrics(), sums.metrics(), shape)
 
@@ -289,14 +289,14 @@ def compare(
 def _compare_batch(
     model: LoadedModel,
     batch: Batch,
-    weights: tuple[WeightSet, WeightSet],
+    float_weights: WeightSet,
     output_key: Any,
     act_quant: Any,
     sums: tuple[MetricSums, MetricSums],
 ) -> tuple[int, ...]:
-    """Run ``batch`` with the float, then the quantized ``weights`` and add both to ``sums``;
-    the shape of one sample's output."""
-    with swapped_in(model, *weights):
+    """Run ``batch`` with the ``float_weights``, then with the model's own, and add both to
+    ``sums``; the shape of one sample's output."""
+    with swapped_in(model, float_weights):
         ref = _batch_output(model, batch, output_key, None)
     out = _batch_output(model, batch, output_key, act_quant)
     labels = _labels(batch)

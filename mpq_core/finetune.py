@@ -31,17 +31,10 @@ from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.progress import ProgressFn, null_progress
-from mpq_core.quant_primitives import (
-    FLOAT_BITS,
-    dequantize,
-    output_major,
-    quantize,
-    round_to_float16,
-    ste_mask,
-)
+from mpq_core.quant_primitives import FLOAT_BITS, fake_quantize_on, output_major, ste_mask
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.spec import FinetuneSpec
-from mpq_core.weight_sets import WeightSet, copy_weights, store_weights, swapped_in
+from mpq_core.weight_sets import WeightSet, copy_weights, swapped_in
 
 __all__ = ["FinetuneResult", "finetune", "split_holdout"]
 
@@ -80,50 +73,54 @@ class _Quantized:
     """Master weights and their fake-quantized copies in the model's parameters."""
 
     def __init__(
-        self, model: LoadedModel, bits: dict[str, int], scales: dict[str, torch.Tensor]
+        self,
+        model: LoadedModel,
+        bits: dict[str, int],
+        scales: dict[str, torch.Tensor],
+        zeros: dict[str, torch.Tensor | None] | None,
+        transposed: Collection[str],
     ) -> None:
         weights = model.named_weights()
         self.params = {n: weights[n] for n in bits}
         self.bits = bits
         # Scales live where the weights do (quantize_weights computes them on the CPU).
         self.scales = {n: s.to(weights[n].device) for n, s in scales.items()}
-        self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
-        self.zeros: dict[str, torch.Tensor | None] = {}
-        # Layers stored (in, out, ...): their scales follow dim 1 (``quantize_weights``).
-        self.transposed: frozenset[str] = frozenset()
-
-    def set_zeros(self, zeros: dict[str, torch.Tensor | None] | None) -> None:
-        """The zero points of layers with asymmetric codes (none: all symmetric)."""
+        # The zero points of layers with asymmetric codes (none: all symmetric).
         self.zeros = {
             n: None if z is None else z.to(self.params[n].device)
             for n, z in (zeros or {}).items()
             if n in self.params
         }
+        # Layers stored (in, out, ...): their scales follow dim 1 (``quantize_weights``).
+        self.transposed = frozenset(transposed)
+        self.masters = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
 
     @torch.no_grad()
     def load(self) -> None:
         for n, p in self.params.items():
-            s, b = self.scales[n], self.bits[n]
-            if b == FLOAT_BITS:  # kept in float: only rounded to its 16-bit dtype
-                p.copy_(round_to_float16(self.masters[n]))
-            else:
-                z, t = self.zeros.get(n), n in self.transposed
-                w = output_major(self.masters[n], t)
-                p.copy_(output_major(dequantize(quantize(w, s, b, z), s, p.dtype, zeros=z), t))
+            p.copy_(
+                fake_quantize_on(
+                    self.masters[n],
+                    self.scales[n],
+                    self.bits[n],
+                    self.zeros.get(n),
+                    transposed=n in self.transposed,
+                )
+            )
 
-    def ste(self, grads: dict[str, torch.Tensor | None]) -> None:
-        for n, master in self.masters.items():
-            g = grads.get(n)
-            if g is None:
-                master.grad = None
-                continue
-            if self.bits[n] == FLOAT_BITS:  # no clipping range: the gradient passes everywhere
-                master.grad = g
-                continue
-            t = n in self.transposed
-            w = output_major(master.detach(), t)
-            inside = output_major(ste_mask(w, self.scales[n], self.bits[n], self.zeros.get(n)), t)
-            master.grad = torch.where(inside, g, torch.zeros_like(g))
+    def ste(self) -> None:
+        """Hand each parameter's gradient to its master, zeroed where the master lies outside
+        the clipping range, and clear the parameter's. The gradient tensor itself moves, so
+        the step holds one set of gradients, not two."""
+        for n, p in self.params.items():
+            g, p.grad = p.grad, None
+            master = self.masters[n]
+            if g is not None and self.bits[n] != FLOAT_BITS:  # 16 bits: no range, no mask
+                t = n in self.transposed
+                w = output_major(master.detach(), t)
+                inside = ste_mask(w, self.scales[n], self.bits[n], self.zeros.get(n))
+                g.masked_fill_(~output_major(inside, t), 0)
+            master.grad = g
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {n: m.detach().clone() for n, m in self.masters.items()}
@@ -143,28 +140,31 @@ class _Session:
         self,
         model: LoadedModel,
         data: CalibrationData,
-        bits: dict[str, int],
-        scales: dict[str, torch.Tensor],
+        quantized: _Quantized,
         cfg: FinetuneSpec,
         seed: int,
+        *,
+        teacher: WeightSet | None,
         act_quant: Any,
         output_key: Any,
     ) -> None:
-        self.model, self.cfg, self.output_key = model, cfg, output_key
+        self.model, self.cfg, self.q, self.output_key = model, cfg, quantized, output_key
         self.train, self.val = split_holdout(data, cfg.val_fraction, seed)
         # The teacher is the float model itself: its original parameters (all of them, since
         # biases and norms train too) are swapped in for each batch, not its outputs cached.
-        self.originals: WeightSet = copy_weights(model)
-        self.q = _Quantized(model, bits, scales)
-        self.others = {n: p for n, p in model.named_weights().items() if n not in bits}
-        self.floats_before = {n: self.originals[n] for n in self.others}
-        # Where the current parameters wait while the teacher runs (allocated once).
-        self.held: WeightSet = {n: torch.empty_like(t) for n, t in self.originals.items()}
+        self.originals: WeightSet = teacher if teacher is not None else copy_weights(model)
+        self.others = {n: p for n, p in model.named_weights().items() if n not in quantized.bits}
         self.trainable = list(self.q.params.values()) + list(self.others.values())
         self.requires = [p.requires_grad for p in self.trainable]
         for p in self.trainable:
             p.requires_grad_(True)
-        self.opt = torch.optim.Adam([*self.q.masters.values(), *self.others.values()], lr=cfg.lr)
+            p.grad = None  # gradients accumulate here, from nothing
+        # Per-parameter steps: the multi-tensor step (CUDA's default) allocates its
+        # temporaries for all parameters at once, another copy of the model; the kernel
+        # launches it saves are nothing beside a step of a model large enough to care.
+        self.opt = torch.optim.Adam(
+            [*self.q.masters.values(), *self.others.values()], lr=cfg.lr, foreach=False
+        )
         # A fixed-batch torch.export program runs at its own batch size (iter_batches pads to it).
         steps_per_epoch = math.ceil(self.train.num_samples / (model.fixed_batch or cfg.batch_size))
         total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
@@ -181,10 +181,8 @@ class _Session:
 
     def teacher(self, batch: Batch) -> torch.Tensor:
         """The float model's output on ``batch`` (padding dropped, float32): the original
-        parameters are swapped in for one forward pass without activation quantization, and
-        the current ones back after it."""
-        store_weights(self.model, self.held)
-        with swapped_in(self.model, self.originals, self.held), capture_context(grad=False):
+        parameters are swapped in for one forward pass without activation quantization."""
+        with swapped_in(self.model, self.originals), capture_context(grad=False):
             out = select_output(self.model(*batch.inputs), self.output_key)
             return out[: batch.valid].detach().float()
 
@@ -226,8 +224,8 @@ class _Session:
                 if self.step >= self.total:
                     break
                 self.q.load()
-                loss, grads = self._accumulated(batch)
-                self._update(grads)
+                loss = self._accumulated(batch)
+                self._update()
                 self.step += 1
                 running += loss * batch.valid
                 seen += batch.valid
@@ -238,47 +236,46 @@ class _Session:
                 )
         return running / max(seen, 1)
 
-    def _accumulated(self, batch: Batch) -> tuple[float, tuple[torch.Tensor | None, ...]]:
-        """The batch's loss and its gradients, summed over micro-batches of ``self.micro``
-        samples, each weighted by its share of the batch: the step a whole batch would take,
-        within the memory of a micro-batch."""
+    def _accumulated(self, batch: Batch) -> float:
+        """The batch's loss, its gradients summed into the parameters' ``.grad`` over
+        micro-batches of ``self.micro`` samples, each weighted by its share of the batch: the
+        step a whole batch would take, within the memory of a micro-batch."""
         value = 0.0
-        total_grads: tuple[torch.Tensor | None, ...] | None = None
         for part in _micro_batches(batch, self.micro):
             loss = self.loss_on(part, self.cfg.label_weight) * (part.valid / batch.valid)
-            grads = torch.autograd.grad(loss, self.trainable, allow_unused=True)
+            if loss.requires_grad:  # a loss no trained parameter reaches has no gradient
+                loss.backward()  # frees this micro-batch's graph before the next is built
             value += float(loss.detach())
-            total_grads = grads if total_grads is None else tuple(map(_add, total_grads, grads))
-            del loss  # this micro-batch's graph goes before the next is built
-        assert total_grads is not None
-        return value, total_grads
+        return value
 
-    def _update(self, grads: tuple[torch.Tensor | None, ...]) -> None:
-        named = dict(zip(list(self.q.params) + list(self.others), grads, strict=True))
-        self.q.ste({n: named[n] for n in self.q.params})
-        for n, p in self.others.items():
-            g = named[n]
-            p.grad = None if g is None else g.detach()
+    def _update(self) -> None:
+        self.q.ste()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
 
+    def initial_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The state before fine-tuning, which the teacher's weights hold: no copy."""
+        return (
+            {n: self.originals[n] for n in self.q.params},
+            {n: self.originals[n] for n in self.others},
+        )
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return self.q.snapshot(), {n: p.detach().clone() for n, p in self.others.items()}
 
-    def finish(self, best: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        """Leave the model at the best state, with its parameters' requires_grad as they were."""
-        self.q.restore(best[0])
+    def finish(self, best: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None) -> None:
+        """Leave the model at the ``best`` state (None: the current one), its parameters'
+        gradients cleared and their requires_grad as it was."""
+        if best is not None:
+            self.q.restore(best[0])
+            with torch.no_grad():
+                for n, p in self.others.items():
+                    p.copy_(best[1][n])
         self.q.load()
-        with torch.no_grad():
-            for n, p in self.others.items():
-                p.copy_(best[1].get(n, self.floats_before[n]))
         for p, r in zip(self.trainable, self.requires, strict=True):
+            p.grad = None
             p.requires_grad_(r)
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return b if a is None else a if b is None else a + b
 
 
 def _micro_batches(batch: Batch, size: int) -> list[Batch]:
@@ -311,6 +308,7 @@ def finetune(
     zeros: dict[str, torch.Tensor | None] | None = None,
     micro_batch_size: int | None = None,
     transposed: Collection[str] = (),
+    teacher: WeightSet | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with its quantized layers held at ``bits`` / ``scales``.
 
@@ -332,12 +330,23 @@ def finetune(
             accumulating the gradients (same steps and result, less memory); default: whole.
         transposed: the layers stored ``(in, out, ...)``, whose scales follow dim 1 (as
             ``quantize_weights`` was told).
+        teacher: the float model's values of all its parameters (``copy_weights``), which
+            the model holds on entry; copied from the model when None. Read only: a caller
+            that has them anyway saves a copy of the model.
     """
     cfg = settings or FinetuneSpec()
     start = time.perf_counter()
-    run = _Session(model, data, bits, scales, cfg, seed, act_quant, output_key)
-    run.q.set_zeros(zeros)
-    run.q.transposed = frozenset(transposed)
+    quantized = _Quantized(model, bits, scales, zeros, transposed)
+    run = _Session(
+        model,
+        data,
+        quantized,
+        cfg,
+        seed,
+        teacher=teacher,
+        act_quant=act_quant,
+        output_key=output_key,
+    )
     if micro_batch_size is not None:
         run.micro = max(1, min(micro_batch_size, cfg.batch_size))
     return _fit(run, progress or null_progress, start)
@@ -348,24 +357,28 @@ def _fit(run: _Session, report: ProgressFn, start: float) -> FinetuneResult:
     leave the model at the epoch with the lowest held-out loss (epoch 0 included)."""
     cfg = run.cfg
     best = before = run.val_loss()
-    best_epoch, best_state = 0, run.state()
+    # The best state is copied only when training would change it: the state before
+    # fine-tuning is the teacher's (no copy), and after the last epoch None keeps the current.
+    best_epoch = 0
+    kept: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = run.initial_state()
     history: list[dict[str, float]] = [{"epoch": 0, "val_loss": best}]
     epoch, stale = 0, 0
     try:
         while run.step < run.total:
+            if kept is None:  # the best state is the current one, which training will change
+                kept = run.state()
             epoch += 1
             train_loss = run.train_epoch(epoch, report)
             current = run.val_loss()
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": current})
             if current < best:
-                best, best_epoch, stale = current, epoch, 0
-                best_state = run.state()
+                best, best_epoch, stale, kept = current, epoch, 0, None
             else:
                 stale += 1
                 if stale >= cfg.patience:
                     break
     finally:
-        run.finish(best_state)
+        run.finish(kept)
     report("finetune", 1.0, {"best_epoch": best_epoch, "val_loss": best})
     return FinetuneResult(
         epochs_run=epoch,

@@ -59,10 +59,15 @@ _OUTPUT_COPIES = {"analysis": 2, "finetune": 10}
 _HEADROOM = 1.25
 # Copies of the model's weights a stage holds beside the model itself: the analysis, the
 # weight gradients of its backward pass; evaluation, the float weights it compares against;
-# fine-tuning, the job's float weights, the originals the teacher runs with and the buffer the
-# current weights wait in meanwhile, master weights, Adam's two moments, the gradients and the
-# best state so far (measured at 125M: 8.6 GiB where six copies were planned for 8).
-_MODEL_COPIES = {"analysis": 1, "evaluation": 1, "finetune": 8}
+# fine-tuning, those float weights (its teacher), the master weights, Adam's two moments and
+# the gradients, plus the best state so far where more than one epoch can run
+# (``_BEST_STATE``). The teacher is swapped in by reference and the gradients move from the
+# parameters to the masters, so neither is copied again (``finetune.py``).
+_MODEL_COPIES = {"analysis": 1, "evaluation": 1, "finetune": 5}
+_BEST_STATE = 1
+# Float32 temporaries of the largest layer while fine-tuning loads or masks it: its rows and
+# their quantized values (``fake_quantize_on``), the mask's comparison.
+_FINETUNE_LAYER_COPIES = 3
 # The share of the budget the plan fills: what the estimate misses (single ops' temporaries on
 # the largest layers, the allocator) must fit in the rest. Measured at 125M under 8 GiB with the
 # whole budget planned: fine-tuning peaked at 8.24 GiB, 3% over.
@@ -274,20 +279,24 @@ def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:
     return max(0, min(asked, (budget - fixed) // max(per_sample, 1)))
 
 
-def _too_small(budget: int, analysing: int, tuning: int, model_bytes: int) -> SpecError:
+def _too_small(
+    budget: int, analysing: int, tuning: int, copies: int, model_bytes: int
+) -> SpecError:
     """The refusal of a budget the user set: what does not fit, and what would.
 
     Args:
         analysing: bytes the analysis needs with one sample.
         tuning: bytes fine-tuning needs with one sample when that is what does not fit, else 0.
+        copies: the copies of the weights fine-tuning keeps beside the model.
     """
     need = int(max(analysing, tuning) / _PLANNED_SHARE)
     if tuning:
         what = (
-            f"fine-tuning keeps {_MODEL_COPIES['finetune']} copies of the {_gib(model_bytes)} "
-            f"of weights (masters, Adam's moments, gradients, the teacher's originals, the best "
-            f"state) beside the model, {_gib(tuning)} with one sample's pass; without "
-            f"fine-tuning (finetune.epochs 0) the job needs {_gib(int(analysing / _PLANNED_SHARE))}"
+            f"fine-tuning keeps {copies} copies of the {_gib(model_bytes)} of weights (the "
+            f"float weights it distils from, masters, Adam's moments, gradients"
+            f"{', the best state' if copies > _MODEL_COPIES['finetune'] else ''}) beside the "
+            f"model, {_gib(tuning)} with one sample's pass; without fine-tuning "
+            f"(finetune.epochs 0) the job needs {_gib(int(analysing / _PLANNED_SHARE))}"
         )
     else:
         what = f"the model, one layer's quantization errors and one sample take {_gib(analysing)}"
@@ -304,6 +313,7 @@ def plan_memory(
     *,
     batch_size: int,
     finetune_batch_size: int | None,
+    finetune_keeps_best: bool = True,
     bits: int,
     max_memory: int | None,
     device: torch.device,
@@ -316,6 +326,8 @@ def plan_memory(
         data: the calibration data (a sample or two are run).
         batch_size, finetune_batch_size: what the spec asks for (upper bounds); None when the
             job does not fine-tune.
+        finetune_keeps_best: whether fine-tuning may run more than one epoch, and so keep a
+            copy of its best state while it trains on.
         bits: how many candidate widths the analysis scores (one layer's error stack each).
         max_memory: the budget in bytes.
         device: where the job runs.
@@ -334,23 +346,32 @@ def plan_memory(
     per_tuned = cost.bytes_for("finetune") if finetune_batch_size else 0
     weights = list(model.named_weights().values())
     model_bytes = sum(p.numel() * p.element_size() for p in weights)
+    codes = sum(p.numel() for p in weights)  # the quantized layers' int8 codes, from quantize on
     largest = max((p.numel() for p in weights), default=0)
     resident = _rss() if device.type == "cpu" else torch.cuda.memory_allocated(device)
     # One layer's quantization errors at every width, in float32, and the two float32 copies
     # of the layer they are rebuilt from (its rows, one width's quantized rows); the
     # contraction's own workspace.
     errors = (bits + 2) * largest * 4 + WORKSPACE_BYTES
-    fixed = {stage: resident + copies * model_bytes for stage, copies in _MODEL_COPIES.items()}
+    tuning_copies = _MODEL_COPIES["finetune"] + (_BEST_STATE if finetune_keeps_best else 0)
+    fixed = {
+        "analysis": resident + _MODEL_COPIES["analysis"] * model_bytes + errors,
+        "evaluation": resident + _MODEL_COPIES["evaluation"] * model_bytes + codes,
+        "finetune": resident
+        + tuning_copies * model_bytes
+        + codes
+        + _FINETUNE_LAYER_COPIES * largest * 4,
+    }
     analysis = min(
-        _fit(usable, fixed["analysis"] + errors, per_sample, batch_size),
+        _fit(usable, fixed["analysis"], per_sample, batch_size),
         _fit(usable, fixed["evaluation"], per_sample, batch_size),
     )
     asked_finetune = finetune_batch_size or 0
     finetune = _fit(usable, fixed["finetune"], per_tuned, asked_finetune)
     if (analysis < 1 or (asked_finetune and finetune < 1)) and max_memory is not None:
-        analysing = fixed["analysis"] + errors + per_sample
-        tuning = fixed["finetune"] + per_tuned if asked_finetune else 0
-        raise _too_small(budget, analysing, tuning if finetune < 1 else 0, model_bytes)
+        analysing = fixed["analysis"] + per_sample
+        tuning = fixed["finetune"] + per_tuned if asked_finetune and finetune < 1 else 0
+        raise _too_small(budget, analysing, tuning, tuning_copies, model_bytes)
     return MemoryPlan(
         max_memory=budget,
         source=source,

@@ -316,6 +316,8 @@ def plan_stage(ctx: JobContext) -> MemoryPlan:
         ctx.work,
         batch_size=spec.batch_size,
         finetune_batch_size=spec.finetune.batch_size if spec.finetunes else None,
+        # A step count may span epochs; only a single epoch never copies its best state.
+        finetune_keeps_best=spec.finetune.epochs > 1 or spec.finetune.steps is not None,
         bits=len(spec.bits),
         max_memory=spec.memory_budget,
         device=ctx.device,
@@ -372,9 +374,8 @@ def quantize_stage(
         ctx.evaluator = ctx.evaluator.with_act_quant(act_quant)
     # Only the quantized layers differ from the float model: only they are swapped per batch.
     float_layers = {name: float_weights[name] for name in layers}
-    quantized = copy_weights(model, layers)
-    on_eval = ctx.evaluator.compare(model, ctx.test, float_layers, quantized)
-    on_calib = ctx.evaluator.compare(model, ctx.work, float_layers, quantized)
+    on_eval = ctx.evaluator.compare(model, ctx.test, float_layers)
+    on_calib = ctx.evaluator.compare(model, ctx.work, float_layers)
     scores = Scores(
         output_shape=on_eval.output_shape,
         float_eval=on_eval.float_metrics,
@@ -407,6 +408,7 @@ def finetune_stage(ctx: JobContext, quant: Quantization) -> FinetuneResult | Non
         zeros=quant.zeros,
         micro_batch_size=ctx.plan.finetune_batch_size if ctx.plan is not None else None,
         transposed=transposed,
+        teacher=quant.float_weights,
     )
     quant.layers = quantize_weights(
         ctx.model,

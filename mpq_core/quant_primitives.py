@@ -29,6 +29,7 @@ __all__ = [
     "dequantize",
     "errors_from_scales",
     "fake_quantize",
+    "fake_quantize_on",
     "float16_dtype",
     "output_major",
     "qmax",
@@ -300,6 +301,29 @@ def fake_quantize(
     scales, zeros = choose_params_many(w, [bits], scheme or QuantScheme(), mse=mse)
     z = None if zeros is None else zeros[0]
     return dequantize(quantize(w, scales[0], bits, z), scales[0], dtype=w.dtype, zeros=z)
+
+
+def fake_quantize_on(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None = None,
+    *,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """``dequantize(quantize(w, scales, bits, zeros))`` on scales already chosen, exactly, in
+    ``w``'s dtype and stored layout (``transposed``: stored ``(in, out, ...)``, scales along
+    dim 1; at ``FLOAT_BITS``, ``w`` rounded to a 16-bit float).
+
+    Computed in float32 rows without integer codes: fine-tuning loads every layer this way
+    before each step, and the codes path held three float32 temporaries of the layer (1.2 GB
+    for a 1B decoder's embedding), this one two."""
+    if bits == FLOAT_BITS:
+        return round_to_float16(w.detach())
+    v = output_major(w.detach(), transposed)
+    rows = _rows(v, _groups_of(v, scales))
+    q = _fake_quantized_rows(rows, scales, bits, zeros).reshape(v.shape).to(w.dtype)
+    return output_major(q, transposed)
 
 
 def quantization_error(

@@ -1,11 +1,13 @@
-"""Sets of parameter values, by name, copied into a loaded model's parameters in place.
+"""Sets of parameter values, by name, for a loaded model's parameters.
 
 Evaluation and fine-tuning need the float model's outputs beside the quantized model's. Rather
 than keep the float outputs of every sample (samples x positions x classes floats: gigabytes for
-a language model), they swap the float weights in for one batch and the quantized ones back, so
-memory stays at the model plus one batch. The values are copied into the existing parameters, so
-each parameter keeps its storage: what finds layers by storage (activation quantization, the
-optimiser) still finds them.
+a language model), they swap the float weights in for one batch and back after it, so memory
+stays at the model plus one batch. The swap points each parameter at the other set's tensor
+and back (its ``.data``), copying nothing: a third set of weights to park the current values in
+would cost another copy of the model (2 GB for a 1B decoder in bfloat16). Outside the swap
+every parameter has its own storage again, so what finds layers by storage (activation
+quantization, the capture) finds them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from mpq_core.intake import LoadedModel
 
-__all__ = ["WeightSet", "copy_weights", "load_weights", "store_weights", "swapped_in"]
+__all__ = ["WeightSet", "copy_weights", "load_weights", "swapped_in"]
 
 #: Parameter values by qualified parameter name (as in ``LoadedModel.named_weights``).
 WeightSet = dict[str, torch.Tensor]
@@ -31,15 +33,6 @@ def copy_weights(model: LoadedModel, names: Iterable[str] | None = None) -> Weig
 
 
 @torch.no_grad()
-def store_weights(model: LoadedModel, target: WeightSet) -> None:
-    """Copy the model's current values of the parameters named in ``target`` into its tensors
-    (allocated once by the caller, so a loop that stores every step allocates nothing)."""
-    params = model.named_weights()
-    for name, buffer in target.items():
-        buffer.copy_(params[name])
-
-
-@torch.no_grad()
 def load_weights(model: LoadedModel, weights: Mapping[str, torch.Tensor]) -> None:
     """Copy ``weights`` into the model's parameters of the same names, in place."""
     params = model.named_weights()
@@ -48,17 +41,41 @@ def load_weights(model: LoadedModel, weights: Mapping[str, torch.Tensor]) -> Non
 
 
 @contextmanager
-def swapped_in(
-    model: LoadedModel, weights: Mapping[str, torch.Tensor], restore: Mapping[str, torch.Tensor]
-) -> Iterator[None]:
-    """The model holds ``weights`` inside the block and ``restore`` after it (also on error).
+def swapped_in(model: LoadedModel, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The parameters named in ``weights`` hold those tensors inside the block and their own
+    values again after it (also on error). Nothing is copied.
+
+    Only forward passes belong inside: the parameters share the given tensors' storage there,
+    so an in-place update would change ``weights``, and what finds layers by storage does not
+    find them.
+
+    Raises:
+        ValueError: a tensor whose shape, dtype or device differs from its parameter's.
 
     Example:
-        >>> with swapped_in(model, float_weights, quantized):  # doctest: +SKIP
+        >>> with swapped_in(model, float_weights):  # doctest: +SKIP
         ...     reference = model(*inputs)
     """
-    load_weights(model, weights)
+    params = model.named_weights()
+    # Distinct parameter objects on one storage (a tied weight) all take the new tensor.
+    aliases: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}
+    for _, param in model.module.named_parameters():
+        aliases.setdefault((param.data_ptr(), tuple(param.shape)), []).append(param)
+    own: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
+        for name, value in weights.items():
+            p = params[name]
+            if (value.shape, value.dtype, value.device) != (p.shape, p.dtype, p.device):
+                raise ValueError(
+                    f"{name}: a {value.dtype} {tuple(value.shape)} tensor on {value.device} "
+                    f"cannot stand in for the parameter ({p.dtype} {tuple(p.shape)} on {p.device})"
+                )
+            for alias in aliases.get((p.data_ptr(), tuple(p.shape)), [p]):
+                own.append((alias, alias.data))
+                # ``.data`` swaps the tensor's storage in place: TorchScript and torch.export
+                # programs hold the same tensor object, so they run with the new values.
+                alias.data = value
         yield
     finally:
-        load_weights(model, restore)
+        for alias, data in reversed(own):
+            alias.data = data

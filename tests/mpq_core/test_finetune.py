@@ -11,15 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq_core import memory_plan
 from mpq_core.data import CalibrationData
 from mpq_core.evaluate import model_outputs
-from mpq_core.finetune import FinetuneResult, _fit, _Session, finetune, split_holdout
+from mpq_core.finetune import (
+    FinetuneResult,
+    _fit,
+    _Quantized,
+    _Session,
+    finetune,
+    split_holdout,
+)
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.progress import null_progress
 from mpq_core.quant_primitives import dequantize, quantize
 from mpq_core.quantized_weights import quantize_weights
 from mpq_core.runner import Batch
 from mpq_core.spec import FinetuneSpec
+from mpq_core.weight_sets import copy_weights
 from tests.conftest import save_bytes, zoo_data, zoo_inputs
 from tests.mpq_core.live_tensors import LivePeak
 from tests.mpq_core.test_evaluate import LM_BITS, _lm, _lm_data
@@ -261,8 +270,8 @@ class _CachedTeacher(_Session):
     every sample computed once, before any weight changes, and looked up per batch (by the
     sample's input, so the shuffled order needs no bookkeeping)."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.cache: dict[bytes, torch.Tensor] = {}
         for split in (self.train, self.val):
             outs = model_outputs(self.model, split, output_key=self.output_key)
@@ -274,12 +283,23 @@ class _CachedTeacher(_Session):
         return torch.stack([self.cache[x.numpy().tobytes()] for x in rows])
 
 
+def _session(
+    model: LoadedModel,
+    data: CalibrationData,
+    cfg: FinetuneSpec,
+    session: type[_Session] = _Session,
+) -> _Session:
+    """A fine-tuning run of ``model`` at ``MIXED`` bits, symmetric per-channel scales."""
+    quantized = _Quantized(model, MIXED, _scales(model, MIXED), None, ())
+    return session(model, data, quantized, cfg, 0, teacher=None, act_quant=None, output_key=None)
+
+
 def _finetuned(
     model: LoadedModel, session: type[_Session]
 ) -> tuple[FinetuneResult, dict[str, torch.Tensor]]:
     data = zoo_data("mlp", 64)
     cfg = FinetuneSpec(epochs=3, lr=1e-2, batch_size=8, val_fraction=0.25, patience=5)
-    run = session(model, data, MIXED, _scales(model, MIXED), cfg, 0, None, None)
+    run = _session(model, data, cfg, session)
     return _fit(run, null_progress, 0.0), _snapshot(model)
 
 
@@ -301,7 +321,7 @@ def test_teacher_is_the_original_float_model_after_training_moved_every_paramete
     data = zoo_data("mlp", 32)
     float_out = model_outputs(model, data)
     cfg = FinetuneSpec(epochs=2, lr=1e-1, batch_size=8, val_fraction=0.25, patience=5)
-    run = _Session(model, data, MIXED, _scales(model, MIXED), cfg, 0, None, None)
+    run = _session(model, data, cfg)
     run.train_epoch(1, null_progress)
     run.q.load()
     trained = _snapshot(model)
@@ -353,3 +373,49 @@ def test_micro_batches_take_the_steps_whole_batches_take(fmt: str) -> None:
     finetune(small_model, data, MIXED, scales, FinetuneSpec(**{**cfg.__dict__, "batch_size": 3}))
     small = _snapshot(small_model)
     assert not all(torch.allclose(small[n], want[n], rtol=0, atol=1e-4) for n in want)
+
+
+# --- what fine-tuning holds: the copies of the weights the memory plan counts -----------------
+
+
+def _wide_mlp(fmt: str, dtype: torch.dtype) -> tuple[LoadedModel, CalibrationData]:
+    """Four 256x256 layers and 16 samples: the weights dwarf the activations, so the peak
+    is the copies of the weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)]).to(dtype)
+    x = torch.randn(16, 256, dtype=dtype)
+    return load_model(save_bytes(net, (x[:2],), fmt)), CalibrationData([x])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "epochs", "teacher"),
+    [
+        ("script", torch.float32, 1, False),
+        ("export", torch.float32, 1, True),
+        ("script", torch.bfloat16, 1, True),
+        ("script", torch.float32, 3, True),
+    ],
+)
+def test_finetune_holds_the_copies_of_the_weights_the_memory_plan_counts(
+    fmt: str, dtype: torch.dtype, epochs: int, teacher: bool
+) -> None:
+    """The plan counts the teacher's weights, masters, Adam's two moments and the gradients
+    (five copies), a sixth for the best state when more epochs can follow, three float32
+    copies of the largest layer and a batch's graph. Before the teacher was swapped by reference and the
+    gradients moved to the masters, fine-tuning held almost nine."""
+    model, data = _wide_mlp(fmt, dtype)
+    weights = model.named_weights()
+    bits = {n: 4 for n in weights if n.endswith("weight")}
+    model_bytes = sum(p.numel() * p.element_size() for p in weights.values())
+    largest = max(p.numel() for p in weights.values()) * 4
+    given = copy_weights(model) if teacher else None  # made before the count starts
+    copies = memory_plan._MODEL_COPIES["finetune"] - (1 if teacher else 0)
+    copies += memory_plan._BEST_STATE if epochs > 1 else 0
+    cfg = FinetuneSpec(epochs=epochs, lr=1e-3, batch_size=8, val_fraction=0.25, patience=5)
+    scales = _scales(model, bits)
+    with LivePeak() as probe:
+        finetune(model, data, bits, scales, cfg, teacher=given)
+    batch = 8 * memory_plan.measure_sample(model, data).bytes_for("finetune")  # the graph
+    planned = copies * model_bytes + memory_plan._FINETUNE_LAYER_COPIES * largest + batch
+    # Above the copies bar one (the best state may never be needed), at most the plan.
+    assert (copies - 1) * model_bytes < probe.peak <= planned, (probe.peak / model_bytes, copies)
