@@ -35,7 +35,12 @@ from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.layer_errors import LayerErrors
 from mpq_core.shared_flow import per_sample_directional_shared
 
-__all__ = ["WORKSPACE_BYTES", "fisher_sensitivity", "per_sample_directional"]
+__all__ = [
+    "WORKSPACE_BYTES",
+    "contraction_dtype",
+    "fisher_sensitivity",
+    "per_sample_directional",
+]
 
 aten = torch.ops.aten
 
@@ -48,6 +53,21 @@ WORKSPACE_BYTES = 2 * 4 * _CHUNK_FLOATS
 # relative to the weight (not to the quantization error, which is 64x smaller at 8 bits than at
 # 2 bits) so the loss change stays well above float32 rounding at every bit width.
 _FD_RELATIVE_STEP = 0.02
+
+
+def contraction_dtype(weights: list[torch.Tensor]) -> torch.dtype:
+    """The dtype the per-sample contractions of linear layers run in: bfloat16 when every
+    scored weight is bfloat16, else float32.
+
+    A bfloat16 model's activations and gradients already carry bfloat16's rounding (a
+    relative 2^-9); contracting them in bfloat16, with float32 accumulation, moved a 2048x8192
+    layer's products by 0.19% (relative, over 16 samples and six widths) and ran 2.2x faster
+    than float32 on a CPU with AVX512-BF16 (with AMX, bfloat16 matmuls run about 15x float32).
+    float16 keeps float32: its range would flush small gradients to zero.
+    """
+    if weights and all(w.dtype == torch.bfloat16 for w in weights):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _rows_to_samples(values: torch.Tensor, n: int, layout: str) -> torch.Tensor:
@@ -81,21 +101,23 @@ def per_sample_directional(
         layout: how the op's rows map to samples (``blocked`` or ``interleaved``).
     """
     nb = dws.shape[0]
+    ct = dws.dtype if dws.dtype == torch.bfloat16 else torch.float32  # see contraction_dtype
     if rec.kind == "linear" and rows_of(rec).shape[0] == n:
         # One row per sample: (delta_n dW_b) . x_n for all b in one matmul, no per-sample
         # gradient materialised.
-        x1 = rows_of(rec).float()  # (n, in)
-        d1 = delta.reshape(n, -1).float()  # (n, out)
-        stacked = dws.float().permute(1, 0, 2).reshape(dws.shape[1], -1)  # (out, B*in)
-        return ((d1 @ stacked).reshape(n, nb, -1) * x1[:, None, :]).sum(-1)
+        x1 = rows_of(rec).to(ct)  # (n, in)
+        d1 = delta.reshape(n, -1).to(ct)  # (n, out)
+        stacked = dws.to(ct).permute(1, 0, 2).reshape(dws.shape[1], -1)  # (out, B*in)
+        return ((d1 @ stacked).reshape(n, nb, -1) * x1[:, None, :]).sum(-1).float()
     if rec.kind == "linear":
-        x = _sample_rows(rows_of(rec).float(), n, layout)  # (n, T, in)
-        d = _sample_rows(delta.reshape(-1, delta.shape[-1]).float(), n, layout)  # (n, T, out)
-        return _linear_blocks(x, d, dws.float())
+        x = _sample_rows(rows_of(rec).to(ct), n, layout)  # (n, T, in)
+        d = _sample_rows(delta.reshape(-1, delta.shape[-1]).to(ct), n, layout)  # (n, T, out)
+        return _linear_blocks(x, d, dws.to(ct))
     if rec.kind == "embedding":
         ids = rec.x.reshape(-1)
         d = delta.reshape(ids.shape[0], -1).float()  # (R, D)
-        vals = torch.stack([(dws[b].float()[ids] * d).sum(1) for b in range(nb)], dim=1)
+        # Rows gathered before the conversion: a vocabulary's table is converted per row used.
+        vals = torch.stack([(dws[b][ids].float() * d).sum(1) for b in range(nb)], dim=1)
         return _rows_to_samples(vals, n, layout)
     if rec.kind in ("conv1d", "conv2d"):
         return _conv_unfolded(rec, delta, dws, n)
@@ -225,7 +247,15 @@ def fisher_sensitivity(
     index = {layer.name: i for i, layer in enumerate(layers)}
     refs = [WeightRef(layer.name, weights[layer.name]) for layer in layers]
     names = [layer.name for layer in layers]
-    dws = LayerErrors(weights, names, bits, scheme, transposed_names(layers))  # a layer at a time
+    # A layer at a time, in the dtype the contractions read.
+    dws = LayerErrors(
+        weights,
+        names,
+        bits,
+        scheme,
+        transposed_names(layers),
+        dtype=contraction_dtype([weights[name] for name in names]),
+    )
     layouts = {layer.name: list(layer.extra.get("layouts", [])) for layer in layers}
     shared = {
         name: {i for i, lay in enumerate(ls) if lay == "shared"} for name, ls in layouts.items()

@@ -21,7 +21,8 @@ __all__ = ["LayerErrors"]
 
 class LayerErrors:
     """``errors[name]`` is ``Q_b(W) - W`` stacked over ``bits``, ``(len(bits), *W.shape)``, in
-    float32 (exact for 16-bit weights).
+    ``dtype``: float32 by default (exact for 16-bit weights), bfloat16 where the caller
+    contracts in it (the Fisher pass on a bfloat16 model; half the buffer).
 
     The layers named in ``transposed`` store their weights ``(in, out, ...)``: they are
     quantized with scales along dim 1 (their output channels), and their stacks are still in
@@ -45,10 +46,13 @@ class LayerErrors:
         bits: list[int],
         scheme: QuantScheme | None = None,
         transposed: Collection[str] = (),
+        *,
+        dtype: torch.dtype = torch.float32,
     ):
         self._weights = {name: output_major(weights[name], name in transposed) for name in names}
         self._transposed = frozenset(transposed)
         self._bits = list(bits)
+        self._dtype = dtype
         scheme = scheme or QuantScheme()
         # Chosen once, on the weights as they are now (a finite-difference pass perturbs them
         # later; the errors must stay those of the unperturbed weights).
@@ -77,14 +81,14 @@ class LayerErrors:
         """The shared buffer's first ``prod(shape)`` elements, (re)allocated when too small or
         on another device; sized for the largest layer at once.
 
-        Float32 whatever the weights' dtype: the contractions read the errors in float32, and
-        converting a 16-bit stack for every op that uses the layer cost a quarter of a bfloat16
-        1B decoder's analysis (the memory plan counts 4 bytes a value)."""
+        In the dtype the contractions read: converting a stack for every op that uses the
+        layer cost a quarter of a bfloat16 1B decoder's analysis (the memory plan counts 4
+        bytes a value)."""
         size = len(self._bits) * w.numel()
         buf = self._buffer
         if buf is None or buf.device != w.device or buf.numel() < size:
             self._buffer = buf = None  # drop the old one before allocating the next
             self._stack = None
             largest = max(p.numel() for p in self._weights.values()) * len(self._bits)
-            buf = self._buffer = torch.empty(largest, dtype=torch.float32, device=w.device)
+            buf = self._buffer = torch.empty(largest, dtype=self._dtype, device=w.device)
         return buf[:size]

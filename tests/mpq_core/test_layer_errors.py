@@ -22,7 +22,7 @@ from mpq_core.quant_primitives import (
     round_to_float16,
 )
 from mpq_core.scheme import QuantScheme
-from mpq_core.sensitivity.fisher import fisher_sensitivity
+from mpq_core.sensitivity.fisher import contraction_dtype, fisher_sensitivity
 from mpq_core.sensitivity.layer_errors import LayerErrors
 from tests.conftest import save_bytes
 from tests.mpq_core.test_fisher import reference_omega
@@ -118,3 +118,31 @@ def test_fisher_holds_one_layer_error_stack_at_a_time() -> None:
     got = torch.tensor(omega, dtype=torch.float64)
     assert bool((want > 0).all())
     assert float(((got - want).abs() / want).max()) <= 1e-4
+
+
+def test_a_bfloat16_stack_is_the_float32_stack_rounded() -> None:
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(64, 96).bfloat16(), "b": torch.randn(32, 64).bfloat16()}
+    exact = LayerErrors(weights, ["a", "b"], [2, 4, 8, 16])
+    rounded = LayerErrors(weights, ["a", "b"], [2, 4, 8, 16], dtype=torch.bfloat16)
+    for name in ("a", "b"):
+        want = exact[name].clone()
+        got = rounded[name]
+        assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
+        assert torch.equal(got, want.bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "want"),
+    [
+        ((torch.bfloat16, torch.bfloat16), torch.bfloat16),
+        ((torch.bfloat16, torch.float32), torch.float32),
+        ((torch.float16, torch.float16), torch.float32),  # float16's range flushes gradients
+        ((torch.float32,), torch.float32),
+        ((), torch.float32),
+    ],
+)
+def test_the_contraction_runs_in_bfloat16_only_for_an_all_bfloat16_model(
+    dtypes: tuple[torch.dtype, ...], want: torch.dtype
+) -> None:
+    assert contraction_dtype([torch.zeros(2, dtype=d) for d in dtypes]) == want
