@@ -5,10 +5,10 @@ Run: ``python -m bench.project_gpu`` (``--render``: only refresh the Fisher rati
 
 No GPU was lent to the sessions that built issue 10, so this script projects from what this
 CPU machine can measure exactly. Memory: a job's footprint is its weights, the copies its
-stages keep (``mpq_core.memory_plan``: weight gradients in the analysis; master weights, Adam's
-two moments, gradients, best state and float originals in fine-tuning), one layer's
+stages keep (``mpq_core.memory_plan``'s counts: weight gradients in the analysis; the float
+weights, master weights, Adam's two moments, gradients and best state in fine-tuning), one layer's
 quantization errors, and one batch's autograd graph. The graph is measured, not guessed: the
-plan's own ``sample_bytes`` on GPT-2-style decoders of the target width with 1 and 2 blocks, on
+plan's own ``measure_sample`` on GPT-2-style decoders of the target width with 1 and 2 blocks, on
 the CPU (saved tensors are the same bytes on any device), extrapolated linearly in the number of
 blocks, and halved for bf16 (measured in float32: this CPU runs bf16 matrix products in
 software, minutes per pass at 4096 wide; a bf16 graph saves the same tensors at half the bytes). Time: one forward and backward pass costs about 6 x parameters x tokens
@@ -53,18 +53,19 @@ class Decoder:
 SIZES = [Decoder("1B", 2048, 20, 16), Decoder("7B", 4096, 32, 32)]
 
 
-def _slice_bytes(size: Decoder, blocks: int) -> int:
-    """``sample_bytes`` of the decoder cut to ``blocks`` blocks, in float32."""
+def _slice_bytes(size: Decoder, blocks: int, stage: str) -> int:
+    """What one sample's graph costs ``stage`` (``analysis`` or ``finetune``: the plan's
+    ``measure_sample``) in the decoder cut to ``blocks`` blocks, in float32."""
     from bench.decoders import DecoderConfig, traced_decoder
     from mpq_core.data import CalibrationData
     from mpq_core.intake import load_model
-    from mpq_core.memory_plan import sample_bytes
+    from mpq_core.memory_plan import measure_sample
 
     cfg = DecoderConfig(size.vocab, size.width, blocks, size.heads, TOKENS)
     archive, _ = traced_decoder(cfg, tokens=TOKENS)
     ids = torch.randint(0, size.vocab, (2, TOKENS))
     model = load_model(archive)
-    return sample_bytes(model, CalibrationData(inputs=[ids]))
+    return measure_sample(model, CalibrationData(inputs=[ids])).bytes_for(stage)
 
 
 def _fisher_ratio() -> tuple[float | None, str]:
@@ -97,14 +98,27 @@ def _with_fisher(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def project(size: Decoder) -> dict[str, Any]:
-    one, two = _slice_bytes(size, 1), _slice_bytes(size, 2)
-    per_sample = (one + (size.blocks - 1) * (two - one)) // 2  # float32 -> bf16
+    from mpq_core import memory_plan as plan
+
+    def per_sample_of(stage: str) -> int:
+        one, two = _slice_bytes(size, 1, stage), _slice_bytes(size, 2, stage)
+        return (one + (size.blocks - 1) * (two - one)) // 2  # float32 -> bf16
+
+    per_sample, per_tuned = per_sample_of("analysis"), per_sample_of("finetune")
+
     weights = 2 * size.params  # bf16
     largest = size.vocab * size.width
-    errors = (BITS + 1) * largest * 2
+    # One layer's errors at every width in bfloat16 (Fisher contracts a bfloat16 model in
+    # it), and the float32 rows they are rebuilt from.
+    errors = BITS * largest * 2 + 2 * largest * 4
     runtime = 2 * 10**9  # CUDA context and PyTorch's own allocations
-    analysis_fixed = runtime + 2 * weights + errors
-    finetune_fixed = runtime + 7 * weights
+    analysis_fixed = runtime + (1 + plan._MODEL_COPIES["analysis"]) * weights + errors
+    # The model and the copies fine-tuning keeps (the plan's count, several epochs), its int8
+    # codes, and the largest layer's float32 temporaries.
+    copies = 1 + plan._MODEL_COPIES["finetune"] + plan._BEST_STATE
+    finetune_fixed = (
+        runtime + copies * weights + size.params + plan._FINETUNE_LAYER_COPIES * largest * 4
+    )
     fwdbwd_s_per_seq = 6 * size.params * TOKENS / (MFU * H200_BF16_FLOPS)
     return _with_fisher(
         {
@@ -116,8 +130,8 @@ def project(size: Decoder) -> dict[str, Any]:
             "weights_gib": weights / 2**30,
             "analysis_batch_on_h200": int((H200_BYTES - analysis_fixed) // per_sample),
             "analysis_gib_at_batch_16": (analysis_fixed + 16 * per_sample) / 2**30,
-            "finetune_batch_on_h200": max(0, int((H200_BYTES - finetune_fixed) // per_sample)),
-            "finetune_gib_at_batch_8": (finetune_fixed + 8 * per_sample) / 2**30,
+            "finetune_batch_on_h200": max(0, int((H200_BYTES - finetune_fixed) // per_tuned)),
+            "finetune_gib_at_batch_8": (finetune_fixed + 8 * per_tuned) / 2**30,
             "fwdbwd_s_per_1024_sequences": 1024 * fwdbwd_s_per_seq,
         }
     )

@@ -46,7 +46,6 @@ __all__ = [
     "peak_resident_and_reset",
     "plan_memory",
     "release_free_memory",
-    "sample_bytes",
     "status_bytes",
 ]
 
@@ -265,14 +264,6 @@ def measure_sample(model: LoadedModel, data: CalibrationData, output_key: Any = 
         saved2, out2 = _graph_bytes(model, data, 2, output_key)
         saved, out = saved2 - saved, out2 - out
     return SampleCost(saved, out)
-
-
-def sample_bytes(
-    model: LoadedModel, data: CalibrationData, output_key: Any = None, *, stage: str = "analysis"
-) -> int:
-    """Estimated bytes one sample adds to a forward and backward pass of ``stage``
-    (``analysis`` or ``finetune``), with headroom (see :func:`measure_sample`)."""
-    return measure_sample(model, data, output_key).bytes_for(stage)
 
 
 def _fit(budget: int, fixed: int, per_sample: int, asked: int) -> int:

@@ -20,8 +20,8 @@ from mpq_core.intake import load_model
 from mpq_core.memory_plan import (
     MemoryPlan,
     machine_memory,
+    measure_sample,
     plan_memory,
-    sample_bytes,
     status_bytes,
 )
 from mpq_core.progress import STAGES
@@ -50,8 +50,8 @@ def _ids(n: int, tokens: int = 128) -> CalibrationData:
 
 def test_a_sample_costs_at_least_its_output_twice_and_grows_with_the_sequence() -> None:
     short, long = load_model(_decoder(64)), load_model(_decoder(128))
-    per_short = sample_bytes(short, _ids(4, 64))
-    per_long = sample_bytes(long, _ids(4, 128))
+    per_short = measure_sample(short, _ids(4, 64)).bytes_for("analysis")
+    per_long = measure_sample(long, _ids(4, 128)).bytes_for("analysis")
     logits_bytes = 128 * 8192 * 4
     assert per_long >= 2 * logits_bytes  # its gradient and the loss's log-softmax
     assert 1.6 < per_long / per_short < 2.6  # linear in the tokens, as activations are
@@ -64,7 +64,7 @@ import json, sys
 import torch
 from mpq_core.data import CalibrationData
 from mpq_core.intake import load_model
-from mpq_core.memory_plan import sample_bytes, status_bytes
+from mpq_core.memory_plan import measure_sample, status_bytes
 from mpq_core.pipeline import run
 from mpq_core.spec import FinetuneSpec, JobSpec
 
@@ -74,7 +74,7 @@ data = CalibrationData(inputs=[torch.randint(0, 8192, (96, 128), generator=torch
 model_bytes = sum(p.numel() * p.element_size() for p in model.named_weights().values())
 # Room for the stages' weight copies and 8 samples (the plan fills 90% of a budget): far
 # below what a batch of 64 needs.
-budget = int((status_bytes("VmRSS") + 12 * model_bytes + 8 * sample_bytes(model, data) + 64 * 2**20) / 0.9)
+budget = int((status_bytes("VmRSS") + 12 * model_bytes + 8 * measure_sample(model, data).bytes_for() + 64 * 2**20) / 0.9)
 spec = JobSpec(
     budgets=["avg-bits=4"],
     batch_size=64,
