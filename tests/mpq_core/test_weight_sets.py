@@ -6,34 +6,20 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from torch import nn
 
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.weight_sets import copy_weights, swapped_in
 from tests.conftest import save_bytes
 from tests.mpq_core.live_tensors import LivePeak
+from tests.mpq_core.test_packed_checkpoint import TiedLM
 
 FORMATS = ["script", "trace", "export"]
 
 
-class _Tied(nn.Module):
-    """An embedding whose weight is also the output head's (GPT-2's tie)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(16, 8)
-        self.mix = nn.Linear(8, 8)
-        self.head = nn.Linear(8, 16, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mix(self.embed(ids))))
-
-
 def _model(fmt: str) -> tuple[LoadedModel, torch.Tensor]:
     torch.manual_seed(0)
-    ids = torch.randint(0, 16, (4, 5))
-    return load_model(save_bytes(_Tied().eval(), (ids[:2],), fmt)), ids
+    ids = torch.randint(0, 20, (4, 5))  # TiedLM: an embedding that is also the output head
+    return load_model(save_bytes(TiedLM().eval(), (ids[:2],), fmt)), ids
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -89,7 +75,7 @@ def test_a_tensor_that_does_not_fit_its_parameter_is_refused_and_nothing_stays_s
     model, ids = _model("script")
     mine = model(ids).detach()
     own = copy_weights(model)
-    tied = next(n for n, w in own.items() if w.shape == (16, 8))
+    tied = next(n for n, w in own.items() if w.shape == (20, 8))
     # The layer that fits comes first, so it is swapped when the misfit is found.
     other = {"mix.weight": torch.zeros_like(own["mix.weight"]), tied: change(own[tied])}
     with pytest.raises(ValueError, match="cannot stand in"), swapped_in(model, other):
