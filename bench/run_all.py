@@ -6,6 +6,7 @@ from bench import (
     bench_allocation,
     bench_api,
     bench_archive_guard,
+    bench_contraction,
     bench_fisher_memory,
     bench_pipeline,
     bench_sandbox,
@@ -25,6 +26,7 @@ def main() -> None:
     bench_archive_guard.main()
     hostile_corpus.main()
     bench_fisher_memory.main()
+    bench_contraction.main()
 
 
 if __name__ == "__main__":
