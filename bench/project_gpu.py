@@ -53,9 +53,11 @@ class Decoder:
 SIZES = [Decoder("1B", 2048, 20, 16), Decoder("7B", 4096, 32, 32)]
 
 
-def _slice_bytes(size: Decoder, blocks: int, stage: str) -> int:
-    """What one sample's graph costs ``stage`` (``analysis`` or ``finetune``: the plan's
-    ``measure_sample``) in the decoder cut to ``blocks`` blocks, in float32."""
+def _slice_cost(size: Decoder, blocks: int) -> Any:
+    """What one sample's graph costs (the plan's ``measure_sample``) in the decoder cut to
+    ``blocks`` blocks, in float32; measured once for every stage (a 7B slice holds gigabytes)."""
+    import gc
+
     from bench.decoders import DecoderConfig, traced_decoder
     from mpq_core.data import CalibrationData
     from mpq_core.intake import load_model
@@ -64,8 +66,10 @@ def _slice_bytes(size: Decoder, blocks: int, stage: str) -> int:
     cfg = DecoderConfig(size.vocab, size.width, blocks, size.heads, TOKENS)
     archive, _ = traced_decoder(cfg, tokens=TOKENS)
     ids = torch.randint(0, size.vocab, (2, TOKENS))
-    model = load_model(archive)
-    return measure_sample(model, CalibrationData(inputs=[ids])).bytes_for(stage)
+    cost = measure_sample(load_model(archive), CalibrationData(inputs=[ids]))
+    del archive
+    gc.collect()  # the traced slice before the next one is built
+    return cost
 
 
 def _fisher_ratio() -> tuple[float | None, str]:
@@ -100,9 +104,11 @@ def _with_fisher(row: dict[str, Any]) -> dict[str, Any]:
 def project(size: Decoder) -> dict[str, Any]:
     from mpq_core import memory_plan as plan
 
+    one, two = _slice_cost(size, 1), _slice_cost(size, 2)
+
     def per_sample_of(stage: str) -> int:
-        one, two = _slice_bytes(size, 1, stage), _slice_bytes(size, 2, stage)
-        return (one + (size.blocks - 1) * (two - one)) // 2  # float32 -> bf16
+        a, b = one.bytes_for(stage), two.bytes_for(stage)
+        return (a + (size.blocks - 1) * (b - a)) // 2  # float32 -> bf16
 
     per_sample, per_tuned = per_sample_of("analysis"), per_sample_of("finetune")
 
