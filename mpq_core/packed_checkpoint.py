@@ -476,16 +476,47 @@ def _read_layer(
     )
 
 
-def restore_into(model: LoadedModel, checkpoint: PackedCheckpoint) -> None:
+def _as_loaded(model: LoadedModel | torch.nn.Module | torch.export.ExportedProgram) -> LoadedModel:
+    """``model`` as a ``LoadedModel`` whose parameters are the model's own tensors."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, torch.export.ExportedProgram):
+        # The program's module shares the program's parameter tensors: writing them in place
+        # restores the program itself, and every later ``.module()`` of it.
+        return LoadedModel(
+            format="export", module=model.module(), sha256="", num_inputs=0, program=model
+        )
+    if isinstance(model, torch.nn.Module):  # a ScriptModule is one too
+        return LoadedModel(format="torchscript", module=model, sha256="", num_inputs=0)
+    raise TypeError(
+        "restore_into takes a torch.jit.load / torch.export.load result, a torch.nn.Module or "
+        f"mpq's LoadedModel, not {type(model).__name__}"
+    )
+
+
+def restore_into(
+    model: LoadedModel | torch.nn.Module | torch.export.ExportedProgram,
+    checkpoint: PackedCheckpoint,
+) -> None:
     """Write the checkpoint's dequantized weights and float parameters into ``model``, in place.
 
-    The result is bit-identical to ``apply_weights(model, quantize_weights(model, bits))`` on
-    the model the checkpoint was saved from.
+    ``model`` is what a user has at hand: ``torch.jit.load(...)``, ``torch.export.load(...)``
+    (its ``.module()`` then runs the restored weights), an eager module, or mpq's own
+    ``LoadedModel``. The result is bit-identical to
+    ``apply_weights(model, quantize_weights(model, bits))`` on the model the checkpoint was
+    saved from.
+
+    Example:
+        >>> program = torch.export.load("model.pt2")  # doctest: +SKIP
+        >>> restore_into(program, load_packed_checkpoint("model.mpq.safetensors"))  # doctest: +SKIP
+        >>> program.module()(x)  # doctest: +SKIP
 
     Raises:
         ModelFormatError: (code ``checkpoint_mismatch``) the checkpoint names a parameter the
             model lacks, a shape differs, or a parameter of the model is not in the checkpoint.
+        TypeError: ``model`` is none of the above.
     """
+    model = _as_loaded(model)
 
     def mismatch(why: str) -> ModelFormatError:
         return ModelFormatError(

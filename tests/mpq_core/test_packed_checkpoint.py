@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import warnings
 import zlib
@@ -203,6 +204,39 @@ def test_checkpoint_round_trip_is_bit_exact(
         assert torch.equal(p, restored_params[n]), n
     inputs = _inputs(name)
     assert torch.equal(simulated(*inputs), restored(*inputs))
+
+
+@pytest.mark.parametrize(("name", "fmt"), CASES)
+def test_restore_into_what_torch_load_returns(
+    archive: Callable[[str, str], bytes], tmp_path: Path, name: str, fmt: str
+) -> None:
+    """A user restores into ``torch.jit.load(...)`` / ``torch.export.load(...)`` itself, no
+    mpq loader in between, and runs it as torch gives it to them."""
+    data = archive(name, fmt)
+    source = load_model(data)
+    save_packed_checkpoint(tmp_path, source, quantize_weights(source, _bits(source)))
+    checkpoint = load_packed_checkpoint(tmp_path / CHECKPOINT_NAME)
+    simulated = load_model(data)
+    apply_weights(simulated, quantize_weights(simulated, _bits(simulated)))
+    inputs = _inputs(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        if fmt == "script":
+            plain = torch.jit.load(io.BytesIO(data))
+            restore_into(plain, checkpoint)
+            got = plain(*inputs)
+        else:
+            program = torch.export.load(io.BytesIO(data))
+            restore_into(program, checkpoint)
+            got = program.module()(*inputs)  # a module made after the restore sees it
+    want = simulated(*inputs)
+    assert torch.equal(got, want)
+    assert not torch.equal(load_model(data)(*inputs), want)  # the restore changed the model
+
+
+def test_restore_into_something_else_says_what_it_takes() -> None:
+    with pytest.raises(TypeError, match=r"torch\.jit\.load"):
+        restore_into("model.pt", None)  # type: ignore[arg-type]
 
 
 def test_size_matches_prediction_for_a_1m_parameter_model(tmp_path: Path) -> None:
