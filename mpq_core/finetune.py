@@ -147,6 +147,7 @@ class _Session:
         teacher: WeightSet | None,
         act_quant: Any,
         output_key: Any,
+        micro_batch_size: int | None = None,
     ) -> None:
         self.model, self.cfg, self.q, self.output_key = model, cfg, quantized, output_key
         self.train, self.val = split_holdout(data, cfg.val_fraction, seed)
@@ -177,7 +178,11 @@ class _Session:
         self.step = 0
         # Passes run on micro-batches of at most this many samples (a memory budget's choice;
         # a fixed-batch export runs at its own size); each step still sees cfg.batch_size.
-        self.micro = cfg.batch_size
+        self.micro = (
+            cfg.batch_size
+            if micro_batch_size is None
+            else max(1, min(micro_batch_size, cfg.batch_size))
+        )
 
     def teacher(self, batch: Batch) -> torch.Tensor:
         """The float model's output on ``batch`` (padding dropped, float32): the original
@@ -346,9 +351,8 @@ def finetune(
         teacher=teacher,
         act_quant=act_quant,
         output_key=output_key,
+        micro_batch_size=micro_batch_size,
     )
-    if micro_batch_size is not None:
-        run.micro = max(1, min(micro_batch_size, cfg.batch_size))
     return _fit(run, progress or null_progress, start)
 
 

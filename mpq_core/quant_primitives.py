@@ -299,8 +299,7 @@ def fake_quantize(
         return round_to_float16(w)
     qmax(bits)
     scales, zeros = choose_params_many(w, [bits], scheme or QuantScheme(), mse=mse)
-    z = None if zeros is None else zeros[0]
-    return dequantize(quantize(w, scales[0], bits, z), scales[0], dtype=w.dtype, zeros=z)
+    return fake_quantize_on(w, scales[0], bits, None if zeros is None else zeros[0])
 
 
 def fake_quantize_on(

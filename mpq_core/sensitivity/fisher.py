@@ -101,7 +101,7 @@ def per_sample_directional(
         layout: how the op's rows map to samples (``blocked`` or ``interleaved``).
     """
     nb = dws.shape[0]
-    ct = dws.dtype if dws.dtype == torch.bfloat16 else torch.float32  # see contraction_dtype
+    ct = contraction_dtype([dws])  # bfloat16 stacks are contracted in bfloat16
     if rec.kind == "linear" and rows_of(rec).shape[0] == n:
         # One row per sample: (delta_n dW_b) . x_n for all b in one matmul, no per-sample
         # gradient materialised.
