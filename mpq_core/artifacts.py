@@ -1,7 +1,8 @@
 """The files of a job: what :func:`write_artifacts` writes from a :class:`JobResult`.
 
 ``model.pt`` / ``model.pt2`` (the drop-in model), ``model.mpq.safetensors`` (the packed
-checkpoint), ``allocation.json``, ``sensitivity.json``, ``encodings.json`` (with activation
+checkpoint), ``model.compressed.pt2`` and ``model.onnx`` (where torch's exporters can record the
+model: :mod:`mpq_core.runtime_exports`), ``allocation.json``, ``sensitivity.json``, ``encodings.json`` (with activation
 quantization) and, last, ``report.json``.
 """
 
@@ -14,6 +15,7 @@ from mpq_core.dropin_model import save_quantized_model
 from mpq_core.packed_checkpoint import CHECKPOINT_NAME, save_packed_checkpoint
 from mpq_core.progress import ProgressFn, StageClock, null_progress
 from mpq_core.report import SCHEMA_VERSION, finite, write_json
+from mpq_core.runtime_exports import write_runtime_exports
 
 if TYPE_CHECKING:
     from mpq_core.pipeline import JobResult
@@ -50,6 +52,11 @@ def write_artifacts(
         packed_bytes = save_packed_checkpoint(
             packed, model, layers, metadata={"model_sha256": model.sha256, "format": model.format}
         )
+        if result.example_inputs:
+            exported, report["exports"] = write_runtime_exports(
+                model, layers, result.example_inputs, out
+            )
+            artifacts.update(exported)
         artifacts["allocation.json"] = out / "allocation.json"
         result.allocation.save(artifacts["allocation.json"])
         artifacts["sensitivity.json"] = out / "sensitivity.json"

@@ -38,7 +38,13 @@ from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.report import build_report
-from mpq_core.runner import MODEL_ERRORS, check_data_fits, check_finetune_samples, error_summary
+from mpq_core.runner import (
+    MODEL_ERRORS,
+    check_data_fits,
+    check_finetune_samples,
+    error_summary,
+    iter_batches,
+)
 from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
@@ -129,6 +135,8 @@ class JobResult:
     encodings: dict[str, ActEncoding]
     finetune: FinetuneResult | None
     report: dict[str, Any]
+    # One batch of inputs (CPU), to record the runtime exports with and check them on.
+    example_inputs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -191,8 +199,18 @@ def run(
     scores = quant.scores
     metrics = {"float": scores.float_eval, "quantized": scores.quantized_eval, "finetuned": final}
     report = build_report(ctx, profile, allocation, quant, tuned, final)
+    example = [t.detach().to("cpu") for t in next(iter_batches(ctx.model, ctx.work, 2)).inputs]
     return JobResult(
-        ctx.model, allocation, table, profile, quant.layers, metrics, quant.encodings, tuned, report
+        ctx.model,
+        allocation,
+        table,
+        profile,
+        quant.layers,
+        metrics,
+        quant.encodings,
+        tuned,
+        report,
+        example,
     )
 
 

@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -36,6 +37,7 @@ from mpq_core.intake import LoadedModel
 from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.profiling import ModelProfile
 from mpq_core.runner import check_data_fits
+from mpq_core.runtime_exports import ONNX_SESSION_CONFIG
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from tests.conftest import save_bytes, stock_load
 from tests.mpq_core.test_fisher import reference_omega
@@ -261,12 +263,44 @@ def _check_whole_job(case: Case, tmp_path: Path) -> JobResult:
         got = stock(*case.data.inputs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    _check_runtime_exports(case, result, files, want)
+
     restored = load_model(case.model_bytes)
     restore_into(restored, load_packed_checkpoint(files["model.mpq.safetensors"]))
     quantized = result.model.named_weights()
     for layer_name, tensor in restored.named_weights().items():
         assert torch.equal(tensor, quantized[layer_name]), layer_name
     return result
+
+
+#: Zoo models torch's ONNX exporter refuses, with what it says.
+ONNX_REFUSED = {("mha_seq_first", "trace"): "ONNX export of transpose for tensor of unknown rank"}
+
+
+def _check_runtime_exports(
+    case: Case, result: JobResult, files: dict[str, Path], want: torch.Tensor
+) -> None:
+    """The compressed program equals the simulated model bit for bit with stock torch; the ONNX
+    model runs in onnxruntime within float rounding of it (or is refused, as listed)."""
+    compressed = stock_load(files["model.compressed.pt2"], "export")
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(*case.data.inputs), want, rtol=0, atol=0)
+    exports = result.report["exports"]
+    assert exports["model.compressed.pt2"]["max_abs_difference"] == 0.0
+    refused = ONNX_REFUSED.get((case.name, case.fmt))
+    if refused is not None:
+        assert "model.onnx" not in files
+        assert refused in exports["model.onnx"]["reason"]
+        return
+    options = ort.SessionOptions()
+    for key, value in ONNX_SESSION_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(files["model.onnx"]), options)
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), case.data.inputs, strict=True)}
+    got = torch.from_numpy(session.run(None, feeds)[0]).float()
+    ref = want.float()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert exports["model.onnx"]["quantized_layers"] > 0
 
 
 def test_labels_per_sample_for_scores_per_frame_are_refused_before_any_work() -> None:
