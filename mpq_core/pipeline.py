@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
 from mpq_core.weight_sets import copy_weights, load_weights
+
+if TYPE_CHECKING:
+    from mpq_core.sweep_plan import Curve
 
 __all__ = [
     "STAGES",
@@ -129,6 +132,7 @@ class JobResult:
     encodings: dict[str, ActEncoding]
     finetune: FinetuneResult | None
     report: dict[str, Any]
+    curve: Curve | None = None  # the trade-off curve, when the spec asks for a sweep
 
 
 @dataclass
@@ -140,6 +144,7 @@ class PipelineResult:
     sensitivity: SensitivityTable
     report: dict[str, Any]
     artifacts: dict[str, Path] = field(default_factory=dict)
+    curve: Curve | None = None
 
 
 def run(
@@ -183,6 +188,12 @@ def run(
         allocation = allocate(table, spec)
     with _measured(clock, "quantize", peaks):
         quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed_names(profile.layers))
+    curve = None
+    if spec.sweep:  # the trade-off curve, only when asked (mpq_core.sweep)
+        from mpq_core.sweep import sweep_stage
+
+        with _measured(clock, "sweep", peaks):
+            curve = sweep_stage(ctx, table, allocation, quant)
     with _measured(clock, "finetune", peaks):
         tuned = finetune_stage(ctx, quant)
     with _measured(clock, "evaluate", peaks):
@@ -192,7 +203,16 @@ def run(
     metrics = {"float": scores.float_eval, "quantized": scores.quantized_eval, "finetuned": final}
     report = build_report(ctx, profile, allocation, quant, tuned, final)
     return JobResult(
-        ctx.model, allocation, table, profile, quant.layers, metrics, quant.encodings, tuned, report
+        ctx.model,
+        allocation,
+        table,
+        profile,
+        quant.layers,
+        metrics,
+        quant.encodings,
+        tuned,
+        report,
+        curve,
     )
 
 
@@ -244,6 +264,7 @@ def quantize_model(
         sensitivity=result.sensitivity,
         report=result.report,
         artifacts=artifacts,
+        curve=result.curve,
     )
 
 
