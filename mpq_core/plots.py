@@ -237,9 +237,7 @@ def sensitivity_figure(table: SensitivityTable) -> Figure:
 def _cmap_with_bad() -> Any:
     from matplotlib import colormaps
 
-    cmap = colormaps["magma_r"].copy()
-    cmap.set_bad("#cccccc")
-    return cmap
+    return colormaps["magma_r"].with_extremes(bad="#cccccc")
 
 
 def save_figure(fig: Figure, stem: Path) -> dict[str, Path]:
