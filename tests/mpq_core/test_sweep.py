@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import xml.etree.ElementTree as ET
@@ -80,7 +81,7 @@ def test_mixed_points_keep_their_budgets(jobs: Jobs) -> None:
         assert len(of_kind) >= 4
         # A larger budget never predicts more harm, nor takes less room.
         predicted = [p.predicted_loss_increase for p in of_kind]
-        assert all(b <= a * (1 + 1e-9) for a, b in zip(predicted, predicted[1:], strict=False))
+        assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(predicted))
         sizes = [p.size_bytes for p in of_kind]
         assert sizes == sorted(sizes)
 
@@ -114,7 +115,9 @@ def test_a_budget_that_cannot_be_met_is_skipped_with_its_reason(jobs: Jobs) -> N
     (skipped,) = jobs.curve.skipped
     assert skipped["label"] == "size=100 B"
     assert "cannot be met" in skipped["reason"]
-    assert any(note.startswith("sweep: size=100 B cannot be met") for note in jobs.swept.report["notes"])
+    assert any(
+        note.startswith("sweep: size=100 B cannot be met") for note in jobs.swept.report["notes"]
+    )
 
 
 def test_the_sweep_leaves_the_job_unchanged(jobs: Jobs) -> None:
@@ -259,7 +262,11 @@ def test_mpq_sweep_end_to_end(
     }
     curve = Curve.load(out / "curve.json")
     assert curve.metric == "accuracy"
-    assert [p.label for p in curve.mixed] == ["avg-bits=2 bits", "avg-bits=4 bits", "avg-bits=6 bits"]
+    assert [p.label for p in curve.mixed] == [
+        "avg-bits=2 bits",
+        "avg-bits=4 bits",
+        "avg-bits=6 bits",
+    ]
     rows = [line.split() for line in text.splitlines()]
     assert sum(row[:1] == ["mixed"] for row in rows) == 3
     assert sum(row[:1] == ["uniform"] for row in rows) == 3
@@ -274,9 +281,7 @@ def test_mpq_sweep_end_to_end(
     assert not (again / "bits.svg").exists()
 
 
-def test_mpq_sweep_bad_range_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_mpq_sweep_bad_range_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["sweep", "m.pt", "--data", "d.npz", "--out-dir", str(tmp_path / "o")]
     assert main([*argv, "--sweep", "avg-bits=2:8"]) == 2
     assert "[invalid_spec]" in capsys.readouterr().err
