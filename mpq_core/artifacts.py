@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mpq_core.dropin_model import save_quantized_model
 from mpq_core.packed_checkpoint import CHECKPOINT_NAME, save_packed_checkpoint
+from mpq_core.plots import write_figures
 from mpq_core.progress import ProgressFn, StageClock, null_progress
 from mpq_core.report import SCHEMA_VERSION, finite, write_json
 from mpq_core.runtime_exports import write_runtime_exports
@@ -72,6 +73,7 @@ def write_artifacts(
                 },
             }
             artifacts["encodings.json"] = write_json(out / "encodings.json", doc)
+        artifacts.update(write_figures(result, out, report["notes"]))  # mpq_core.plots
     report["sizes"]["packed_checkpoint_bytes"] = packed_bytes
     report["timings"] = clock.seconds
     report["artifacts"] = sorted([*artifacts, "report.json"])

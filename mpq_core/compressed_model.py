@@ -204,15 +204,6 @@ def _drop_own_stack_traces(program: Any) -> None:
             del node.meta["stack_trace"]
 
 
-def _drop_own_stack_traces(program: Any) -> None:
-    """Forget where in mpq the decoding nodes were recorded: a stack trace per node would be
-    about a third of the program's size, and it names paths on the machine that wrote it."""
-    for node in program.graph.nodes:
-        trace = node.meta.get("stack_trace")
-        if trace and "mpq_core" in trace:
-            del node.meta["stack_trace"]
-
-
 def _save_quietly(program: Any, out: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

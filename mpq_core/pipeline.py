@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +49,9 @@ from mpq_core.sensitivity import analyze
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import JobSpec
 from mpq_core.weight_sets import copy_weights, load_weights
+
+if TYPE_CHECKING:
+    from mpq_core.sweep_plan import Curve
 
 __all__ = [
     "STAGES",
@@ -137,6 +140,7 @@ class JobResult:
     report: dict[str, Any]
     # One batch of inputs (CPU), to record the runtime exports with and check them on.
     example_inputs: list[torch.Tensor] = field(default_factory=list)
+    curve: Curve | None = None  # the trade-off curve, when the spec asks for a sweep
 
 
 @dataclass
@@ -148,6 +152,7 @@ class PipelineResult:
     sensitivity: SensitivityTable
     report: dict[str, Any]
     artifacts: dict[str, Path] = field(default_factory=dict)
+    curve: Curve | None = None
 
 
 def run(
@@ -191,6 +196,12 @@ def run(
         allocation = allocate(table, spec)
     with _measured(clock, "quantize", peaks):
         quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed_names(profile.layers))
+    curve = None
+    if spec.sweep:  # the trade-off curve, only when asked (mpq_core.sweep)
+        from mpq_core.sweep import sweep_stage
+
+        with _measured(clock, "sweep", peaks):
+            curve = sweep_stage(ctx, table, allocation, quant)
     with _measured(clock, "finetune", peaks):
         tuned = finetune_stage(ctx, quant)
     with _measured(clock, "evaluate", peaks):
@@ -211,6 +222,7 @@ def run(
         tuned,
         report,
         example,
+        curve,
     )
 
 
@@ -262,6 +274,7 @@ def quantize_model(
         sensitivity=result.sensitivity,
         report=result.report,
         artifacts=artifacts,
+        curve=result.curve,
     )
 
 

@@ -13,7 +13,7 @@ JSON shape (``schema_version`` 2)::
      "budgets": [...], "bits": [...], "pins": {...}, "ties": [...],
      "granularity": "channel", "symmetric": true, "solver": "auto",
      "act_bits": 8, "quantize_activations": false, "cost_table": null, "batch_size": 64,
-     "eval_fraction": 0.2, "output_key": null, "seed": 0, "device": "auto",
+     "eval_fraction": 0.2, "output_key": null, "seed": 0, "device": "auto", "sweep": [],
      "analysis": {"method": "fisher", "loss": "auto", "first_order": false,
                   "hawq_iterations": 200},
      "finetune": {"epochs": 5, "steps": null, "lr": 0.0001, "batch_size": 32,
@@ -45,6 +45,7 @@ from mpq_core.spec_checks import (
     check_plain_json,
     check_text,
 )
+from mpq_core.sweep_plan import parse_sweep
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -329,6 +330,16 @@ class JobSpec:
     device: str = field(
         default="auto", metadata=_meta("auto (CUDA when present), cpu, cuda or cuda:N")
     )
+    sweep: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "also measure the trade-off curve: allocate, quantize (no fine-tuning) and evaluate "
+            "each budget of KIND=START:STOP:STEP (e.g. avg-bits=2:8:0.5) or KIND=VALUE, and "
+            "every uniform width, into curve.json (repeatable)",
+            kind="append",
+            metavar="KIND=START:STOP:STEP",
+        ),
+    )
     analysis: AnalysisSpec = field(
         default_factory=AnalysisSpec, metadata=_meta("sensitivity analysis")
     )
@@ -345,6 +356,8 @@ class JobSpec:
         self.act_bits = as_int("act_bits", self.act_bits, 2, 16)
         self.cost_table = _cost_table(self.cost_table)
         self.parsed_budgets()
+        self.sweep = as_str_list("sweep", self.sweep, MAX_BUDGETS, '["avg-bits=2:8:0.5"]')
+        self.parsed_sweep()
         self.bits = _bit_list(self.bits)
         self.granularity = _granularity(self.granularity)
         self.symmetric = as_bool("symmetric", self.symmetric)
@@ -377,6 +390,10 @@ class JobSpec:
             parse_budget(text, act_bits=self.act_bits, table_layers=self.cost_table)
             for text in self.budgets
         ]
+
+    def parsed_sweep(self) -> list[Budget]:
+        """The budgets of ``sweep``, every range expanded (:func:`mpq_core.sweep_plan.parse_sweep`)."""
+        return parse_sweep(self.sweep, act_bits=self.act_bits, table_layers=self.cost_table)
 
     @property
     def finetunes(self) -> bool:

@@ -1,7 +1,8 @@
-"""The ``mpq`` command line: ``inspect``, ``analyze``, ``allocate``, ``quantize``, plus the
-commands that installed plugins register.
+"""The ``mpq`` command line: ``inspect``, ``analyze``, ``allocate``, ``quantize``, ``sweep``,
+plus the commands that installed plugins register.
 
-One module per command (:mod:`mpq_core.cli.inspect`, ``analyze``, ``allocate``, ``quantize``),
+One module per command (:mod:`mpq_core.cli.inspect`, ``analyze``, ``allocate``, ``quantize``,
+``sweep``),
 each with ``add_parser(subparsers)`` and ``run(args)``; the job spec's flags are generated from
 its fields by :mod:`mpq_core.cli.spec_args`.
 
@@ -32,7 +33,7 @@ import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from mpq_core.cli import allocate, analyze, inspect, quantize
+from mpq_core.cli import allocate, analyze, inspect, quantize, sweep
 from mpq_core.errors import MpqError
 
 __all__ = ["ENTRY_POINT_GROUP", "build_parser", "main", "register_plugins", "run"]
@@ -61,7 +62,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
         "--debug", action="store_true", help="print the Python traceback of an unexpected error"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (inspect, analyze, allocate, quantize):
+    for command in (inspect, analyze, allocate, quantize, sweep):
         command.add_parser(sub)
     if plugins:
         register_plugins(sub)

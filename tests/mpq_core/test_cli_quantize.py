@@ -14,7 +14,13 @@ from mpq_core.cli import main
 from mpq_core.intake import load_model
 from tests.conftest import zoo_data
 
-ARTEFACTS = {"model.mpq.safetensors", "allocation.json", "sensitivity.json", "report.json"}
+ARTEFACTS = {
+    "model.mpq.safetensors",
+    "allocation.json",
+    "sensitivity.json",
+    "report.json",
+    *(f"{plot}.{fmt}" for plot in ("bits", "sensitivity") for fmt in ("svg", "png")),
+}
 LAYERS = ["emb.weight", "attn.in_proj_weight", "attn.out_proj.weight", "ff.weight", "head.weight"]
 
 

@@ -161,7 +161,7 @@ def test_plugins_add_commands_and_a_broken_import_is_skipped(
     assert cli.main(["hello"]) == 0
     assert capsys.readouterr().out == "hello\n"
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"inspect", "analyze", "allocate", "quantize", "hello"}
+    assert set(sub.choices) == {"inspect", "analyze", "allocate", "quantize", "sweep", "hello"}
 
 
 def test_the_service_registers_through_the_entry_point() -> None:

@@ -111,6 +111,7 @@ def test_all_artefacts_written(job: Job) -> None:
         "allocation.json",
         "sensitivity.json",
         "report.json",
+        *(f"{plot}.{fmt}" for plot in ("bits", "sensitivity") for fmt in ("svg", "png")),
     }
     assert files == want
     assert job.result.report["artifacts"] == sorted(want)
