@@ -11,9 +11,11 @@ error, so a typo cannot silently leave a layer free.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,19 @@ __all__ = [
     "SCHEMA_VERSION",
     "Allocation",
     "BudgetReport",
+    "FileBytes",
     "LayerAllocation",
     "allocate",
     "allocate_bits",
+    "solve_bits",
 ]
+
+#: ``bits_by_layer -> bytes`` of the file a size budget is held to.
+FileBytes = Callable[[dict[str, int]], int]
+#: Budgets on bytes: with a ``file_bytes``, they hold on the written file.
+_FILE_BUDGETS = ("size", "compression")
+#: Solves until the header settles (it changes by a few bytes between allocations).
+_FILE_ROUNDS = 6
 
 SCHEMA_VERSION = 1
 
@@ -370,8 +381,11 @@ def _budget_constraints(
     return layer_costs, constraints
 
 
-def allocate(table: SensitivityTable, spec: JobSpec) -> Allocation:
-    """The allocation a job spec asks for: its budgets, candidate bits, pins, ties and solver.
+def allocate(
+    table: SensitivityTable, spec: JobSpec, *, file_bytes: FileBytes | None = None
+) -> Allocation:
+    """The allocation a job spec asks for: its budgets, candidate bits, pins, ties and solver
+    (``file_bytes``: see :func:`allocate_bits`).
 
     Example:
         >>> allocate(table, JobSpec(budgets=["avg-bits=3"], bits=table.bits))  # doctest: +SKIP
@@ -383,6 +397,7 @@ def allocate(table: SensitivityTable, spec: JobSpec) -> Allocation:
         pins=spec.pins,
         ties=spec.ties,
         solver=spec.solver.value,
+        file_bytes=file_bytes,
     )
 
 
@@ -394,6 +409,43 @@ def _reports(
 
 
 def allocate_bits(
+    table: SensitivityTable,
+    budgets: Sequence[Budget],
+    *,
+    bits: Sequence[int] | None = None,
+    pins: dict[str, int] | None = None,
+    ties: Sequence[str] = (),
+    solver: str = "auto",
+    file_bytes: FileBytes | None = None,
+) -> Allocation:
+    """:func:`solve_bits`; with ``file_bytes`` (``bits_by_layer -> bytes`` of the packed
+    checkpoint, :func:`mpq_core.packed_checkpoint.file_bytes_of`), ``size`` and
+    ``compression`` budgets hold on the written file: its header and padding are counted
+    as fixed bytes beside the float parameters, re-solving until the file fits.
+
+    Raises:
+        BudgetInfeasible: as :func:`solve_bits`, the header counted.
+    """
+    solve_with = functools.partial(solve_bits, budgets=budgets, bits=bits, pins=pins, ties=ties)
+    if file_bytes is None or not any(b.kind in _FILE_BUDGETS for b in budgets):
+        return solve_with(table, solver=solver)
+    fixed = table.float_bytes if table.float_bytes is not None else 4 * table.float_params
+    extra = 0
+    for _ in range(_FILE_ROUNDS):
+        counted = dataclasses.replace(table, float_bytes=fixed + extra)
+        alloc = solve_with(counted, solver=solver)
+        chosen = alloc.bits_by_layer()
+        predicted = _achieved(Budget("size", 1.0), counted, [chosen[n] for n in table.names])
+        written = file_bytes(chosen)
+        if written <= predicted:
+            return alloc
+        extra += written - int(predicted)
+    raise BudgetInfeasible(  # the header does not grow without bound; kept as a guard
+        f"the packed checkpoint's header did not settle within {_FILE_ROUNDS} solves"
+    )
+
+
+def solve_bits(
     table: SensitivityTable,
     budgets: Sequence[Budget],
     *,

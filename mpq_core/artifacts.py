@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mpq_core.dropin_model import save_quantized_model
-from mpq_core.packed_checkpoint import CHECKPOINT_NAME, save_packed_checkpoint
+from mpq_core.packed_checkpoint import CHECKPOINT_NAME, job_metadata, save_packed_checkpoint
 from mpq_core.plots import write_figures
 from mpq_core.progress import ProgressFn, StageClock, null_progress
 from mpq_core.report import SCHEMA_VERSION, finite, write_json
@@ -50,9 +50,7 @@ def write_artifacts(
         artifacts[f"model{model.suffix}"] = dropin = out / f"model{model.suffix}"
         save_quantized_model(model, layers, dropin)
         artifacts[CHECKPOINT_NAME] = packed = out / CHECKPOINT_NAME
-        packed_bytes = save_packed_checkpoint(
-            packed, model, layers, metadata={"model_sha256": model.sha256, "format": model.format}
-        )
+        packed_bytes = save_packed_checkpoint(packed, model, layers, metadata=job_metadata(model))
         if result.example_inputs:
             exported, report["exports"] = write_runtime_exports(
                 model, layers, result.example_inputs, out

@@ -44,6 +44,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,20 @@ from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.errors import ModelFormatError
 from mpq_core.intake import LoadedModel
 from mpq_core.packing import pack_codes, packed_nbytes, unpack_codes
-from mpq_core.quant_primitives import FLOAT_BITS, MAX_BITS, MIN_BITS
+from mpq_core.quant_primitives import FLOAT_BITS, MAX_BITS, MIN_BITS, float16_dtype
 from mpq_core.quantized_weights import QuantizedLayer, model_parameters
+from mpq_core.scheme import QuantScheme
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
     "SCHEMA_VERSION",
     "PackedCheckpoint",
+    "file_bytes_of",
     "float_storage_dtype",
+    "job_metadata",
     "load_packed_checkpoint",
+    "packed_file_bytes",
     "restore_into",
     "save_packed_checkpoint",
 ]
@@ -229,6 +234,124 @@ def _concat(parts: list[NDArray[Any]], dtype: Any) -> NDArray[Any]:
     return np.ascontiguousarray(np.concatenate([p.reshape(-1) for p in parts]), dtype=dtype)
 
 
+def _metadata(
+    table: _Table, crc: str, storage_name: str, metadata: dict[str, Any] | None
+) -> dict[str, str]:
+    meta = {
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        _TABLE: _encode_table(table),
+        "crc32": crc,
+    }
+    if storage_name != "float32":
+        meta[_FLOAT_DTYPE] = storage_name
+    if metadata is not None:
+        meta["mpq"] = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
+    return meta
+
+
+def _kept_floats(
+    model: LoadedModel, quantized: list[str]
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """The parameters stored in ``f`` (a weight tied to a quantized one is not), and their
+    storage dtype."""
+    params = model_parameters(model)
+    ptrs = {(params[n].data_ptr(), tuple(params[n].shape)) for n in quantized}
+    kept = {
+        name: p
+        for name, p in model.named_weights().items()
+        if name not in quantized and (p.data_ptr(), tuple(p.shape)) not in ptrs
+    }
+    return kept, float_storage_dtype({p.dtype for p in kept.values()})
+
+
+def _file_bytes(lengths: dict[str, int], dtypes: dict[str, Any], meta: dict[str, str]) -> int:
+    """The size of a safetensors file holding 1-D tensors of these lengths and dtypes, from
+    its header alone (safetensors orders tensors by dtype then name, as a tiny file shows)."""
+    tiny = st_save({k: np.zeros(1, dtype=dt) for k, dt in dtypes.items()}, metadata=meta)
+    header = json.loads(tiny[8 : 8 + struct.unpack("<Q", tiny[:8])[0]])
+    start = 0
+    for key in sorted(lengths, key=lambda k: header[k]["data_offsets"][0]):
+        size = lengths[key] * np.dtype(dtypes[key]).itemsize
+        header[key]["shape"] = [lengths[key]]
+        header[key]["data_offsets"] = [start, start + size]
+        start += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + len(text) + (-len(text) % 8) + start
+
+
+def packed_file_bytes(
+    model: LoadedModel,
+    bits_by_layer: dict[str, int],
+    *,
+    scheme: QuantScheme | None = None,
+    transposed: Collection[str] = (),
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """The exact size of the packed checkpoint :func:`save_packed_checkpoint` would write for
+    this allocation, header included, without quantizing anything.
+
+    Args:
+        model: the model (its parameters' shapes and dtypes).
+        bits_by_layer: parameter name -> bits (2..8, or 16).
+        scheme: the weights' scheme (per-channel symmetric when None).
+        transposed: layers stored ``(in, out, ...)``.
+        metadata: the caller metadata the checkpoint will carry.
+    """
+    scheme = scheme or QuantScheme()
+    params = model_parameters(model)
+    table = _Table(layers=[], floats=[])
+    codes = scales = 0
+    for name, bits in bits_by_layer.items():
+        p = params[name]
+        shape = tuple(int(d) for d in p.shape)
+        table.layers.append((name, int(bits), shape))
+        if bits == FLOAT_BITS:
+            table.extra[name] = {"dtype": str(float16_dtype(p.dtype)).removeprefix("torch.")}
+            codes += 2 * p.numel()
+            continue
+        flip = name in transposed and len(shape) >= 2
+        major = (shape[1], shape[0], *shape[2:]) if flip else shape
+        groups = scheme.groups(major)
+        extra: dict[str, Any] = {"groups": groups} if groups > 1 else {}
+        if flip:
+            extra["transposed"] = True
+        codes += packed_nbytes(p.numel(), int(bits))
+        if not scheme.symmetric:
+            codes += major[0] * groups
+            extra["zero"] = True
+        scales += major[0] * groups
+        if extra:
+            table.extra[name] = extra
+    kept, storage = _kept_floats(model, list(bits_by_layer))
+    storage_name = str(storage).removeprefix("torch.")
+    table.floats.extend((n, tuple(int(d) for d in p.shape)) for n, p in kept.items())
+    lengths = {_CODES: codes, _SCALES: scales, _FLOATS: sum(p.numel() for p in kept.values())}
+    dtypes = {_CODES: np.uint8, _SCALES: np.float16, _FLOATS: _NUMPY_OF[storage_name]}
+    meta = _metadata(table, "0" * 8, storage_name, metadata)
+    return _file_bytes(lengths, dtypes, meta)
+
+
+def job_metadata(model: LoadedModel) -> dict[str, Any]:
+    """The caller metadata a job's checkpoint carries: which model it belongs to."""
+    return {"model_sha256": model.sha256, "format": model.format}
+
+
+def file_bytes_of(
+    model: LoadedModel, scheme: QuantScheme, transposed: Collection[str]
+) -> Callable[[dict[str, int]], int]:
+    """``bits_by_layer -> bytes`` of the job's packed checkpoint (:func:`packed_file_bytes`
+    with :func:`job_metadata`): what a ``size`` budget is held to."""
+    meta = job_metadata(model)
+
+    def size(bits_by_layer: dict[str, int]) -> int:
+        return packed_file_bytes(
+            model, bits_by_layer, scheme=scheme, transposed=transposed, metadata=meta
+        )
+
+    return size
+
+
 def save_packed_checkpoint(
     path: str | Path,
     model: LoadedModel,
@@ -257,7 +380,6 @@ def save_packed_checkpoint(
     scales: list[NDArray[Any]] = []
     floats: list[NDArray[Any]] = []
     table = _Table(layers=[], floats=[])
-    quantized_ptrs: set[tuple[int, tuple[int, ...]]] = set()
     for name, layer in layers.items():
         p = params.get(name)
         if p is None:
@@ -265,19 +387,13 @@ def save_packed_checkpoint(
         shape = layer.shape
         if tuple(p.shape) != shape or len(shape) == 0:
             raise ValueError(f"layer {name!r}: codes of shape {shape} do not fit the parameter")
-        quantized_ptrs.add((p.data_ptr(), tuple(p.shape)))
         layer_codes, layer_scales, extra = _layer_arrays(layer)
         codes.append(layer_codes)
         scales.append(layer_scales)
         table.layers.append((name, int(layer.bits), tuple(int(d) for d in shape)))
         if extra:
             table.extra[name] = extra
-    kept = {
-        name: p
-        for name, p in model.named_weights().items()
-        if name not in layers and (p.data_ptr(), tuple(p.shape)) not in quantized_ptrs
-    }
-    storage = float_storage_dtype({p.dtype for p in kept.values()})
+    kept, storage = _kept_floats(model, list(layers))
     storage_name = str(storage).removeprefix("torch.")
     for name, p in kept.items():
         floats.append(_to_numpy(p, storage))
@@ -287,16 +403,7 @@ def save_packed_checkpoint(
         _SCALES: _concat(scales, np.float16),
         _FLOATS: _concat(floats, _NUMPY_OF[storage_name]),
     }
-    meta = {
-        "format": FORMAT,
-        "schema_version": str(SCHEMA_VERSION),
-        _TABLE: _encode_table(table),
-        "crc32": _crc(tensors),
-    }
-    if storage != torch.float32:
-        meta[_FLOAT_DTYPE] = storage_name
-    if metadata is not None:
-        meta["mpq"] = json.dumps(metadata, separators=(",", ":"), sort_keys=True)
+    meta = _metadata(table, _crc(tensors), storage_name, metadata)
     data = st_save(tensors, metadata=meta)
     target = file_target(path, CHECKPOINT_NAME)
     write_atomic(target, lambda tmp: Path(tmp).write_bytes(data))

@@ -34,6 +34,7 @@ from mpq_core.memory_plan import (
     plan_memory,
     release_free_memory,
 )
+from mpq_core.packed_checkpoint import file_bytes_of
 from mpq_core.profiling import ModelProfile, profile_model
 from mpq_core.progress import STAGES, ProgressFn, StageClock, null_progress
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
@@ -193,9 +194,12 @@ def run(
     with _measured(clock, "analyze", peaks):
         table = analyze_stage(ctx, profile, sensitivity)
     with _measured(clock, "allocate", peaks):
-        allocation = allocate(table, spec)
+        transposed = transposed_names(profile.layers)
+        # Size budgets hold on the packed checkpoint as written, header included.
+        file_bytes = file_bytes_of(ctx.model, spec.scheme, transposed)
+        allocation = allocate(table, spec, file_bytes=file_bytes)
     with _measured(clock, "quantize", peaks):
-        quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed_names(profile.layers))
+        quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed)
     curve = None
     if spec.sweep:  # the trade-off curve, only when asked (mpq_core.sweep)
         from mpq_core.sweep import sweep_stage

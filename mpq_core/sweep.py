@@ -28,6 +28,7 @@ from mpq_core.errors import SpecError
 from mpq_core.evaluate import Comparison, Evaluator, Metrics
 from mpq_core.intake import LoadedModel
 from mpq_core.layers import transposed_names
+from mpq_core.packed_checkpoint import file_bytes_of
 from mpq_core.pipeline import (
     DataSource,
     ModelSource,
@@ -200,7 +201,13 @@ def sweep(
     )
     solver = spec.solver.value
     mixed, skipped = plan_mixed(
-        table, spec.parsed_sweep(), bits=spec.bits, pins=spec.pins, ties=spec.ties, solver=solver
+        table,
+        spec.parsed_sweep(),
+        bits=spec.bits,
+        pins=spec.pins,
+        ties=spec.ties,
+        solver=solver,
+        file_bytes=file_bytes_of(model, spec.scheme, measure.transposed),
     )
     plans = mixed + plan_uniform(table, spec.bits, solver=solver)
     if isinstance(chosen, Allocation):

@@ -24,7 +24,7 @@ from mpq_core.errors import BudgetError, BudgetInfeasible, SpecError
 from mpq_core.sensitivity_table import SensitivityTable
 
 if TYPE_CHECKING:  # allocation imports the spec, which parses sweeps with this module
-    from mpq_core.allocation import Allocation
+    from mpq_core.allocation import Allocation, FileBytes
 
 __all__ = [
     "CURVE_NAME",
@@ -129,16 +129,26 @@ def plan_mixed(
     pins: dict[str, int] | None = None,
     ties: Sequence[str] = (),
     solver: str = "auto",
+    file_bytes: FileBytes | None = None,
 ) -> tuple[list[PlannedPoint], list[dict[str, str]]]:
     """The allocation of each budget alone (with the job's candidate bits, pins, ties and
-    solver), and the budgets that cannot be met, each with the reason."""
+    solver; size budgets held on the written file with ``file_bytes``), and the budgets that
+    cannot be met, each with the reason."""
     from mpq_core.allocation import allocate_bits
 
     points: list[PlannedPoint] = []
     skipped: list[dict[str, str]] = []
     for budget in budgets:
         try:
-            alloc = allocate_bits(table, [budget], bits=bits, pins=pins, ties=ties, solver=solver)
+            alloc = allocate_bits(
+                table,
+                [budget],
+                bits=bits,
+                pins=pins,
+                ties=ties,
+                solver=solver,
+                file_bytes=file_bytes,
+            )
         except BudgetInfeasible as exc:
             skipped.append({"label": budget.label(), "reason": exc.message})
             continue

@@ -14,17 +14,21 @@ import numpy as np
 import pytest
 import torch
 
+from mpq_core.allocation import allocate_bits
 from mpq_core.cli import main
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
+from mpq_core.packed_checkpoint import job_metadata, packed_file_bytes, save_packed_checkpoint
 from mpq_core.pipeline import PipelineResult, quantize_model
+from mpq_core.quantized_weights import quantize_weights
 from mpq_core.spec import FinetuneSpec, JobSpec
 from mpq_core.sweep import run_sweep, sweep
 from mpq_core.sweep_plan import MAX_SWEEP_POINTS, Curve, parse_sweep
 from tests.conftest import zoo_data
 
-SWEEP = ["avg-bits=2:8:1", "size=420B:700B:70B", "size=100B"]
+# Sizes of the packed checkpoint as written: about 560 B of header beside 350-760 B of weights.
+SWEEP = ["avg-bits=2:8:1", "size=980B:1260B:70B", "size=100B"]
 BITS = [2, 3, 4, 5, 6, 8]
 
 
@@ -65,6 +69,31 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, zoo_bytes: Callable[[str, str
 
 
 # --- the points ------------------------------------------------------------------------------
+
+
+def test_size_budgets_hold_on_the_written_checkpoint(
+    jobs: Jobs, zoo_bytes: Callable[[str, str], bytes], tmp_path: Path
+) -> None:
+    """Every size budget of the sweep, and the job's own, holds on the file as written (header
+    included); solved on the cost model alone, the header would break them."""
+    model = load_model(zoo_bytes("cnn", "script"))
+    sized = [p for p in jobs.curve.mixed if p.budget is not None and p.budget.kind == "size"]
+    assert len(sized) == 5
+    for point in sized:
+        assert point.budget is not None
+        bits = dict(zip(jobs.curve.layers, point.bits, strict=True))
+        layers = quantize_weights(model, bits)
+        meta = job_metadata(model)
+        written = save_packed_checkpoint(tmp_path / "p.safetensors", model, layers, metadata=meta)
+        assert written <= point.budget.value, point.label
+        assert written == packed_file_bytes(model, bits, metadata=meta)
+        blind = allocate_bits(jobs.swept.sensitivity, [point.budget], bits=BITS)
+        blind_bits = blind.bits_by_layer()
+        assert packed_file_bytes(model, blind_bits, metadata=meta) > point.budget.value
+
+    spec = _spec(budgets=["size=1100B"])
+    quantize_model(zoo_bytes("cnn", "script"), jobs.data, spec, tmp_path / "job")
+    assert (tmp_path / "job" / "model.mpq.safetensors").stat().st_size <= 1100
 
 
 def test_mixed_points_keep_their_budgets(jobs: Jobs) -> None:
