@@ -7,6 +7,7 @@ from bench import (
     bench_api,
     bench_archive_guard,
     bench_contraction,
+    bench_deploy,
     bench_fisher_memory,
     bench_pipeline,
     bench_sandbox,
@@ -27,6 +28,7 @@ def main() -> None:
     hostile_corpus.main()
     bench_fisher_memory.main()
     bench_contraction.main()
+    bench_deploy.main([])
 
 
 if __name__ == "__main__":
