@@ -121,7 +121,7 @@ def _one(name: str, module: nn.Module, inputs: Any, classes: int, repeats: int) 
     files = write_artifacts(result, out)
     float_model = load_model(upload)
     batch = [t[:8] for t in inputs(8, 2)]
-    float_onnx = _export_graph(float_model, tuple(t[:2] for t in batch)).SerializeToString()
+    float_onnx = _export_graph(float_model, tuple(t[:2] for t in batch))[0].SerializeToString()
     feeds = {f"input_{i}": t.numpy() for i, t in enumerate(batch)}
     sessions = {
         "float": _ort(float_onnx, {}),

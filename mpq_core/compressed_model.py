@@ -33,6 +33,7 @@ from torch import nn
 from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.intake import LoadedModel
 from mpq_core.packing import pack_codes
+from mpq_core.program_convert import ConversionRefused, batch_dynamic_shapes, program_module
 from mpq_core.quant_primitives import FLOAT_BITS, output_major
 from mpq_core.quantized_weights import QuantizedLayer
 
@@ -168,33 +169,6 @@ def _aliases(inner: nn.Module, names: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _as_program(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> nn.Module:
-    """A fresh module running the model's program, whose parameters may be removed without
-    touching ``model``."""
-    if model.format == "export":
-        return model.program.module()
-    try:  # torch's own TorchScript converter; private, hence the broad guard
-        from torch._export.converter import TS2EPConverter
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = TS2EPConverter(model.module, example).convert()  # type: ignore[arg-type]
-    except Exception as exc:
-        raise CompressionRefused(
-            "torch's TorchScript converter could not translate this model "
-            f"({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
-    return program.module()
-
-
-def _dynamic_batch(example: tuple[torch.Tensor, ...], fixed: bool) -> tuple[Any, ...] | None:
-    """``dynamic_shapes`` for ``_Decompressing.forward(*args)``: the batch dimension of every
-    input left to torch.export to keep dynamic where the program allows."""
-    if fixed:
-        return None
-    return (tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example),)
-
-
 def _drop_own_stack_traces(program: Any) -> None:
     """Forget where in mpq the decoding nodes were recorded: a stack trace per node would be
     about a third of the program's size, and it names paths on the machine that wrote it."""
@@ -233,13 +207,16 @@ def save_compressed_model(
             message says why); nothing is written.
     """
     inputs = tuple(t.detach().to("cpu") for t in example)
-    inner = _as_program(model, inputs)
+    try:
+        inner = program_module(model, inputs)
+    except ConversionRefused as exc:
+        raise CompressionRefused(str(exc)) from exc
     ordered = [layers[name] for name in sorted(layers)]
     wrapper = _Decompressing(inner, ordered, _aliases(inner, [la.name for la in ordered]))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            shapes = _dynamic_batch(inputs, model.fixed_batch is not None)
+            shapes = batch_dynamic_shapes(inputs, model.fixed_batch is not None)
             program = torch.export.export(wrapper, inputs, dynamic_shapes=shapes)
     except Exception as exc:
         raise CompressionRefused(

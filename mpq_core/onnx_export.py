@@ -35,6 +35,12 @@ from numpy.typing import NDArray
 
 from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.intake import LoadedModel
+from mpq_core.program_convert import (
+    ConversionRefused,
+    Positional,
+    batch_dynamic_shapes,
+    program_module,
+)
 from mpq_core.quant_primitives import FLOAT_BITS, output_major
 from mpq_core.quantized_weights import QuantizedLayer, model_parameters
 
@@ -57,6 +63,7 @@ class OnnxExport:
     Attributes:
         path: the file.
         opset: the ONNX opset of the default domain.
+        dynamic_batch: whether the file takes any batch size; else only the example's.
         quantized: the layers stored as integer codes.
         containers: each of those layers' code type (``int2``, ``int4``, ``int8``, ``uint4``,
             ..., ``float16`` for a layer kept at 16 bits).
@@ -65,24 +72,63 @@ class OnnxExport:
 
     path: Path
     opset: int
+    dynamic_batch: bool = True
     quantized: list[str] = field(default_factory=list)
     containers: dict[str, str] = field(default_factory=dict)
     left_in_float: dict[str, str] = field(default_factory=dict)
 
 
-def _export_graph(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> Any:
-    """The model (with its current weights) as an ONNX ``ModelProto``, batch dimension dynamic
-    where the model allows."""
+def _export_graph(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> tuple[Any, bool]:
+    """The model (with its current weights) as an ONNX ``ModelProto``, and whether its batch
+    dimension stays dynamic (as the model allows) or is fixed at the example's.
+
+    A torch.export upload goes through torch's exporter as it is. A TorchScript upload goes
+    through the TorchScript exporter; what that one refuses (``nn.MultiheadAttention``, for one)
+    is translated to a torch.export program first and tried again, with a dynamic batch, else
+    with the example's.
+    """
+    if model.format == "export":
+        return _from_program(model.program, example, None), model.fixed_batch is None
+    try:
+        return _from_torchscript(model, example), model.fixed_batch is None
+    except Exception as first:
+        try:
+            module = Positional(program_module(model, example))
+        except ConversionRefused as exc:
+            raise OnnxRefused(f"{_said(first)}; {exc}") from first
+    shapes = batch_dynamic_shapes(example, model.fixed_batch is not None)
+    if shapes is not None:
+        try:
+            return _from_program(module, example, shapes), True
+        except Exception:  # a data-dependent view (MHA): fall back to the example's batch
+            pass
+    return _from_program(module, example, None), False
+
+
+def _said(exc: BaseException) -> str:
+    return (
+        f"torch's ONNX exporter could not write the model ({type(exc).__name__}: {str(exc)[:200]})"
+    )
+
+
+def _from_program(program: Any, example: tuple[torch.Tensor, ...], shapes: Any) -> Any:
     names = [f"input_{i}" for i in range(len(example))]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        if model.format == "export":
-            program = torch.onnx.export(
-                model.program, example, dynamo=True, input_names=names, verbose=False
-            )
-            assert program is not None
-            return program.model_proto
-        buf = io.BytesIO()
+        onnx_program = torch.onnx.export(
+            program, example, dynamo=True, input_names=names, dynamic_shapes=shapes, verbose=False
+        )
+    assert onnx_program is not None
+    return onnx_program.model_proto
+
+
+def _from_torchscript(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> Any:
+    import onnx
+
+    names = [f"input_{i}" for i in range(len(example))]
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             model.module,
             example,
@@ -92,8 +138,6 @@ def _export_graph(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> Any:
             input_names=names,
             dynamic_axes={n: {0: "batch"} for n in names} if model.fixed_batch is None else None,
         )
-    import onnx
-
     return onnx.load_model_from_string(buf.getvalue())
 
 
@@ -329,18 +373,16 @@ def save_onnx_model(
 
     inputs = tuple(t.detach().to("cpu") for t in example)
     try:
-        proto = _export_graph(model, inputs)
+        proto, dynamic = _export_graph(model, inputs)
         proto, opset = _raise_opset(proto)
         dtypes = {name: p.dtype for name, p in model_parameters(model).items()}
         done = _replace_weights(proto, layers, dtypes, opset)
+        done.dynamic_batch = dynamic
         onnx.checker.check_model(proto)
     except OnnxRefused:
         raise
     except Exception as exc:
-        raise OnnxRefused(
-            f"torch's ONNX exporter could not write the model ({type(exc).__name__}: "
-            f"{str(exc)[:200]})"
-        ) from exc
+        raise OnnxRefused(_said(exc)) from exc
     done.path = file_target(path, ONNX_NAME)
     write_atomic(done.path, lambda out: _save_proto(proto, out))
     return done

@@ -85,7 +85,7 @@ def _size_axis(ax: Any) -> None:
 
 def _series(ax: Any, points: Sequence[CurvePoint], y: Any, **style: Any) -> None:
     """One series as a line over size; points without a finite ``y`` are left out."""
-    xy = sorted((p.size_bytes, y(p)) for p in points if _finite(y(p)))
+    xy = sorted((p.checkpoint_bytes, y(p)) for p in points if _finite(y(p)))
     if xy:
         xs, ys = zip(*xy, strict=True)
         ax.plot(xs, ys, **style)
@@ -116,7 +116,7 @@ def curve_figure(curve: Curve) -> Figure:
             if _finite(value(p)):
                 ax.annotate(
                     f"{p.uniform_bits}b",
-                    (p.size_bytes, value(p)),
+                    (p.checkpoint_bytes, value(p)),
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=8,
@@ -137,7 +137,7 @@ def curve_figure(curve: Curve) -> Figure:
                 ax.axhline(base, color="black", lw=0.8, ls=":", label="float model")
         if curve.chosen is not None and _finite(value(curve.chosen)):
             ax.plot(
-                [curve.chosen.size_bytes],
+                [curve.chosen.checkpoint_bytes],
                 [value(curve.chosen)],
                 marker="*",
                 ms=14,

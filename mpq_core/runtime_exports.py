@@ -117,6 +117,7 @@ def write_runtime_exports(
         report[ONNX_NAME] = {
             "written": True,
             "opset": done.opset,
+            "batch": "dynamic" if done.dynamic_batch else len(inputs[0]),
             "quantized_layers": len(done.quantized),
             "left_in_float": done.left_in_float,
             "max_abs_difference": _check_onnx(done.path, inputs, want),  # or why not

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mpq_core.allocation import Allocation, allocate
+from mpq_core.allocation import Allocation, FileBytes, allocate
 from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
@@ -101,6 +101,7 @@ def _point(
     table: SensitivityTable,
     spec: JobSpec,
     comparison: Comparison,
+    file_bytes: FileBytes,
 ) -> CurvePoint:
     """A measured point from its plan and its comparison with the float model."""
     alloc = planned.allocation
@@ -121,16 +122,21 @@ def _point(
         metrics=q.to_dict(),
         budget=planned.budget,
         uniform_bits=planned.uniform_bits,
+        file_bytes=file_bytes(alloc.bits_by_layer()),
     )
 
 
 def chosen_point(
-    allocation: Allocation, table: SensitivityTable, spec: JobSpec, comparison: Comparison
+    allocation: Allocation,
+    table: SensitivityTable,
+    spec: JobSpec,
+    comparison: Comparison,
+    file_bytes: FileBytes,
 ) -> CurvePoint:
     """The job's own allocation as a point of the curve, marked ``chosen``."""
     label = ", ".join(rep.budget.label() for rep in allocation.budgets)
     planned = PlannedPoint("chosen", label, allocation)
-    return replace(_point(planned, table, spec, comparison), chosen=True)
+    return replace(_point(planned, table, spec, comparison, file_bytes), chosen=True)
 
 
 @dataclass
@@ -200,6 +206,7 @@ def sweep(
         transposed_names(table.layers),
     )
     solver = spec.solver.value
+    size_of = file_bytes_of(model, spec.scheme, measure.transposed)
     mixed, skipped = plan_mixed(
         table,
         spec.parsed_sweep(),
@@ -207,7 +214,7 @@ def sweep(
         pins=spec.pins,
         ties=spec.ties,
         solver=solver,
-        file_bytes=file_bytes_of(model, spec.scheme, measure.transposed),
+        file_bytes=size_of,
     )
     plans = mixed + plan_uniform(table, spec.bits, solver=solver)
     if isinstance(chosen, Allocation):
@@ -221,9 +228,9 @@ def sweep(
             seen[key] = measure(bits)
         if planned.series == "chosen":
             assert isinstance(chosen, Allocation)
-            chosen = chosen_point(chosen, table, spec, seen[key])
+            chosen = chosen_point(chosen, table, spec, seen[key], size_of)
         else:
-            points.append(_point(planned, table, spec, seen[key]))
+            points.append(_point(planned, table, spec, seen[key], size_of))
         report("sweep", (i + 1) / len(plans), {"point": planned.label})
     first = next(iter(seen.values()))
     _, unit = metric_units(0.0, first.output_shape, spec)
@@ -269,7 +276,13 @@ def sweep_stage(
             ctx.spec,
             float_weights=float_weights,
             evaluator=ctx.evaluator,
-            chosen=chosen_point(allocation, table, ctx.spec, own),
+            chosen=chosen_point(
+                allocation,
+                table,
+                ctx.spec,
+                own,
+                file_bytes_of(ctx.model, ctx.spec.scheme, transposed_names(table.layers)),
+            ),
             progress=ctx.clock.forward("sweep"),
         )
     finally:

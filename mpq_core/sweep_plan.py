@@ -212,7 +212,10 @@ class CurvePoint:
         series: ``mixed`` (the sensitivity method's allocation), ``uniform`` or ``chosen``.
         label: the budget as written (``avg-bits=3 bits``) or ``uniform 4 bits``.
         bits: the width of each layer, in the curve's layer order.
-        size_bytes: the packed size the allocation reports (as for a ``size`` budget).
+        size_bytes: the packed size the allocation reports (codes, scales and float
+            parameters, as the cost model counts them).
+        file_bytes: the packed checkpoint as it would be written, header included (what a
+            ``size`` budget holds on); None where it was not measured.
         avg_bits: the parameter-weighted mean width.
         predicted_loss_increase: the table's prediction (sum of the chosen Omega entries).
         predicted_metric_loss_increase: the same in the unit of the measured rise.
@@ -236,9 +239,15 @@ class CurvePoint:
     budget: Budget | None = None
     uniform_bits: int | None = None
     chosen: bool = False
+    file_bytes: int | None = None
 
     def metric(self, name: str) -> float | None:
         return _num(self.metrics.get(name))
+
+    @property
+    def checkpoint_bytes(self) -> float:
+        """The packed checkpoint's size: as written where measured, else the cost model's."""
+        return float(self.file_bytes) if self.file_bytes is not None else self.size_bytes
 
     def to_dict(self) -> dict[str, Any]:
         budget = None
@@ -255,6 +264,7 @@ class CurvePoint:
             "uniform_bits": self.uniform_bits,
             "chosen": self.chosen,
             "size_bytes": self.size_bytes,
+            "file_bytes": self.file_bytes,
             "avg_bits": self.avg_bits,
             "predicted_loss_increase": _num(self.predicted_loss_increase),
             "predicted_metric_loss_increase": _num(self.predicted_metric_loss_increase),
@@ -281,6 +291,7 @@ class CurvePoint:
             budget=None if b is None else Budget(str(b["kind"]), float(b["value"])),
             uniform_bits=None if d.get("uniform_bits") is None else int(d["uniform_bits"]),
             chosen=bool(d.get("chosen", False)),
+            file_bytes=None if d.get("file_bytes") is None else int(d["file_bytes"]),
         )
 
 

@@ -74,7 +74,7 @@ def format_curve(curve: Any) -> str:
     lines = [head]
     for p in points:
         lines.append(
-            f"{p.series:<8}  {p.label:<{width}}  {format_value('size', p.size_bytes):>10}  "
+            f"{p.series:<8}  {p.label:<{width}}  {format_value('size', p.checkpoint_bytes):>10}  "
             f"{p.avg_bits:>5.2f}  {_cell(p.predicted_metric_loss_increase, '10.4g')}  "
             f"{_cell(p.measured_loss_increase, '10.4g')}  {_cell(p.metric(curve.metric), '10.4f')}"
         )

@@ -86,10 +86,14 @@ def test_size_budgets_hold_on_the_written_checkpoint(
         meta = job_metadata(model)
         written = save_packed_checkpoint(tmp_path / "p.safetensors", model, layers, metadata=meta)
         assert written <= point.budget.value, point.label
-        assert written == packed_file_bytes(model, bits, metadata=meta)
+        assert written == packed_file_bytes(model, bits, metadata=meta) == point.file_bytes
         blind = allocate_bits(jobs.swept.sensitivity, [point.budget], bits=BITS)
         blind_bits = blind.bits_by_layer()
         assert packed_file_bytes(model, blind_bits, metadata=meta) > point.budget.value
+
+    chosen = jobs.curve.chosen
+    assert chosen is not None
+    assert chosen.file_bytes == (jobs.swept.out_dir / "model.mpq.safetensors").stat().st_size
 
     spec = _spec(budgets=["size=1100B"])
     quantize_model(zoo_bytes("cnn", "script"), jobs.data, spec, tmp_path / "job")
@@ -181,6 +185,7 @@ def test_curve_json_round_trips_with_its_documented_keys(jobs: Jobs) -> None:
         "uniform_bits",
         "chosen",
         "size_bytes",
+        "file_bytes",
         "avg_bits",
         "predicted_loss_increase",
         "predicted_metric_loss_increase",
