@@ -162,6 +162,24 @@ class _Measured:
         )
 
 
+def _plans(
+    table: SensitivityTable, spec: JobSpec, size_of: FileBytes
+) -> tuple[list[PlannedPoint], list[dict[str, str]]]:
+    """The sweep's budgets (held on the written checkpoint) and the uniform widths, and the
+    budgets that cannot be met."""
+    solver = spec.solver.value
+    mixed, skipped = plan_mixed(
+        table,
+        spec.parsed_sweep(),
+        bits=spec.bits,
+        pins=spec.pins,
+        ties=spec.ties,
+        solver=solver,
+        file_bytes=size_of,
+    )
+    return mixed + plan_uniform(table, spec.bits, solver=solver), skipped
+
+
 def sweep(
     model: LoadedModel,
     table: SensitivityTable,
@@ -205,18 +223,8 @@ def sweep(
         spec.scheme,
         transposed_names(table.layers),
     )
-    solver = spec.solver.value
     size_of = file_bytes_of(model, spec.scheme, measure.transposed)
-    mixed, skipped = plan_mixed(
-        table,
-        spec.parsed_sweep(),
-        bits=spec.bits,
-        pins=spec.pins,
-        ties=spec.ties,
-        solver=solver,
-        file_bytes=size_of,
-    )
-    plans = mixed + plan_uniform(table, spec.bits, solver=solver)
+    plans, skipped = _plans(table, spec, size_of)
     if isinstance(chosen, Allocation):
         plans.append(PlannedPoint("chosen", "", chosen))
     seen: dict[tuple[int, ...], Comparison] = {}
