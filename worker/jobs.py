@@ -100,7 +100,9 @@ STAGE_WEIGHTS: dict[str, float] = {
     "export": 0.05,
 }
 _MESSAGE_MAX = 500
-_CONTENT_TYPES = {".json": "application/json"}
+# Every download is an attachment (mpq_service.storage.content_disposition), so an SVG, whose
+# text holds the user's layer names, is never rendered from the API's origin.
+_CONTENT_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
 
 
 _T = TypeVar("_T")

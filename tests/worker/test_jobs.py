@@ -48,12 +48,15 @@ def test_job_succeeds_with_artifacts_then_second_job_reuses_sensitivities(
     assert job.started_at is not None and job.finished_at is not None
     names = {a.name for a in job.artifacts}
     assert {"model.pt", "model.mpq.safetensors", "allocation.json", "report.json"} <= names
+    # The runtime exports and the plots of a job run in the sandbox come back too.
+    assert {"model.compressed.pt2", "model.onnx", "bits.svg", "sensitivity.png"} <= names
+    types = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
     for artifact in job.artifacts:
         assert artifact.storage_key == artifact_key(env.tenant_id, first_id, artifact.name)
         assert env.storage.size(artifact.storage_key) == artifact.size > 0
         assert len(artifact.sha256) == 64
-        if artifact.name.endswith(".json"):
-            assert artifact.content_type == "application/json"
+        suffix = Path(artifact.name).suffix
+        assert artifact.content_type == types.get(suffix, "application/octet-stream")
     model = torch.jit.load(
         io.BytesIO(env.storage.read_bytes(artifact_key(env.tenant_id, first_id, "model.pt")))
     )
