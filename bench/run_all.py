@@ -7,6 +7,7 @@ from bench import (
     bench_api,
     bench_archive_guard,
     bench_contraction,
+    bench_curve,
     bench_deploy,
     bench_fisher_memory,
     bench_pipeline,
@@ -29,6 +30,7 @@ def main() -> None:
     bench_fisher_memory.main()
     bench_contraction.main()
     bench_deploy.main([])
+    bench_curve.main([])
 
 
 if __name__ == "__main__":

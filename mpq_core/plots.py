@@ -36,6 +36,7 @@ __all__ = [
     "PLOT_FORMATS",
     "bits_figure",
     "curve_figure",
+    "methods_figure",
     "save_figure",
     "sensitivity_figure",
     "write_figures",
@@ -80,7 +81,7 @@ def _names_inches(names: Sequence[str]) -> float:
 
 def _size_axis(ax: Any) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value("size", v)))
-    ax.set_xlabel("size (packed weights)")
+    ax.set_xlabel("size (packed checkpoint)")
 
 
 def _series(ax: Any, points: Sequence[CurvePoint], y: Any, **style: Any) -> None:
@@ -151,6 +152,47 @@ def curve_figure(curve: Curve) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"trade-off curve ({curve.eval_samples} evaluation samples, no fine-tuning)")
+    return fig
+
+
+#: A colour per sensitivity method when several are drawn together.
+_METHOD_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def methods_figure(curves: Sequence[Curve]) -> Figure:
+    """Several sensitivity methods' curves of one model on one picture: the measured loss rise
+    and the metric against size, each method's allocations beside the uniform widths (drawn
+    once, from the first curve)."""
+    if not curves:
+        raise ValueError("no curve to draw")
+    first = curves[0]
+    fig = _figure(11, 4.5, (0.8, 0.6, 0.2, 0.5))
+    panels = [
+        ("measured_loss_increase", f"measured loss increase ({first.loss_unit})"),
+        (first.metric, first.metric),
+    ]
+    for ax, (key, title) in zip(fig.subplots(1, 2), panels, strict=True):
+
+        def value(p: CurvePoint, key: str = key) -> float | None:
+            if key != "measured_loss_increase":
+                return p.metric(key)
+            rise = p.measured_loss_increase  # on a log axis: a rise at or below 0 is left out
+            return rise if rise is not None and rise > 0 else None
+
+        _series(ax, first.uniform, value, marker="s", color=_UNIFORM, ls="--", label="uniform")
+        for curve, colour in zip(curves, _METHOD_COLOURS, strict=False):
+            _series(ax, curve.mixed, value, marker="o", color=colour, label=curve.method)
+        if key != "measured_loss_increase":
+            base = first.float_metrics.get(key)
+            if isinstance(base, int | float) and math.isfinite(base):
+                ax.axhline(base, color="black", lw=0.8, ls=":", label="float model")
+        _size_axis(ax)
+        if key == "measured_loss_increase":
+            ax.set_yscale("log")
+        ax.set_ylabel(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"trade-off curves ({first.eval_samples} evaluation samples, no fine-tuning)")
     return fig
 
 

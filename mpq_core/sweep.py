@@ -341,7 +341,8 @@ def run_sweep(
         profile = profile_model(ctx.model, ctx.work, batch_size=ctx.batch_size)
     with clock.stage("analyze"):
         table = analyze_stage(ctx, profile, sensitivity)
-    allocation = allocate(table, spec) if mark_budgets else None
+    held_to = file_bytes_of(ctx.model, spec.scheme, transposed_names(table.layers))
+    allocation = allocate(table, spec, file_bytes=held_to) if mark_budgets else None
     with clock.stage("sweep"):
         curve = sweep(
             ctx.model,

@@ -7,7 +7,7 @@ import json
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from mpq_core.errors import SpecError
 from mpq_core.intake import load_model
 from mpq_core.packed_checkpoint import job_metadata, packed_file_bytes, save_packed_checkpoint
 from mpq_core.pipeline import PipelineResult, quantize_model
+from mpq_core.plots import methods_figure, save_figure
 from mpq_core.quantized_weights import quantize_weights
 from mpq_core.spec import FinetuneSpec, JobSpec
 from mpq_core.sweep import run_sweep, sweep
@@ -169,6 +170,22 @@ def test_the_sweep_leaves_the_job_unchanged(jobs: Jobs) -> None:
 
 
 # --- curve.json ------------------------------------------------------------------------------
+
+
+def test_methods_figure_draws_each_method_beside_the_uniform_widths(
+    jobs: Jobs, tmp_path: Path
+) -> None:
+    kl = replace(jobs.curve, method="kl", mixed=jobs.curve.mixed[:3])
+    fig = methods_figure([jobs.curve, kl])
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[:3] == ["uniform", "fisher", "kl"]
+        lines = {line.get_label(): line for line in ax.lines}
+        assert len(lines["kl"].get_xdata()) == 3
+        assert len(lines["uniform"].get_xdata()) == len(jobs.curve.uniform)
+    files = save_figure(fig, tmp_path / "methods")
+    ET.parse(files["methods.svg"])
+    assert files["methods.png"].read_bytes().startswith(b"\x89PNG")
 
 
 def test_curve_json_round_trips_with_its_documented_keys(jobs: Jobs) -> None:
