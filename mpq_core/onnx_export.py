@@ -50,6 +50,8 @@ ONNX_NAME = "model.onnx"
 _OPSET = 25  # int2 / uint2 in DequantizeLinear
 _OPSET_NO_INT2 = 21  # int4 / uint4 and blocked scales
 _TORCHSCRIPT_OPSET = 20  # the highest the TorchScript exporter writes
+# protobuf's 2 GB limit on one message, less room for the graph and the codes beside the floats.
+_PROTO_LIMIT = 1_800_000_000
 
 
 class OnnxRefused(Exception):
@@ -371,6 +373,12 @@ def save_onnx_model(
     """
     import onnx
 
+    weights = sum(p.numel() * p.element_size() for p in model.named_weights().values())
+    if weights > _PROTO_LIMIT:
+        raise OnnxRefused(
+            f"the model's weights take {weights / 1e9:.1f} GB, over ONNX's 2 GB limit for one "
+            "file; weights in an external data file are not written yet"
+        )
     inputs = tuple(t.detach().to("cpu") for t in example)
     try:
         proto, dynamic = _export_graph(model, inputs)

@@ -214,7 +214,11 @@ def run(
     scores = quant.scores
     metrics = {"float": scores.float_eval, "quantized": scores.quantized_eval, "finetuned": final}
     report = build_report(ctx, profile, allocation, quant, tuned, final)
-    example = [t.detach().to("cpu") for t in next(iter_batches(ctx.model, ctx.work, 2)).inputs]
+    example = (
+        [t.detach().to("cpu") for t in next(iter_batches(ctx.model, ctx.work, 2)).inputs]
+        if spec.runtime_exports
+        else []  # write_artifacts then writes no runtime exports
+    )
     return JobResult(
         ctx.model,
         allocation,

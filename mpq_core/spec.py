@@ -14,6 +14,7 @@ JSON shape (``schema_version`` 2)::
      "granularity": "channel", "symmetric": true, "solver": "auto",
      "act_bits": 8, "quantize_activations": false, "cost_table": null, "batch_size": 64,
      "eval_fraction": 0.2, "output_key": null, "seed": 0, "device": "auto", "sweep": [],
+     "runtime_exports": true,
      "analysis": {"method": "fisher", "loss": "auto", "first_order": false,
                   "hawq_iterations": 200},
      "finetune": {"epochs": 5, "steps": null, "lr": 0.0001, "batch_size": 32,
@@ -340,6 +341,14 @@ class JobSpec:
             metavar="KIND=START:STOP:STEP",
         ),
     )
+    runtime_exports: bool = field(
+        default=True,
+        metadata=_meta(
+            "write model.compressed.pt2 and model.onnx and run each on one batch "
+            "(--no-runtime-exports: skip both; they record the model again and, for ONNX, hold "
+            "one more copy of its weights)"
+        ),
+    )
     analysis: AnalysisSpec = field(
         default_factory=AnalysisSpec, metadata=_meta("sensitivity analysis")
     )
@@ -363,6 +372,7 @@ class JobSpec:
         self.symmetric = as_bool("symmetric", self.symmetric)
         self.solver = _choice("solver", self.solver, Solver)
         self.quantize_activations = as_bool("quantize_activations", self.quantize_activations)
+        self.runtime_exports = as_bool("runtime_exports", self.runtime_exports)
         self.device = _device(self.device)
         self.pins = _pins(self.pins, self.bits)
         self.ties = as_str_list("ties", self.ties, MAX_PATTERNS, '["encoder.*"]')

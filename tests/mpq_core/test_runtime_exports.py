@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,18 @@ import pytest
 import torch
 from torch import nn
 
+from mpq_core import onnx_export
 from mpq_core.compressed_model import save_compressed_model, unpack_in_program
 from mpq_core.intake import LoadedModel, load_model
-from mpq_core.onnx_export import save_onnx_model
+from mpq_core.onnx_export import OnnxRefused, save_onnx_model
 from mpq_core.packing import pack_codes, unpack_codes
+from mpq_core.pipeline import quantize_model
 from mpq_core.quant_primitives import FLOAT_BITS
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
 from mpq_core.runtime_exports import ONNX_SESSION_CONFIG
 from mpq_core.scheme import QuantScheme
-from tests.conftest import save_bytes
+from mpq_core.spec import FinetuneSpec, JobSpec
+from tests.conftest import save_bytes, zoo_data
 from tests.zoo import SmallCNN
 
 
@@ -229,3 +233,25 @@ def test_small_cnn_with_a_grouped_convolution_exports(tmp_path: Path) -> None:
     assert done.quantized == sorted(bits)
     ref = _reference(model, [x])
     np.testing.assert_allclose(_onnx_run(done.path, [x]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_over_the_protobuf_limit_gets_no_onnx_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, inputs = _model("export")
+    layers = _quantized(model, BITS, QuantScheme())
+    # The model's 102 KB of weights stand in for a model over 2 GB.
+    monkeypatch.setattr(onnx_export, "_PROTO_LIMIT", 100_000)
+    with pytest.raises(OnnxRefused, match="over ONNX's 2 GB limit"):
+        save_onnx_model(model, layers, [inputs[0][:2]], tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_job_without_runtime_exports_writes_neither(
+    tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]
+) -> None:
+    spec = JobSpec(budgets=["avg-bits=4"], runtime_exports=False, finetune=FinetuneSpec(epochs=0))
+    result = quantize_model(zoo_bytes("mlp", "trace"), zoo_data("mlp", 40), spec, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "model.pt" in names and not names & {"model.onnx", "model.compressed.pt2"}
+    assert "exports" not in result.report
