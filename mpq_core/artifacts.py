@@ -53,7 +53,7 @@ def write_artifacts(
         packed_bytes = save_packed_checkpoint(packed, model, layers, metadata=job_metadata(model))
         if result.example_inputs:
             exported, report["exports"] = write_runtime_exports(
-                model, layers, result.example_inputs, out
+                model, layers, result.example_inputs, out, result.encodings
             )
             artifacts.update(exported)
         artifacts["allocation.json"] = out / "allocation.json"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from mpq_core.actquant import ActEncoding
 from mpq_core.atomic_write import file_target, write_atomic
 from mpq_core.intake import LoadedModel
+from mpq_core.onnx_activations import add_activation_qdq
 from mpq_core.program_convert import (
     ConversionRefused,
     Positional,
@@ -70,6 +72,8 @@ class OnnxExport:
         containers: each of those layers' code type (``int2``, ``int4``, ``int8``, ``uint4``,
             ..., ``float16`` for a layer kept at 16 bits).
         left_in_float: layers stored as float weights, with why.
+        weights: the graph value of each quantized weight -> its layer.
+        activations: the layers whose input activation is quantized (with encodings).
     """
 
     path: Path
@@ -77,6 +81,8 @@ class OnnxExport:
     dynamic_batch: bool = True
     quantized: list[str] = field(default_factory=list)
     containers: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, str] = field(default_factory=dict)
+    activations: list[str] = field(default_factory=list)
     left_in_float: dict[str, str] = field(default_factory=dict)
 
 
@@ -332,6 +338,7 @@ def _replace_weights(
         new_nodes.extend(nodes)
         kept.extend(inits)
         seen.add(layer.name)
+        done.weights[init.name] = layer.name
         done.containers[layer.name] = str(numpy_helper.to_array(inits[0]).dtype)
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -357,6 +364,8 @@ def save_onnx_model(
     layers: dict[str, QuantizedLayer],
     example: Sequence[torch.Tensor],
     path: str | Path,
+    *,
+    encodings: Mapping[str, ActEncoding] | None = None,
 ) -> OnnxExport:
     """Write ``model.onnx`` with the quantized layers as integer codes.
 
@@ -366,6 +375,8 @@ def save_onnx_model(
         example: one batch of inputs to export with (the batch dimension stays dynamic where the
             model allows).
         path: the file, or a directory to write :data:`ONNX_NAME` into.
+        encodings: the quantized layers' input activation encodings, as quantize/dequantize
+            pairs in the graph (:mod:`mpq_core.onnx_activations`).
 
     Raises:
         OnnxRefused: torch's exporter or ONNX's checker refused the model (the message says
@@ -386,6 +397,8 @@ def save_onnx_model(
         dtypes = {name: p.dtype for name, p in model_parameters(model).items()}
         done = _replace_weights(proto, layers, dtypes, opset)
         done.dynamic_batch = dynamic
+        if encodings:
+            done.activations = add_activation_qdq(proto, done.weights, encodings)
         onnx.checker.check_model(proto)
     except OnnxRefused:
         raise

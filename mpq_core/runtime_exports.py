@@ -11,13 +11,14 @@ checkpoint are always written).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mpq_core.actquant import ActEncoding, ActivationQuantizer
 from mpq_core.compressed_model import COMPRESSED_NAME, CompressionRefused, save_compressed_model
 from mpq_core.intake import LoadedModel
 from mpq_core.onnx_export import ONNX_NAME, OnnxRefused, save_onnx_model
@@ -84,6 +85,7 @@ def write_runtime_exports(
     layers: dict[str, QuantizedLayer],
     example: Sequence[torch.Tensor],
     out: Path,
+    encodings: Mapping[str, ActEncoding] | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write the compressed program and the ONNX model into ``out``.
 
@@ -91,6 +93,9 @@ def write_runtime_exports(
         model: the job's model, holding the dequantized weights.
         layers: the quantized layers.
         example: one batch of inputs (CPU) to record the programs with and check them on.
+        encodings: with activation quantization, the layers' input encodings: ``model.onnx``
+            quantizes those activations too (the compressed program does not: it holds the
+            weights only).
 
     Returns:
         The files written by name, and the report's ``exports`` entry: per file, whether it was
@@ -100,6 +105,10 @@ def write_runtime_exports(
     inputs = [t.detach().to("cpu") for t in example]
     with torch.no_grad():
         want = _outputs(model(*inputs))
+        want_onnx = want
+        if encodings:  # the ONNX model quantizes activations as the simulated model does
+            with ActivationQuantizer(model.named_weights(), dict(encodings)):
+                want_onnx = _outputs(model(*inputs))
     files: dict[str, Path] = {}
     report: dict[str, Any] = {}
     try:
@@ -112,7 +121,7 @@ def write_runtime_exports(
     except CompressionRefused as exc:
         report[COMPRESSED_NAME] = {"written": False, "reason": str(exc)}
     try:
-        done = save_onnx_model(model, layers, inputs, out / ONNX_NAME)
+        done = save_onnx_model(model, layers, inputs, out / ONNX_NAME, encodings=encodings)
         files[ONNX_NAME] = done.path
         report[ONNX_NAME] = {
             "written": True,
@@ -120,7 +129,8 @@ def write_runtime_exports(
             "batch": "dynamic" if done.dynamic_batch else len(inputs[0]),
             "quantized_layers": len(done.quantized),
             "left_in_float": done.left_in_float,
-            "max_abs_difference": _check_onnx(done.path, inputs, want),  # or why not
+            "quantized_activations": len(done.activations),
+            "max_abs_difference": _check_onnx(done.path, inputs, want_onnx),  # or why not
             "session_config": ONNX_SESSION_CONFIG,
         }
     except OnnxRefused as exc:

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from mpq_core import onnx_export
+from mpq_core import onnx_export, quantize, write_artifacts
+from mpq_core.actquant import ActivationQuantizer
 from mpq_core.compressed_model import save_compressed_model, unpack_in_program
 from mpq_core.intake import LoadedModel, load_model
 from mpq_core.onnx_export import OnnxRefused, save_onnx_model
@@ -255,3 +256,35 @@ def test_a_job_without_runtime_exports_writes_neither(
     names = {p.name for p in tmp_path.iterdir()}
     assert "model.pt" in names and not names & {"model.onnx", "model.compressed.pt2"}
     assert "exports" not in result.report
+
+
+@pytest.mark.parametrize("fmt", ["trace", "export"])
+def test_onnx_quantizes_activations_as_the_simulated_model(
+    fmt: str, tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]
+) -> None:
+    spec = JobSpec(
+        budgets=["avg-bits=4"], quantize_activations=True, finetune=FinetuneSpec(epochs=0)
+    )
+    data = zoo_data("cnn", 40)
+    result = quantize(spec, load_model(zoo_bytes("cnn", fmt)), data)
+    write_artifacts(result, tmp_path)
+    entry = result.report["exports"]["model.onnx"]
+    assert entry["quantized_activations"] == len(result.encodings) == 4
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    pairs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(pairs) == 4
+    inits = {i.name: i for i in graph.initializer}
+    assert {inits[n.input[2]].data_type for n in pairs} == {onnx.TensorProto.UINT8}
+
+    x = [t[:8] for t in data.inputs]
+    with torch.no_grad(), ActivationQuantizer(result.model.named_weights(), result.encodings):
+        want = result.model(*x).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(tmp_path / "model.onnx"), options)
+    got = as_written.run(None, {"input_0": x[0].numpy()})[0]
+    # As written, the graph computes what the simulated model computes (float rounding only).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # onnxruntime's default optimizations pick integer kernels that requantize on their own.
+    fused = _onnx_run(tmp_path / "model.onnx", x)
+    assert np.abs(fused - want).max() < 1e-2 * np.abs(want).max()
