@@ -1,9 +1,10 @@
 """The files of a job: what :func:`write_artifacts` writes from a :class:`JobResult`.
 
 ``model.pt`` / ``model.pt2`` (the drop-in model), ``model.mpq.safetensors`` (the packed
-checkpoint), ``model.compressed.pt2`` and ``model.onnx`` (where torch's exporters can record the
-model: :mod:`mpq_core.runtime_exports`), ``allocation.json``, ``sensitivity.json``, ``encodings.json`` (with activation
-quantization) and, last, ``report.json``.
+checkpoint), ``model.compressed.pt2`` and ``model.onnx`` (where torch's exporters can record
+the model: :mod:`mpq_core.runtime_exports`), ``allocation.json``, ``sensitivity.json``,
+``encodings.json`` (with activation quantization), the plots (:mod:`mpq_core.plots`) and, last,
+``report.json``.
 """
 
 from __future__ import annotations

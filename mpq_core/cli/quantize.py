@@ -81,8 +81,24 @@ def summary(report: dict[str, Any]) -> str:
             continue
         lines.append(f"{key:<12}" + "".join(f"{_fmt(v):>12}" for v in row))
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+    lines += [_export_line(name, entry) for name, entry in (report.get("exports") or {}).items()]
     lines += [f"note: {note}" for note in report.get("notes") or []]
     return "\n".join(lines)
+
+
+def _export_line(name: str, entry: dict[str, Any]) -> str:
+    """One runtime export: how close it runs to the simulated model, or why it was not written."""
+    if not entry.get("written"):
+        return f"{name}: not written: {entry.get('reason')}"
+    diff = entry.get("max_abs_difference")
+    where = "onnxruntime" if name.endswith(".onnx") else "torch"
+    said = f"{diff:.3g} from the simulated model in {where}"
+    if not isinstance(diff, int | float):
+        said = str(diff) if diff is not None else f"{where} not installed: not run"
+    extra = ""
+    if "quantized_layers" in entry:
+        extra = f", {entry['quantized_layers']} layers as integers, batch {entry['batch']}"
+    return f"{name}: {said}{extra}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -79,6 +79,14 @@ def test_quantize_writes_artefacts_and_prints_summary(
     # The scripted text model gets no runtime exports (tests/mpq_core/test_pipeline.py says why).
     runtime = {"model.compressed.pt2", "model.onnx"} if fmt == "export" else set()
     assert {p.name for p in out.iterdir()} == ARTEFACTS | {exported} | runtime
+    # The summary says how close each runtime export runs, or why it was not written.
+    if runtime:
+        assert re.search(r"^model\.onnx: \S+ from the simulated model in onnxruntime, ", text, re.M)
+        assert re.search(
+            r"^model\.compressed\.pt2: 0 from the simulated model in torch$", text, re.M
+        )
+    else:
+        assert re.search(r"^model\.onnx: not written: torch's ONNX exporter", text, re.M)
     # The exported model is a valid model of the same format.
     assert load_model(out / exported).format == ("export" if fmt == "export" else "torchscript")
     report = json.loads((out / "report.json").read_text())
