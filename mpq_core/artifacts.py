@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mpq_core.dropin_model import save_quantized_model
+from mpq_core.memory_plan import peak_resident_and_reset
 from mpq_core.packed_checkpoint import CHECKPOINT_NAME, job_metadata, save_packed_checkpoint
 from mpq_core.plots import write_figures
 from mpq_core.progress import ProgressFn, StageClock, null_progress
@@ -46,6 +47,7 @@ def write_artifacts(
     report = result.report
     clock = StageClock(progress or null_progress, report["timings"])
     artifacts: dict[str, Path] = {}
+    peak_resident_and_reset()  # the export stage's own peak, as every stage reports one
     with clock.stage("export"):
         model.module.to("cpu")
         artifacts[f"model{model.suffix}"] = dropin = out / f"model{model.suffix}"
@@ -73,6 +75,9 @@ def write_artifacts(
             }
             artifacts["encodings.json"] = write_json(out / "encodings.json", doc)
         artifacts.update(write_figures(result, out, report["notes"]))  # mpq_core.plots
+    peak = peak_resident_and_reset()
+    if peak is not None and isinstance(report.get("memory"), dict):
+        report["memory"].setdefault("peak_bytes_by_stage", {})["export"] = peak
     report["sizes"]["packed_checkpoint_bytes"] = packed_bytes
     report["timings"] = clock.seconds
     report["artifacts"] = sorted([*artifacts, "report.json"])
