@@ -39,6 +39,7 @@ __all__ = [
     "LayerAllocation",
     "allocate",
     "allocate_bits",
+    "checkpoint_overhead",
     "solve_bits",
 ]
 
@@ -427,9 +428,13 @@ def allocate_bits(
         BudgetInfeasible: as :func:`solve_bits`, the header counted.
     """
     solve_with = functools.partial(solve_bits, budgets=budgets, bits=bits, pins=pins, ties=ties)
-    if file_bytes is None or not any(b.kind in _FILE_BUDGETS for b in budgets):
+    if not any(b.kind in _FILE_BUDGETS for b in budgets):
         return solve_with(table, solver=solver)
     fixed = table.float_bytes if table.float_bytes is not None else 4 * table.float_params
+    if file_bytes is None:  # no model to measure: the table's bound on the header, if any
+        extra = table.checkpoint_overhead_bytes or 0
+        counted = dataclasses.replace(table, float_bytes=fixed + extra)
+        return solve_with(counted, solver=solver)
     extra = 0
     for _ in range(_FILE_ROUNDS):
         counted = dataclasses.replace(table, float_bytes=fixed + extra)
@@ -443,6 +448,28 @@ def allocate_bits(
     raise BudgetInfeasible(  # the header does not grow without bound; kept as a guard
         f"the packed checkpoint's header did not settle within {_FILE_ROUNDS} solves"
     )
+
+
+def checkpoint_overhead(table: SensitivityTable, file_bytes: FileBytes) -> int:
+    """A bound on what the packed checkpoint adds to the cost model's size for any allocation
+    of this table: the most it adds at any one uniform width, plus a byte a layer (codes are
+    padded to a byte) and 64 bytes for the compressed header's variation between allocations.
+    """
+    fixed = table.float_bytes if table.float_bytes is not None else 4 * table.float_params
+    size = Budget("size", 1.0)
+    worst = 0
+    for b in table.bits:
+        predicted = achieved(
+            size,
+            table.layers,
+            table.float_params,
+            [b] * len(table.layers),
+            model_bytes=table.model_bytes,
+            float_bytes=fixed,
+            scheme=table.scheme,
+        )
+        worst = max(worst, file_bytes(dict.fromkeys(table.names, b)) - int(predicted))
+    return worst + len(table.layers) + 64
 
 
 def solve_bits(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpq_core.actquant import ActEncoding, ActivationQuantizer, calibrate_activations
-from mpq_core.allocation import Allocation, allocate
+from mpq_core.allocation import Allocation, allocate, checkpoint_overhead
 from mpq_core.archive_guard import DEFAULT_LIMITS, ArchiveLimits
 from mpq_core.artifacts import write_artifacts
 from mpq_core.capture import capture_context
@@ -197,6 +197,8 @@ def run(
         transposed = transposed_names(profile.layers)
         # Size budgets hold on the packed checkpoint as written, header included.
         file_bytes = file_bytes_of(ctx.model, spec.scheme, transposed)
+        # Kept with the table, so a later re-solve without the model counts the header too.
+        table.checkpoint_overhead_bytes = checkpoint_overhead(table, file_bytes)
         allocation = allocate(table, spec, file_bytes=file_bytes)
     with _measured(clock, "quantize", peaks):
         quant = quantize_stage(ctx, allocation.bits_by_layer(), transposed)

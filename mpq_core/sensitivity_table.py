@@ -34,6 +34,9 @@ class SensitivityTable:
         model_bytes: the model's size in its own dtype (the ``compression`` baseline); 0 when
             unknown (tables written before it was recorded: float32 is assumed).
         meta: free-form provenance (model sha256, format, samples, seconds, loss used).
+        checkpoint_overhead_bytes: a bound on what the packed checkpoint adds to the cost model
+            for this model (header and padding), so a re-solve without the model (``mpq
+            allocate``, the API) holds ``size`` budgets on the file; None where not measured.
     """
 
     method: str
@@ -44,6 +47,7 @@ class SensitivityTable:
     meta: dict[str, Any] = field(default_factory=dict)
     model_bytes: int = 0
     float_bytes: int | None = None  # bytes of float_params in the checkpoint (None: 4 each)
+    checkpoint_overhead_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if list(self.bits) != sorted(set(self.bits)):
@@ -77,6 +81,7 @@ class SensitivityTable:
             "float_params": self.float_params,
             "model_bytes": self.model_bytes,
             "float_bytes": self.float_bytes,
+            "checkpoint_overhead_bytes": self.checkpoint_overhead_bytes,
             "meta": self.meta,
             "layers": [
                 {**layer.to_dict(), "omega": dict(zip(map(str, self.bits), row, strict=True))}
@@ -105,6 +110,11 @@ class SensitivityTable:
             meta=dict(d.get("meta", {})),
             model_bytes=int(d.get("model_bytes", 0)),
             float_bytes=None if d.get("float_bytes") is None else int(d["float_bytes"]),
+            checkpoint_overhead_bytes=(
+                None
+                if d.get("checkpoint_overhead_bytes") is None
+                else int(d["checkpoint_overhead_bytes"])
+            ),
         )
 
     def save(self, path: str | Path) -> None:

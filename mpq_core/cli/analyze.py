@@ -35,7 +35,10 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from mpq_core.allocation import checkpoint_overhead
+    from mpq_core.layers import transposed_names
     from mpq_core.memory_plan import plan_memory
+    from mpq_core.packed_checkpoint import file_bytes_of
     from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
     from mpq_core.spec import (
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
+    # The header bound, so `mpq allocate` holds size budgets on the written file.
+    held_to = file_bytes_of(model, scheme, transposed_names(table.layers))
+    table.checkpoint_overhead_bytes = checkpoint_overhead(table, held_to)
     table.save(args.out)
     width = max(len(layer.name) for layer in table.layers)
     print(

@@ -23,9 +23,10 @@ from mpq_core.packed_checkpoint import job_metadata, packed_file_bytes, save_pac
 from mpq_core.pipeline import PipelineResult, quantize_model
 from mpq_core.plots import methods_figure, save_figure
 from mpq_core.quantized_weights import quantize_weights
+from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import FinetuneSpec, JobSpec
 from mpq_core.sweep import run_sweep, sweep
-from mpq_core.sweep_plan import MAX_SWEEP_POINTS, Curve, parse_sweep
+from mpq_core.sweep_plan import MAX_SWEEP_POINTS, Curve, parse_sweep, predicted_size
 from tests.conftest import zoo_data
 
 # Sizes of the packed checkpoint as written: about 560 B of header beside 350-760 B of weights.
@@ -72,6 +73,28 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, zoo_bytes: Callable[[str, str
 # --- the points ------------------------------------------------------------------------------
 
 
+def test_a_stored_table_holds_size_budgets_on_the_file_without_the_model(
+    jobs: Jobs, zoo_bytes: Callable[[str, str], bytes], tmp_path: Path
+) -> None:
+    """``mpq allocate`` (and the API) re-solve a stored table with no model at hand: the bound
+    on the header the job kept in sensitivity.json keeps every size budget on the file."""
+    stored = SensitivityTable.load(jobs.swept.out_dir / "sensitivity.json")
+    overhead = stored.checkpoint_overhead_bytes
+    assert overhead is not None and 500 < overhead < 800
+    model = load_model(zoo_bytes("cnn", "script"))
+    meta = job_metadata(model)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the bound holds for any allocation, not only uniform ones
+        bits = {name: int(rng.choice(BITS)) for name in stored.names}
+        predicted = predicted_size(stored, [bits[n] for n in stored.names])[0]
+        assert packed_file_bytes(model, bits, metadata=meta) <= predicted + overhead
+    for budget in parse_sweep(["size=980B:1260B:70B"]):
+        alloc = allocate_bits(stored, [budget], bits=BITS)
+        layers = quantize_weights(model, alloc.bits_by_layer())
+        written = save_packed_checkpoint(tmp_path / "p.safetensors", model, layers, metadata=meta)
+        assert written <= budget.value, budget.label()
+
+
 def test_size_budgets_hold_on_the_written_checkpoint(
     jobs: Jobs, zoo_bytes: Callable[[str, str], bytes], tmp_path: Path
 ) -> None:
@@ -88,7 +111,8 @@ def test_size_budgets_hold_on_the_written_checkpoint(
         written = save_packed_checkpoint(tmp_path / "p.safetensors", model, layers, metadata=meta)
         assert written <= point.budget.value, point.label
         assert written == packed_file_bytes(model, bits, metadata=meta) == point.file_bytes
-        blind = allocate_bits(jobs.swept.sensitivity, [point.budget], bits=BITS)
+        cost_model_only = replace(jobs.swept.sensitivity, checkpoint_overhead_bytes=None)
+        blind = allocate_bits(cost_model_only, [point.budget], bits=BITS)
         blind_bits = blind.bits_by_layer()
         assert packed_file_bytes(model, blind_bits, metadata=meta) > point.budget.value
 
