@@ -16,6 +16,7 @@ PURE = [
     "mpq_core.solvers",
     "mpq_core.allocation",
     "mpq_core.spec",
+    "mpq_core.sweep_plan",
 ]
 
 
