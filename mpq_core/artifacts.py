@@ -10,13 +10,15 @@ the model: :mod:`mpq_core.runtime_exports`), ``allocation.json``, ``sensitivity.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpq_core.dropin_model import save_quantized_model
 from mpq_core.memory_plan import peak_resident_and_reset
 from mpq_core.packed_checkpoint import CHECKPOINT_NAME, job_metadata, save_packed_checkpoint
 from mpq_core.plots import write_figures
 from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.quant_primitives import FLOAT_BITS
+from mpq_core.quantized_weights import QuantizedLayer
 from mpq_core.report import SCHEMA_VERSION, finite, write_json
 from mpq_core.runtime_exports import write_runtime_exports
 
@@ -24,6 +26,17 @@ if TYPE_CHECKING:
     from mpq_core.pipeline import JobResult
 
 __all__ = ["write_artifacts"]
+
+
+def _param_encoding(layer: QuantizedLayer) -> dict[str, Any]:
+    """How a weight is stored: its bits and its quantizer's scheme, as the layer has it."""
+    groups = 1 if layer.scales.dim() <= 1 else int(layer.scales.shape[-1])
+    return {
+        "bits": layer.bits,
+        "symmetric": layer.zeros is None,
+        "per_channel": layer.bits != FLOAT_BITS,
+        "groups_per_channel": groups,
+    }
 
 
 def write_artifacts(
@@ -68,10 +81,7 @@ def write_artifacts(
                 "schema_version": SCHEMA_VERSION,
                 "kind": "mpq.encodings",
                 "activation_encodings": {n: enc.to_dict() for n, enc in result.encodings.items()},
-                "param_encodings": {
-                    name: {"bits": layer.bits, "symmetric": True, "per_channel": True}
-                    for name, layer in layers.items()
-                },
+                "param_encodings": {name: _param_encoding(layer) for name, layer in layers.items()},
             }
             artifacts["encodings.json"] = write_json(out / "encodings.json", doc)
         artifacts.update(write_figures(result, out, report["notes"]))  # mpq_core.plots

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mpq_core.actquant import ActEncoding, ActivationQuantizer
 from mpq_core.allocation import Allocation
+from mpq_core.artifacts import _param_encoding
 from mpq_core.data import CalibrationData
 from mpq_core.errors import DataMismatch, ModelFormatError, MpqError, SpecError
 from mpq_core.evaluate import evaluate, model_outputs
@@ -26,7 +27,9 @@ from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.packing import packed_nbytes
 from mpq_core.pipeline import STAGES, PipelineResult, quantize_model
 from mpq_core.pipeline import run as quantize
-from mpq_core.quant_primitives import qmax
+from mpq_core.quant_primitives import FLOAT_BITS, qmax
+from mpq_core.quantized_weights import quantize_weights
+from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity_table import SensitivityTable
 from mpq_core.spec import FinetuneSpec, JobSpec
 from tests.conftest import save_bytes, stock_load, zoo_data, zoo_inputs, zoo_module
@@ -328,6 +331,48 @@ def test_table_without_the_spec_bits_is_refused(job: Job, tmp_path: Path) -> Non
 
 
 # --- activation quantization -----------------------------------------------------------------
+
+
+def test_param_encodings_follow_the_quantizer_scheme(
+    zoo_bytes: Callable[[str, str], bytes], tmp_path: Path
+) -> None:
+    result, _, _, _ = _run(
+        zoo_bytes("cnn", "script"),
+        "cnn",
+        "script",
+        tmp_path,
+        quantize_activations=True,
+        granularity="32",
+        symmetric=False,
+        finetune_epochs=0,
+    )
+    doc = json.loads((tmp_path / "encodings.json").read_text())["param_encodings"]
+    assert {e["symmetric"] for e in doc.values()} == {False}
+    # Group-wise where a layer's input columns split into groups of 32, per channel elsewhere.
+    layers = {
+        la["name"]: la for la in json.loads((tmp_path / "allocation.json").read_text())["layers"]
+    }
+    for name, enc in doc.items():
+        cols = math.prod(layers[name]["shape"][1:])
+        want = cols // 32 if cols > 32 and cols % 32 == 0 else 1
+        assert enc["groups_per_channel"] == want, name
+    del result
+
+
+def test_param_encoding_of_a_group_wise_layer_counts_its_groups() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 4)
+    model = load_model(save_bytes(net, (torch.randn(2, 64),), "export"))
+    group = QuantScheme(group_size=32, symmetric=False)
+    layer = quantize_weights(model, {"weight": 3}, scheme=group)["weight"]
+    assert _param_encoding(layer) == {
+        "bits": 3,
+        "symmetric": False,
+        "per_channel": True,
+        "groups_per_channel": 2,
+    }
+    plain = quantize_weights(model, {"weight": FLOAT_BITS})["weight"]
+    assert _param_encoding(plain)["per_channel"] is False
 
 
 @pytest.mark.parametrize(("name", "fmt"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
