@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Query, Request
+from python_multipart.multipart import parse_options_header
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import UploadContext
+from api.errors import ApiError
+from api.multipart import MultipartStream
 from api.sniffing import sniff_data_format, sniff_model_format
 from api.upload_stream import UploadResult, UploadTooLarge, receive_upload
 from mpq_service import storage_keys
@@ -44,11 +47,20 @@ FilenameQuery = Annotated[
     str | None, Query(max_length=1000, description="the file's name, kept for downloads")
 ]
 
-# OpenAPI: the body is the file itself, not JSON or a form.
+# OpenAPI: the body is the file itself, or a form whose one part ``file`` is.
 RAW_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
     }
 }
 
@@ -63,15 +75,25 @@ class UploadKind(Generic[Row]):
     table: type[Row]
     storage_key: Callable[[str, str], str]  # (tenant id, row id) -> object key
     sniff: Callable[[UploadResult], str]  # the format, or raises the MpqError refusing it
-    default_filename: str
+    default_filename: Callable[[str], str]  # the name of an unnamed upload of this format
 
 
 MODEL_UPLOAD = UploadKind(
-    ModelFile, storage_keys.model_key, lambda r: sniff_model_format(r.head), "model.pt"
+    ModelFile,
+    storage_keys.model_key,
+    lambda r: sniff_model_format(r.head),
+    # Detected, not assumed: a torch.export program keeps the suffix torch.export.load expects.
+    lambda fmt: "model.pt2" if fmt == "export" else "model.pt",
 )
 DATASET_UPLOAD = UploadKind(
-    Dataset, storage_keys.dataset_key, lambda r: sniff_data_format(r.head, r.size), "data.npz"
+    Dataset,
+    storage_keys.dataset_key,
+    lambda r: sniff_data_format(r.head, r.size),
+    lambda fmt: "data.npz",
 )
+# What a multipart form adds around its file (boundaries, part headers): allowed on top of the
+# file's own limit when the declared length is checked before reading.
+_FORM_SLACK = 64 * 1024
 
 
 def clean_filename(name: str | None, default: str) -> str:
@@ -113,7 +135,7 @@ async def store_file(
     return kind.table(
         id=row_id,
         tenant_id=tenant_id,
-        filename=clean_filename(filename, kind.default_filename),
+        filename=clean_filename(filename, kind.default_filename(fmt)),
         format=fmt,
         size=result.size,
         sha256=result.sha256,
@@ -155,18 +177,55 @@ def insert_rows(session: Session, rows: Sequence[UploadRow], *dependents: object
 async def upload_file(
     request: Request, kind: UploadKind[Row], ctx: UploadContext, filename: str | None
 ) -> Row:
-    """Store the request body (the file itself) as a new ``kind`` of the tenant and insert its
-    row; nothing is kept when the upload is refused or the row cannot be saved.
+    """Store the uploaded file as a new ``kind`` of the tenant and insert its row; nothing is
+    kept when the upload is refused or the row cannot be saved.
+
+    The file is the request body itself, or the one part named ``file`` of a
+    ``multipart/form-data`` body (``curl -F file=@model.pt``), whose file name is used when no
+    ``filename`` is given.
 
     Raises:
-        UploadTooLarge: the body is over ``settings.max_upload_bytes``.
+        UploadTooLarge: the file is over ``settings.max_upload_bytes``.
+        ApiError: a multipart body without exactly one ``file`` part (422 ``invalid_request``).
         MpqError: the content was refused (see :data:`MODEL_UPLOAD`, :data:`DATASET_UPLOAD`).
     """
     limit = ctx.settings.max_upload_bytes
-    refuse_declared_length(request, limit, limit)
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    form = None
+    if ctype == b"multipart/form-data":
+        refuse_declared_length(request, limit + _FORM_SLACK, limit)
+        form, part_name = await _file_part(request, params.get(b"boundary"))
+        filename = filename or part_name
+        body: AsyncIterable[bytes] = form.read()
+    else:
+        refuse_declared_length(request, limit, limit)
+        body = request.stream()
     stored: list[UploadRow] = []
     async with deleted_on_failure(ctx.storage, stored):
-        row = await store_file(request.stream(), kind, ctx, filename)
+        row = await store_file(body, kind, ctx, filename)
         stored.append(row)
+        if form is not None and await form.next_part() is not None:
+            raise _one_file_part()
         await run_in_threadpool(insert_rows, ctx.session, stored)
     return row
+
+
+def _one_file_part() -> ApiError:
+    return ApiError(
+        422,
+        "invalid_request",
+        "a multipart upload holds exactly one part, named 'file' (curl -F file=@model.pt)",
+    )
+
+
+async def _file_part(
+    request: Request, boundary: bytes | None
+) -> tuple[MultipartStream, str | None]:
+    """The multipart body positioned at its ``file`` part, and that part's file name."""
+    if not boundary:
+        raise ApiError(422, "invalid_request", "malformed multipart body: no boundary")
+    form = MultipartStream(request.stream(), boundary)
+    part = await form.next_part()
+    if part is None or part.name != "file":
+        raise _one_file_part()
+    return form, part.filename

@@ -23,7 +23,8 @@ async def upload_dataset(
     upload: UploadContextDep,
     filename: FilenameQuery = None,
 ) -> DatasetPublic:
-    """Upload a ``.npz`` or ``.safetensors`` data file as the raw request body.
+    """Upload a ``.npz`` or ``.safetensors`` data file as the raw request body,
+    or as the part ``file`` of a ``multipart/form-data`` form (``curl -F file=@calib.npz``).
 
     Object (pickled) arrays are refused with ``data_pickle``; other files with ``data_format``.
     The worker checks the arrays themselves when a job uses them.

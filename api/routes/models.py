@@ -23,7 +23,8 @@ async def upload_model(
     upload: UploadContextDep,
     filename: FilenameQuery = None,
 ) -> ModelPublic:
-    """Upload a TorchScript archive or torch.export program as the raw request body.
+    """Upload a TorchScript archive or torch.export program as the raw request body,
+    or as the part ``file`` of a ``multipart/form-data`` form (``curl -F file=@model.pt``).
 
     Pickles (``torch.save``) are refused with ``model_pickle``; other files with
     ``model_format``. The worker validates the complete file when a job uses it.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.api.apptools import (
     Service,
@@ -18,6 +19,7 @@ from tests.api.apptools import (
     running_service,
     upload,
 )
+from tests.zoo import SmallMLP, export_bytes
 
 
 @pytest.fixture
@@ -45,6 +47,54 @@ def test_upload_model_returns_sha256_size_and_location(svc: Service) -> None:
     assert got.status_code == 200 and got.json() == created
     listed = svc.client.get("/v1/models", headers=headers).json()
     assert [m["id"] for m in listed["items"]] == [created["id"]]
+
+
+def test_multipart_uploads_store_the_file_part_under_its_name(svc: Service) -> None:
+    headers = svc.key("acme")
+    body = model_bytes()
+    files = {"file": ("mlp.pt", body, "application/octet-stream")}
+    r = svc.client.post("/v1/models", files=files, headers=headers)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert (created["filename"], created["format"]) == ("mlp.pt", "torchscript")
+    assert created["sha256"] == hashlib.sha256(body).hexdigest() and created["size"] == len(body)
+    (stored,) = svc.stored_files()
+    assert stored.read_bytes() == body  # the part's bytes, not the form around them
+    data = data_bytes()
+    r = svc.client.post(
+        "/v1/datasets",
+        files={"file": ("calib.npz", data, "application/octet-stream")},
+        headers=headers,
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["filename"], r.json()["format"]) == ("calib.npz", "npz")
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"model": ("mlp.pt", b"x", "application/octet-stream")},
+        {"file": ("a.pt", b"x", "application/octet-stream"), "extra": ("b.pt", b"y", "x/y")},
+    ],
+    ids=["no-file-part", "two-parts"],
+)
+def test_multipart_upload_without_exactly_one_file_part_is_422(
+    svc: Service, files: dict[str, tuple[str, bytes, str]]
+) -> None:
+    if "extra" in files:  # the first part must pass the sniffer for the second to be read
+        files["file"] = ("mlp.pt", model_bytes(), "application/octet-stream")
+    r = svc.client.post("/v1/models", files=files, headers=svc.key("acme"))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "named 'file'" in r.json()["error"]["message"]
+    assert svc.stored_files() == []
+
+
+def test_unnamed_torch_export_upload_keeps_a_pt2_name(svc: Service) -> None:
+    body = export_bytes(SmallMLP(), (torch.randn(2, 16),))
+    r = svc.client.post("/v1/models", content=body, headers=svc.key("acme"))
+    assert r.status_code == 201, r.text
+    assert (r.json()["format"], r.json()["filename"]) == ("export", "model.pt2")
 
 
 def test_upload_dataset_npz(svc: Service) -> None:
