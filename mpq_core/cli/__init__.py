@@ -51,6 +51,21 @@ def register_plugins(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         register(subparsers)
 
 
+def _version() -> str:
+    """``mpq X`` and the versions of what decides its results (torch, onnxruntime)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from mpq_core import __version__
+
+    parts = [f"mpq {__version__}"]
+    for dist in ("torch", "onnxruntime"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return ", ".join(parts)
+
+
 def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     """The parser of ``mpq``: the engine's commands, and the plugins' unless ``plugins=False``."""
     parser = argparse.ArgumentParser(
@@ -61,6 +76,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="print the Python traceback of an unexpected error"
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (inspect, analyze, allocate, quantize, sweep):
         command.add_parser(sub)

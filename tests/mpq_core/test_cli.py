@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mpq_core import __version__
 from mpq_core.allocation import Allocation
 from mpq_core.cli import build_parser, main, run
 from mpq_core.sensitivity_table import SensitivityTable
@@ -209,3 +211,13 @@ def test_analyze_under_max_memory_refuses_a_budget_below_one_sample_and_runs_wit
     assert SensitivityTable.load(out).names == [
         "conv1.weight", "conv2.weight", "conv3.weight", "fc.weight"
     ]  # fmt: skip
+
+
+def test_version_names_mpq_and_what_decides_its_results() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mpq_core.cli", "--version"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        rf"mpq {re.escape(__version__)}, torch \S+, onnxruntime \S+\n", done.stdout
+    ), done.stdout
