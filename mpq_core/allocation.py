@@ -430,14 +430,11 @@ def allocate_bits(
     solve_with = functools.partial(solve_bits, budgets=budgets, bits=bits, pins=pins, ties=ties)
     if not any(b.kind in _FILE_BUDGETS for b in budgets):
         return solve_with(table, solver=solver)
-    fixed = table.float_bytes if table.float_bytes is not None else 4 * table.float_params
     if file_bytes is None:  # no model to measure: the table's bound on the header, if any
-        extra = table.checkpoint_overhead_bytes or 0
-        counted = dataclasses.replace(table, float_bytes=fixed + extra)
-        return solve_with(counted, solver=solver)
+        return solve_with(_counting(table, table.checkpoint_overhead_bytes or 0), solver=solver)
     extra = 0
     for _ in range(_FILE_ROUNDS):
-        counted = dataclasses.replace(table, float_bytes=fixed + extra)
+        counted = _counting(table, extra)
         alloc = solve_with(counted, solver=solver)
         chosen = alloc.bits_by_layer()
         predicted = _achieved(Budget("size", 1.0), counted, [chosen[n] for n in table.names])
@@ -450,26 +447,23 @@ def allocate_bits(
     )
 
 
+def _counting(table: SensitivityTable, extra: int) -> SensitivityTable:
+    """``table`` with ``extra`` bytes of the checkpoint counted beside its float parameters."""
+    return dataclasses.replace(table, float_bytes=table.stored_float_bytes + extra)
+
+
 def checkpoint_overhead(table: SensitivityTable, file_bytes: FileBytes) -> int:
     """A bound on what the packed checkpoint adds to the cost model's size for any allocation
     of this table: the most it adds at any one uniform width, plus a byte a layer (codes are
     padded to a byte) and 64 bytes for the compressed header's variation between allocations.
     """
-    fixed = table.float_bytes if table.float_bytes is not None else 4 * table.float_params
     size = Budget("size", 1.0)
-    worst = 0
-    for b in table.bits:
-        predicted = achieved(
-            size,
-            table.layers,
-            table.float_params,
-            [b] * len(table.layers),
-            model_bytes=table.model_bytes,
-            float_bytes=fixed,
-            scheme=table.scheme,
-        )
-        worst = max(worst, file_bytes(dict.fromkeys(table.names, b)) - int(predicted))
-    return worst + len(table.layers) + 64
+    worst = max(
+        file_bytes(dict.fromkeys(table.names, b))
+        - int(_achieved(size, table, [b] * len(table.layers)))
+        for b in table.bits
+    )
+    return max(worst, 0) + len(table.layers) + 64
 
 
 def solve_bits(

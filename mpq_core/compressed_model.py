@@ -21,6 +21,7 @@ shipping; a runtime that keeps weights unpacked in memory (``model.pt``, ONNX) r
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,9 +128,7 @@ class _Decompressing(nn.Module):
     def _weight(self, i: int, s: _Stored) -> torch.Tensor:
         if s.bits == FLOAT_BITS:
             return getattr(self, f"w{i}").to(s.dtype)
-        count = 1
-        for d in s.codes_shape:
-            count *= d
+        count = math.prod(s.codes_shape)
         codes = unpack_in_program(getattr(self, f"q{i}"), s.bits, count, signed=s.signed)
         scales = getattr(self, f"s{i}").float().reshape(-1)
         rows = codes.reshape(scales.numel(), -1).float()

@@ -46,7 +46,7 @@ from mpq_core.program_convert import (
 from mpq_core.quant_primitives import FLOAT_BITS, output_major
 from mpq_core.quantized_weights import QuantizedLayer, model_parameters
 
-__all__ = ["ONNX_NAME", "OnnxExport", "OnnxRefused", "save_onnx_model"]
+__all__ = ["ONNX_NAME", "OnnxExport", "OnnxRefused", "input_names", "save_onnx_model"]
 
 ONNX_NAME = "model.onnx"
 _OPSET = 25  # int2 / uint2 in DequantizeLinear
@@ -113,6 +113,11 @@ def _export_graph(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> tupl
     return _from_program(module, example, None), False
 
 
+def input_names(count: int) -> list[str]:
+    """The names ``model.onnx`` gives the model's positional inputs."""
+    return [f"input_{i}" for i in range(count)]
+
+
 def _said(exc: BaseException) -> str:
     return (
         f"torch's ONNX exporter could not write the model ({type(exc).__name__}: {str(exc)[:200]})"
@@ -120,7 +125,7 @@ def _said(exc: BaseException) -> str:
 
 
 def _from_program(program: Any, example: tuple[torch.Tensor, ...], shapes: Any) -> Any:
-    names = [f"input_{i}" for i in range(len(example))]
+    names = input_names(len(example))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
@@ -133,7 +138,7 @@ def _from_program(program: Any, example: tuple[torch.Tensor, ...], shapes: Any) 
 def _from_torchscript(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> Any:
     import onnx
 
-    names = [f"input_{i}" for i in range(len(example))]
+    names = input_names(len(example))
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

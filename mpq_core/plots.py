@@ -96,20 +96,40 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+_LOSS = "measured_loss_increase"
+#: A colour per sensitivity method when several are drawn together.
+_METHOD_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def _panels(fig: Figure, curve: Curve) -> list[tuple[Any, str, str]]:
+    """The two panels of a curve picture: (axes, what they plot, y label): the measured loss
+    rise, then the curve's metric."""
+    keys = [(_LOSS, f"measured loss increase ({curve.loss_unit})"), (curve.metric, curve.metric)]
+    return [(ax, key, title) for ax, (key, title) in zip(fig.subplots(1, 2), keys, strict=True)]
+
+
+def _float_line(ax: Any, curve: Curve, key: str) -> None:
+    """The float model's metric as a dotted line (nothing for the loss rise, which is 0)."""
+    base = curve.float_metrics.get(key)
+    if key != _LOSS and isinstance(base, int | float) and math.isfinite(base):
+        ax.axhline(base, color="black", lw=0.8, ls=":", label="float model")
+
+
+def _finish(ax: Any, title: str) -> None:
+    _size_axis(ax)
+    ax.set_ylabel(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def curve_figure(curve: Curve) -> Figure:
     """The measured loss rise and the curve's metric against size: the method's allocations,
     uniform widths (labelled with their bits) and the job's own point (a star)."""
     fig = _figure(11, 4.5, (0.8, 0.6, 0.2, 0.5))
-    panels = [
-        ("measured_loss_increase", f"measured loss increase ({curve.loss_unit})"),
-        (curve.metric, curve.metric),
-    ]
-    for ax, (key, title) in zip(fig.subplots(1, 2), panels, strict=True):
+    for ax, key, title in _panels(fig, curve):
 
         def value(p: CurvePoint, key: str = key) -> float | None:
-            if key == "measured_loss_increase":
-                return p.measured_loss_increase
-            return p.metric(key)
+            return p.measured_loss_increase if key == _LOSS else p.metric(key)
 
         _series(ax, curve.mixed, value, marker="o", color=_MIXED, label=f"mixed ({curve.method})")
         _series(ax, curve.uniform, value, marker="s", color=_UNIFORM, ls="--", label="uniform")
@@ -123,7 +143,7 @@ def curve_figure(curve: Curve) -> Figure:
                     fontsize=8,
                     color=_UNIFORM,
                 )
-        if key == "measured_loss_increase":
+        if key == _LOSS:
             _series(
                 ax,
                 curve.mixed,
@@ -132,10 +152,7 @@ def curve_figure(curve: Curve) -> Figure:
                 ls=":",
                 label="predicted (mixed)",
             )
-        else:
-            base = curve.float_metrics.get(key)
-            if isinstance(base, int | float) and math.isfinite(base):
-                ax.axhline(base, color="black", lw=0.8, ls=":", label="float model")
+        _float_line(ax, curve, key)
         if curve.chosen is not None and _finite(value(curve.chosen)):
             ax.plot(
                 [curve.chosen.checkpoint_bytes],
@@ -146,35 +163,24 @@ def curve_figure(curve: Curve) -> Figure:
                 color=_CHOSEN,
                 label=f"chosen ({curve.chosen.label})",
             )
-        _size_axis(ax)
         _log_if_positive(ax)
-        ax.set_ylabel(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, title)
     fig.suptitle(f"trade-off curve ({curve.eval_samples} evaluation samples, no fine-tuning)")
     return fig
 
 
-#: A colour per sensitivity method when several are drawn together.
-_METHOD_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
-
-
 def methods_figure(curves: Sequence[Curve]) -> Figure:
     """Several sensitivity methods' curves of one model on one picture: the measured loss rise
-    and the metric against size, each method's allocations beside the uniform widths (drawn
-    once, from the first curve)."""
+    (log axis) and the metric against size, each method's allocations beside the uniform widths
+    (drawn once, from the first curve)."""
     if not curves:
         raise ValueError("no curve to draw")
     first = curves[0]
     fig = _figure(11, 4.5, (0.8, 0.6, 0.2, 0.5))
-    panels = [
-        ("measured_loss_increase", f"measured loss increase ({first.loss_unit})"),
-        (first.metric, first.metric),
-    ]
-    for ax, (key, title) in zip(fig.subplots(1, 2), panels, strict=True):
+    for ax, key, title in _panels(fig, first):
 
         def value(p: CurvePoint, key: str = key) -> float | None:
-            if key != "measured_loss_increase":
+            if key != _LOSS:
                 return p.metric(key)
             rise = p.measured_loss_increase  # on a log axis: a rise at or below 0 is left out
             return rise if rise is not None and rise > 0 else None
@@ -182,16 +188,10 @@ def methods_figure(curves: Sequence[Curve]) -> Figure:
         _series(ax, first.uniform, value, marker="s", color=_UNIFORM, ls="--", label="uniform")
         for curve, colour in zip(curves, _METHOD_COLOURS, strict=False):
             _series(ax, curve.mixed, value, marker="o", color=colour, label=curve.method)
-        if key != "measured_loss_increase":
-            base = first.float_metrics.get(key)
-            if isinstance(base, int | float) and math.isfinite(base):
-                ax.axhline(base, color="black", lw=0.8, ls=":", label="float model")
-        _size_axis(ax)
-        if key == "measured_loss_increase":
+        _float_line(ax, first, key)
+        if key == _LOSS:
             ax.set_yscale("log")
-        ax.set_ylabel(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, title)
     fig.suptitle(f"trade-off curves ({first.eval_samples} evaluation samples, no fine-tuning)")
     return fig
 

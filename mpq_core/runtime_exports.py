@@ -24,7 +24,7 @@ from mpq_core.intake import LoadedModel
 from mpq_core.onnx_export import ONNX_NAME, OnnxRefused, save_onnx_model
 from mpq_core.quantized_weights import QuantizedLayer
 
-__all__ = ["ONNX_SESSION_CONFIG", "write_runtime_exports"]
+__all__ = ["ONNX_SESSION_CONFIG", "onnx_session", "write_runtime_exports"]
 
 #: onnxruntime's session setting that computes the int4 matmuls it fuses in float32. Its
 #: default (accuracy level 4) quantizes their activations to int8 on the fly: faster, and about
@@ -62,20 +62,30 @@ def _check_compressed(
         return _max_difference(_outputs(module(*example)), want)
 
 
+def onnx_session(path: str | Path, config: Mapping[str, str] = ONNX_SESSION_CONFIG) -> Any:
+    """An onnxruntime CPU session of ``path`` with ``config`` (mpq's float32-compute setting
+    by default), as the job checks ``model.onnx``.
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _check_onnx(path: Path, example: Sequence[torch.Tensor], want: Sequence[np.ndarray]) -> Any:
     """How far onnxruntime's output is from ``want``; None where onnxruntime is not installed,
     or what it said where it cannot run the model (its CPU kernels lack some 16-bit types)."""
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    options = ort.SessionOptions()
-    for key, value in ONNX_SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), example, strict=True)}
         return _max_difference(session.run(None, feeds), want)
+    except ImportError:
+        return None
     except Exception as exc:  # onnxruntime's own errors carry no common base class
         return f"onnxruntime's CPU provider could not run it: {str(exc)[:200]}"
 

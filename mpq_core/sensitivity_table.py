@@ -65,6 +65,12 @@ class SensitivityTable:
         return QuantScheme.from_dict(self.meta.get("scheme"))
 
     @property
+    def stored_float_bytes(self) -> int:
+        """What the float parameters take in the packed checkpoint (4 bytes each unless the
+        table recorded otherwise)."""
+        return self.float_bytes if self.float_bytes is not None else 4 * self.float_params
+
+    @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 

@@ -336,7 +336,7 @@ def test_table_without_the_spec_bits_is_refused(job: Job, tmp_path: Path) -> Non
 def test_param_encodings_follow_the_quantizer_scheme(
     zoo_bytes: Callable[[str, str], bytes], tmp_path: Path
 ) -> None:
-    result, _, _, _ = _run(
+    _run(
         zoo_bytes("cnn", "script"),
         "cnn",
         "script",
@@ -356,7 +356,6 @@ def test_param_encodings_follow_the_quantizer_scheme(
         cols = math.prod(layers[name]["shape"][1:])
         want = cols // 32 if cols > 32 and cols % 32 == 0 else 1
         assert enc["groups_per_channel"] == want, name
-    del result
 
 
 def test_param_encoding_of_a_group_wise_layer_counts_its_groups() -> None:

@@ -28,7 +28,7 @@ from mpq_core.packing import pack_codes, unpack_codes
 from mpq_core.pipeline import quantize_model
 from mpq_core.quant_primitives import FLOAT_BITS
 from mpq_core.quantized_weights import QuantizedLayer, apply_weights, quantize_weights
-from mpq_core.runtime_exports import ONNX_SESSION_CONFIG
+from mpq_core.runtime_exports import onnx_session
 from mpq_core.scheme import QuantScheme
 from mpq_core.spec import FinetuneSpec, JobSpec
 from tests.conftest import save_bytes, zoo_data
@@ -78,10 +78,7 @@ def _reference(model: LoadedModel, inputs: list[torch.Tensor]) -> np.ndarray:
 
 
 def _onnx_run(path: Path, inputs: list[torch.Tensor]) -> np.ndarray:
-    options = ort.SessionOptions()
-    for key, value in ONNX_SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
     return np.asarray(session.run(None, feeds)[0], dtype=np.float32)
 

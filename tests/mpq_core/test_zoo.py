@@ -17,7 +17,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -37,7 +36,7 @@ from mpq_core.intake import LoadedModel
 from mpq_core.packed_checkpoint import load_packed_checkpoint, restore_into
 from mpq_core.profiling import ModelProfile
 from mpq_core.runner import check_data_fits
-from mpq_core.runtime_exports import ONNX_SESSION_CONFIG
+from mpq_core.runtime_exports import onnx_session
 from mpq_core.sensitivity.fisher import fisher_sensitivity
 from tests.conftest import save_bytes, stock_load
 from tests.mpq_core.test_fisher import reference_omega
@@ -298,10 +297,7 @@ def _check_runtime_exports(
     fixed = (case.name, case.fmt) in ONNX_FIXED_BATCH
     assert exports["model.onnx"]["batch"] == (len(result.example_inputs[0]) if fixed else "dynamic")
     inputs = [t[: len(result.example_inputs[0])] for t in case.data.inputs] if fixed else None
-    options = ort.SessionOptions()
-    for key, value in ONNX_SESSION_CONFIG.items():
-        options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(files["model.onnx"]), options)
+    session = onnx_session(files["model.onnx"])
     feeds = {
         i.name: t.numpy()
         for i, t in zip(session.get_inputs(), inputs or case.data.inputs, strict=True)
