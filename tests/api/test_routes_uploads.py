@@ -90,6 +90,24 @@ def test_multipart_upload_without_exactly_one_file_part_is_422(
     assert svc.stored_files() == []
 
 
+def test_truncated_multipart_upload_is_422_and_stores_nothing(svc: Service) -> None:
+    body = model_bytes()
+    head = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="m.pt"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    # The whole file, but no closing boundary: the upload was cut off.
+    r = svc.client.post(
+        "/v1/models",
+        content=head + body,
+        headers={**svc.key("acme"), "content-type": "multipart/form-data; boundary=XyZ"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "malformed multipart body" in r.json()["error"]["message"]
+    assert svc.stored_files() == []
+
+
 def test_unnamed_torch_export_upload_keeps_a_pt2_name(svc: Service) -> None:
     body = export_bytes(SmallMLP(), (torch.randn(2, 16),))
     r = svc.client.post("/v1/models", content=body, headers=svc.key("acme"))
