@@ -35,6 +35,7 @@ __all__ = [
     "StorageDep",
     "UploadContext",
     "UploadContextDep",
+    "tenant_for_key",
 ]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key made by `mpq keys create`")
@@ -70,7 +71,6 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 def get_current_tenant(
     request: Request,
-    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     """The tenant owning the request's bearer API key; 401 when it is missing or unknown.
@@ -80,13 +80,21 @@ def get_current_tenant(
     """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    pepper = settings.api_key_pepper.get_secret_value()
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
-    with factory() as session:
-        tenant = authenticate(session, credentials.credentials, pepper)
+    tenant = tenant_for_key(request, credentials.credentials)
     if tenant is None:
         raise Unauthorized("unknown or revoked API key")
     return tenant
+
+
+def tenant_for_key(request: Request, plaintext: str) -> Tenant | None:
+    """The tenant owning the API key ``plaintext`` (None if unknown or revoked), looked up in a
+    session closed before this returns: the tenant comes back detached (its columns loaded).
+    The bearer auth and the web pages' cookie both resolve keys here."""
+    settings: Settings = request.app.state.settings
+    pepper = settings.api_key_pepper.get_secret_value()
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        return authenticate(session, plaintext, pepper)
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -44,7 +44,7 @@ from mpq_core.spec import JobSpec
 from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
 from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
 
-__all__ = ["RETRY_AFTER_S", "router"]
+__all__ = ["RETRY_AFTER_S", "enqueue_job", "new_job", "router"]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=SessionReleasingRoute)
 log = logging.getLogger(__name__)
@@ -129,20 +129,30 @@ def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec
     get_owned(session, Dataset, body.dataset_id, tenant)
     if body.eval_dataset_id is not None:
         get_owned(session, Dataset, body.eval_dataset_id, tenant)
-    job = Job(
-        tenant_id=tenant.id,
-        model_id=body.model_id,
-        dataset_id=body.dataset_id,
-        eval_dataset_id=body.eval_dataset_id,
-        spec=spec.to_dict(),
-        status=JobStatus.QUEUED.value,
-    )
+    job = new_job(tenant, body.model_id, body.dataset_id, body.eval_dataset_id, spec)
     session.add(job)
     session.commit()  # the row exists before any worker can pick the id up
     return job
 
 
-def _enqueue(session: Session, job: Job, enqueue: Enqueue) -> None:
+def new_job(
+    tenant: Tenant, model_id: str, dataset_id: str, eval_dataset_id: str | None, spec: JobSpec
+) -> Job:
+    """A queued job row (not yet added to a session); the caller has checked that the tenant
+    owns the uploads it names."""
+    return Job(
+        tenant_id=tenant.id,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        eval_dataset_id=eval_dataset_id,
+        spec=spec.to_dict(),
+        status=JobStatus.QUEUED.value,
+    )
+
+
+def enqueue_job(session: Session, job: Job, enqueue: Enqueue) -> None:
+    """Hand the committed ``job`` to the workers; when the queue refuses it the job is marked
+    failed (``queue_unavailable``) and a 503 is raised."""
     try:
         enqueue(job.id)
     except Exception:
@@ -205,14 +215,8 @@ async def _create_from_form(request: Request, boundary: bytes, upload: UploadCon
     async with deleted_on_failure(upload.storage, stored):
         form = MultipartStream(request.stream(), boundary)
         rows, spec = await _read_form(form, upload, stored)
-        job = Job(
-            tenant_id=upload.tenant.id,
-            model_id=rows["model"].id,
-            dataset_id=rows["data"].id,
-            eval_dataset_id=rows["eval_data"].id if "eval_data" in rows else None,
-            spec=spec.to_dict(),
-            status=JobStatus.QUEUED.value,
-        )
+        eval_id = rows["eval_data"].id if "eval_data" in rows else None
+        job = new_job(upload.tenant, rows["model"].id, rows["data"].id, eval_id, spec)
         await run_in_threadpool(insert_rows, upload.session, stored, job)
     return job
 
@@ -245,7 +249,7 @@ async def create_job(
             "unsupported_media_type",
             "send the job as application/json, or as multipart/form-data with the files",
         )
-    await run_in_threadpool(_enqueue, upload.session, job, enqueue)
+    await run_in_threadpool(enqueue_job, upload.session, job, enqueue)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     _retry_after(response, job)
     return JobPublic.of(job)
