@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +179,44 @@ def test_list_newest_first_with_cursor_pagination_and_filters(svc: Service) -> N
     assert [j["id"] for j in done["items"]] == [ids[1]]
     queued = svc.client.get("/v1/jobs", params={"status": "queued"}, headers=headers).json()
     assert ids[1] not in [j["id"] for j in queued["items"]] and len(queued["items"]) == 5
+    assert (done["total"], queued["total"]) == (1, 5)
+
+
+def test_list_total_counts_every_page_and_filters_by_dataset_and_time(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    _, other_data = model_and_dataset(svc, headers)
+    first = [_create(svc, headers, model_id, data_id)["id"] for _ in range(3)]
+    on_other = _create(svc, headers, model_id, other_data)["id"]
+    with session_scope(svc.sessions) as session:  # an older job, created a day ago
+        job = session.get(Job, first[0])
+        assert job is not None
+        job.created_at = utcnow() - timedelta(days=1)
+
+    def listed(**params: Any) -> tuple[list[str], int]:
+        r = svc.client.get("/v1/jobs", params={"limit": 2, **params}, headers=headers)
+        assert r.status_code == 200, r.text
+        return [j["id"] for j in r.json()["items"]], r.json()["total"]
+
+    assert listed() == ([on_other, first[2]], 4)
+    assert listed(dataset_id=other_data) == ([on_other], 1)
+    assert listed(dataset_id=data_id)[1] == 3
+    cutoff = (utcnow() - timedelta(hours=1)).isoformat()
+    assert listed(created_before=cutoff) == ([first[0]], 1)
+    assert listed(created_after=cutoff)[1] == 3
+    # Another tenant's jobs are not counted.
+    assert svc.client.get("/v1/jobs", headers=svc.key("other")).json()["total"] == 0
+
+    r = svc.client.get("/v1/jobs", params={"created_after": "2026-12-01T00:00:00"}, headers=headers)
+    assert r.status_code == 422 and "time zone" in r.json()["error"]["message"]
+    r = svc.client.get("/v1/jobs", params={"created_after": "yesterday"}, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
 def test_cancel_then_delete(svc: Service) -> None:
     headers = svc.key("acme")
     model_id, data_id = model_and_dataset(svc, headers)
     job_id = _create(svc, headers, model_id, data_id)["id"]
-
-    r = svc.client.delete(f"/v1/jobs/{job_id}", headers=headers)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "job_active"
 
     r = svc.client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
     assert r.status_code == 200
@@ -201,6 +231,21 @@ def test_cancel_then_delete(svc: Service) -> None:
     assert r.status_code == 204 and r.content == b""
     assert svc.client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
     assert svc.client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
+
+
+def test_deleting_a_queued_job_cancels_and_deletes_it(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    job_id = _create(svc, headers, model_id, data_id)["id"]
+    kept = _create(svc, headers, model_id, data_id)["id"]
+
+    r = svc.client.delete(f"/v1/jobs/{job_id}", headers=headers)
+    assert r.status_code == 204
+    assert svc.client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
+    with session_scope(svc.sessions) as session:
+        assert session.get(Job, job_id) is None
+    # A worker handed the deleted job's id finds nothing to run; the other job is untouched.
+    assert svc.client.get(f"/v1/jobs/{kept}", headers=headers).json()["status"] == "queued"
 
 
 def test_cancelling_a_finished_job_is_409(svc: Service) -> None:
