@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
+from api.pages import pages_router
 from api.queue import Enqueue, celery_enqueue
 from api.readiness import (
     Probe,
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     install_error_handlers(app)
     app.add_middleware(RejectNulCharacters)
     app.include_router(api_router)
+    app.include_router(pages_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -14,6 +14,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api import actions
 from api.deps import SessionDep, StorageDep
 from api.errors import ApiError
 from api.ownership import get_owned
@@ -79,6 +80,7 @@ def jobs_page(
         "status": status,
         "model": model,
         "next_cursor": listed.next_cursor,
+        "total": listed.total,
         "first_page": not cursor,
     }
     return render(request, "jobs.html", context)
@@ -147,8 +149,8 @@ def job_page(
         "job": job,
         "summary": present.job_summary(job),
         "timeline": present.stage_timeline(job),
-        "model_name": row.model.filename,
-        "dataset_name": row.dataset.filename,
+        "model_name": row.model.filename if row.model else None,
+        "dataset_name": row.dataset.filename if row.dataset else None,
         "eval_name": row.eval_dataset.filename if row.eval_dataset else None,
         "artifacts": artifacts,
         "chart": _chart(job, storage, by_name),
@@ -171,6 +173,19 @@ def job_artifact(
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel(job_id: str, session: SessionDep, tenant: CheckedTenant) -> Response:
-    """Cancel a queued or running job (the JSON API's rule: a finished job is a 409 page)."""
-    job_routes.cancel_job(job_id, session, tenant)
+    """Cancel a queued or running job (one that has ended stays as it is)."""
+    actions.cancel_job(session, job_id, tenant)
     return RedirectResponse(f"{PREFIX}/jobs/{job_id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/delete")
+def delete(job_id: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep) -> Response:
+    """Delete the job and its artefacts (cancelled first if it still runs), as the API does."""
+    actions.delete_job(session, storage, job_id, tenant)
+    return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
+
+
+@router.get("/")
+def home(_tenant: PageTenant) -> Response:
+    """The pages start at the job history (signed out: the sign-in page)."""
+    return RedirectResponse(f"{PREFIX}/jobs", status_code=303)
