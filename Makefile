@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-local lint typecheck pytest bench demo clean
+.PHONY: install chromium test test-local lint typecheck pytest bench demo clean
 
 DEMO := bench/work
 DEMO_MODEL := $(DEMO)/digits_cnn.pt
@@ -16,7 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,service]'
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# The browser tests (pytest -m browser) drive Debian's chromium through Playwright, which never
+# downloads a browser of its own.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "note: $(CHROMIUM) is missing; the browser tests need it:" \
+		"sudo apt-get install -y chromium"; fi
 
 PACKAGES := mpq_core mpq_service api $(wildcard worker)
 SOURCES := $(PACKAGES) tests bench migrations

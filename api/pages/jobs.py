@@ -130,7 +130,9 @@ def _metric_rows(result: dict[str, Any] | None) -> list[dict[str, str]]:
     for name in _METRICS:
         values = {k: (metrics.get(k) or {}).get(name) for k in ("float", "quantized", "finetuned")}
         if any(v is not None for v in values.values()):
-            rows.append({"name": name} | {k: present.format_metric(v, name) for k, v in values.items()})
+            rows.append(
+                {"name": name} | {k: present.format_metric(v, name) for k, v in values.items()}
+            )
     return rows
 
 
@@ -179,7 +181,9 @@ def cancel(job_id: str, session: SessionDep, tenant: CheckedTenant) -> Response:
 
 
 @router.post("/jobs/{job_id}/delete")
-def delete(job_id: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep) -> Response:
+def delete(
+    job_id: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep
+) -> Response:
     """Delete the job and its artefacts (cancelled first if it still runs), as the API does."""
     actions.delete_job(session, storage, job_id, tenant)
     return RedirectResponse(f"{PREFIX}/jobs", status_code=303)

@@ -24,9 +24,9 @@ __all__ = [
 _HEADLINE = ("accuracy", "perplexity", "cosine", "loss")
 
 
-def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``1.5 KiB``; None -> an em dash."""
-    if n is None:
+def format_bytes(n: object) -> str:
+    """``1536`` -> ``1.5 KiB``; anything but a number (None, missing) -> an em dash."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
         return "—"
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -36,13 +36,13 @@ def format_bytes(n: float | None) -> str:
     return f"{value:.1f} GiB"  # pragma: no cover - the loop returns
 
 
-def format_count(n: int | None) -> str:
-    return "—" if n is None else f"{n:,}"
+def format_count(n: object) -> str:
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "—"
 
 
-def format_metric(value: float | None, name: str = "") -> str:
+def format_metric(value: object, name: str = "") -> str:
     """A metric for reading: accuracy as a percentage, others with four significant digits."""
-    if value is None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
         return "—"
     if name == "accuracy":
         return f"{100 * value:.1f} %"
@@ -56,7 +56,9 @@ def _duration(job: JobPublic, now: datetime) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+    return (
+        f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+    )
 
 
 def headline_metric(result: dict[str, Any] | None) -> tuple[str, float | None, float | None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import MISSING, Field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
@@ -66,7 +66,8 @@ _SPLIT = re.compile(r"[,\s]+")
 def _default(f: Field[Any]) -> Any:
     if f.default is not MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    assert callable(f.default_factory), f.name
+    return f.default_factory()
 
 
 def _spec_fields(cls: type) -> dict[str, Field[Any]]:
@@ -170,10 +171,13 @@ def submit_page(
     return _form_page(request, session, tenant, values)
 
 
+Upload = TypeVar("Upload", ModelFile, Dataset)
+
+
 def _chosen(
     session: Session,
     tenant: Tenant,
-    table: type[ModelFile] | type[Dataset],
+    table: type[Upload],
     uploaded: UploadRow | None,
     ident: str,
 ) -> str | None:

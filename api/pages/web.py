@@ -8,7 +8,7 @@ and loads nothing from anywhere else: no build step, no CDN, it works offline.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -95,7 +95,7 @@ class PageRoute(SessionReleasingRoute):
     """A page: errors raised while it is served (its dependencies included) are HTML pages with
     the API's status and message, never JSON; no session cookie is a redirect to sign in."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def run(request: Request) -> Response:

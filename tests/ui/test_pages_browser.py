@@ -130,7 +130,11 @@ def test_a_second_tenant_sees_none_of_the_first_ones_data(ui: UiService, page: A
         data = api.post("/v1/datasets", params={"filename": "d.npz"}, content=data_bytes(48))
         created = api.post(
             "/v1/jobs",
-            json={"model_id": model.json()["id"], "dataset_id": data.json()["id"], "spec": API_SPEC},
+            json={
+                "model_id": model.json()["id"],
+                "dataset_id": data.json()["id"],
+                "spec": API_SPEC,
+            },
         )
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
