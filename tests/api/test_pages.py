@@ -266,3 +266,20 @@ def test_names_are_escaped(svc: Service) -> None:
     for url in ("/ui/models", f"/ui/jobs/{job_id}", "/ui/jobs"):
         text = svc.client.get(url).text
         assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text, url
+
+
+def test_a_failed_job_shows_its_error_at_its_stage(svc: Service) -> None:
+    _sign_in(svc, "acme")
+    job_id = _job_id(_submit(svc, _form(_csrf(svc))))
+    with session_scope(svc.sessions) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status, job.stage = JobStatus.FAILED.value, "allocate"
+        job.error_code, job.error_message = "budget_infeasible", "size=100B cannot be met"
+    page = svc.client.get(f"/ui/jobs/{job_id}").text
+    assert "budget_infeasible</strong>: size=100B cannot be met" in page
+    assert '<li class="stage-done" data-stage="analyze">' in page
+    assert '<li class="stage-failed" data-stage="allocate">' in page
+    assert '<li class="stage-pending" data-stage="quantize">' in page
+    state = svc.client.get(f"/ui/jobs/{job_id}/state").json()
+    assert state["final"] and state["error"] == "size=100B cannot be met"

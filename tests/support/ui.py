@@ -125,7 +125,15 @@ def sign_in(page: Any, base_url: str, key: str) -> None:
 
 
 def submit_job_form(
-    page: Any, base_url: str, model: Path, data: Path, *, budgets: str, epochs: str, sweep: str = ""
+    page: Any,
+    base_url: str,
+    model: Path,
+    data: Path,
+    *,
+    budgets: str,
+    epochs: str,
+    sweep: str = "",
+    eval_data: Path | None = None,
 ) -> str:
     """Fill in and send the new-job form with ``model`` and ``data`` uploaded; the job's id
     (the form lands on the job's page)."""
@@ -135,6 +143,8 @@ def submit_job_form(
     page.fill("#sweep", sweep)
     page.set_input_files("#model", str(model))
     page.set_input_files("#data", str(data))
+    if eval_data is not None:
+        page.set_input_files("#eval_data", str(eval_data))
     page.click("button.primary")
     page.wait_for_url(re.compile(r".*/ui/jobs/[0-9a-f-]{36}$"))
     return str(page.url.rsplit("/", 1)[1])
