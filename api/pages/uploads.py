@@ -4,7 +4,9 @@ queued or running job uses is a 409 page)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
@@ -23,54 +25,49 @@ router = page_router()
 _LIMIT = 200
 
 
+Upload = TypeVar("Upload", ModelFile, Dataset)
+
+
 @dataclass(frozen=True)
-class _Kind:
-    table: type[ModelFile] | type[Dataset]
+class _Kind(Generic[Upload]):
+    table: type[Upload]
     path: str  # under /ui, and the JSON API's plural
     title: str
     reuse_param: str  # the submit page's query parameter that preselects one
 
 
-_KINDS = {
+_KINDS: dict[str, _Kind[Any]] = {
     "models": _Kind(ModelFile, "models", "Models", "model_id"),
     "datasets": _Kind(Dataset, "datasets", "Datasets", "dataset_id"),
 }
 
 
-def _page(request: Request, session: SessionDep, tenant: PageTenant, kind: _Kind) -> Response:
-    stmt = (
-        select(kind.table)
-        .where(kind.table.tenant_id == tenant.id)
-        .order_by(kind.table.created_at.desc(), kind.table.id.desc())
-        .limit(_LIMIT)
-    )
-    rows = session.scalars(stmt).all()
-    return render(request, "uploads.html", {"kind": kind, "rows": rows, "limit": _LIMIT})
+def _lister(kind: _Kind[Any]) -> Callable[..., Response]:
+    def page(request: Request, session: SessionDep, tenant: PageTenant) -> Response:
+        stmt = (
+            select(kind.table)
+            .where(kind.table.tenant_id == tenant.id)
+            .order_by(kind.table.created_at.desc(), kind.table.id.desc())
+            .limit(_LIMIT)
+        )
+        rows = session.scalars(stmt).all()
+        return render(request, "uploads.html", {"kind": kind, "rows": rows, "limit": _LIMIT})
+
+    page.__doc__ = f"The tenant's {kind.path}, newest first."
+    return page
 
 
-@router.get("/models")
-def models_page(request: Request, session: SessionDep, tenant: PageTenant) -> Response:
-    """The tenant's models, newest first."""
-    return _page(request, session, tenant, _KINDS["models"])
+def _deleter(kind: _Kind[Any]) -> Callable[..., Response]:
+    def delete(
+        ident: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep
+    ) -> Response:
+        actions.delete_upload(session, storage, kind.table, ident, tenant)
+        return RedirectResponse(f"{PREFIX}/{kind.path}", status_code=303)
+
+    delete.__doc__ = f"Delete one of the tenant's {kind.path} (409 while a job uses it)."
+    return delete
 
 
-@router.get("/datasets")
-def datasets_page(request: Request, session: SessionDep, tenant: PageTenant) -> Response:
-    """The tenant's datasets, newest first."""
-    return _page(request, session, tenant, _KINDS["datasets"])
-
-
-@router.post("/models/{ident}/delete")
-def delete_model(
-    ident: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep
-) -> Response:
-    actions.delete_upload(session, storage, ModelFile, ident, tenant)
-    return RedirectResponse(f"{PREFIX}/models", status_code=303)
-
-
-@router.post("/datasets/{ident}/delete")
-def delete_dataset(
-    ident: str, session: SessionDep, tenant: CheckedTenant, storage: StorageDep
-) -> Response:
-    actions.delete_upload(session, storage, Dataset, ident, tenant)
-    return RedirectResponse(f"{PREFIX}/datasets", status_code=303)
+for _kind in _KINDS.values():
+    router.get(f"/{_kind.path}", name=f"{_kind.path}_page")(_lister(_kind))
+    router.post(f"/{_kind.path}/{{ident}}/delete", name=f"delete_{_kind.path}")(_deleter(_kind))

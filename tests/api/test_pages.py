@@ -67,6 +67,16 @@ def _submit(svc: Service, parts: list[tuple[str, Any]]) -> httpx.Response:
     return svc.client.post("/ui/jobs/new", files=parts, follow_redirects=False)
 
 
+def _update_job(svc: Service, job_id: str, **values: Any) -> Job:
+    """The job's row, after setting ``values`` on it."""
+    with session_scope(svc.sessions) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for name, value in values.items():
+            setattr(job, name, value)
+    return job
+
+
 def _job_id(r: httpx.Response) -> str:
     assert r.status_code == 303, r.text[:2000]
     return r.headers["location"].rsplit("/", 1)[1]
@@ -129,7 +139,7 @@ def test_posts_without_the_csrf_token_are_403_and_change_nothing(svc: Service) -
     other = _sign_in(svc, "acme")
     assert other and svc.client.post("/ui/signout", data={"csrf": csrf}).status_code == 403
     r = svc.client.post("/ui/signout", data={"csrf": _csrf(svc)}, follow_redirects=False)
-    assert r.status_code == 303 and 'Max-Age=0' in r.headers["set-cookie"]
+    assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
 
 
 def test_the_form_stores_the_files_and_queues_the_job(svc: Service) -> None:
@@ -148,9 +158,7 @@ def test_the_form_stores_the_files_and_queues_the_job(svc: Service) -> None:
     assert len(svc.stored_files()) == 2
     # Reuse the uploaded model: a job on it, with only new data.
     reused = _job_id(_submit(svc, _form(_csrf(svc), model_id=model_id, model=None)))
-    with session_scope(svc.sessions) as session:
-        job = session.get(Job, reused)
-        assert job is not None and job.model_id == model_id
+    assert _update_job(svc, reused).model_id == model_id
     page = svc.client.get(f"/ui/jobs/new?model_id={model_id}")
     assert f'<option value="{model_id}" selected>' in page.text
 
@@ -218,10 +226,8 @@ def test_the_job_page_draws_one_bar_per_layer(svc: Service, with_allocation: boo
 
 def test_another_tenants_ids_are_404_pages_and_lists_are_empty(svc: Service) -> None:
     job_id = _finished_job(svc, svc.key("acme"), True)
-    with session_scope(svc.sessions) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        model_id, dataset_id = job.model_id, job.dataset_id
+    job = _update_job(svc, job_id)
+    model_id, dataset_id = job.model_id, job.dataset_id
     _sign_in(svc, "globex")
     for url in (f"/ui/jobs/{job_id}", f"/ui/jobs/{job_id}/artifacts/model.pt",
                 "/ui/jobs/no-such-job"):  # fmt: skip
@@ -247,10 +253,7 @@ def test_another_tenants_ids_are_404_pages_and_lists_are_empty(svc: Service) -> 
 def test_deleting_an_upload_in_use_is_a_409_page(svc: Service) -> None:
     _sign_in(svc, "acme")
     job_id = _job_id(_submit(svc, _form(_csrf(svc))))
-    with session_scope(svc.sessions) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        model_id = job.model_id
+    model_id = _update_job(svc, job_id).model_id
     r = svc.client.post(f"/ui/models/{model_id}/delete", data={"csrf": _csrf(svc)})
     assert r.status_code == 409 and "used by queued or running job" in r.text
     r = svc.client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": _csrf(svc)})
@@ -271,11 +274,10 @@ def test_names_are_escaped(svc: Service) -> None:
 def test_a_failed_job_shows_its_error_at_its_stage(svc: Service) -> None:
     _sign_in(svc, "acme")
     job_id = _job_id(_submit(svc, _form(_csrf(svc))))
-    with session_scope(svc.sessions) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        job.status, job.stage = JobStatus.FAILED.value, "allocate"
-        job.error_code, job.error_message = "budget_infeasible", "size=100B cannot be met"
+    _update_job(
+        svc, job_id, status=JobStatus.FAILED.value, stage="allocate",
+        error_code="budget_infeasible", error_message="size=100B cannot be met",
+    )  # fmt: skip
     page = svc.client.get(f"/ui/jobs/{job_id}").text
     assert "budget_infeasible</strong>: size=100B cannot be met" in page
     assert '<li class="stage-done" data-stage="analyze">' in page
