@@ -87,7 +87,9 @@ def jobs_page(
 
 
 @live_router.get("/jobs/live")
-def jobs_live(session: SessionDep, tenant: CookieTenant, ids: str = "") -> dict[str, Any]:
+def jobs_live(
+    session: SessionDep, tenant: CookieTenant, ids: Annotated[str, Query(max_length=4000)] = ""
+) -> dict[str, Any]:
     """The summaries of the tenant's jobs among ``ids`` (comma-separated): the history's live
     updates. Ids of other tenants, or of no job, are left out."""
     wanted = [i for i in ids.split(",") if i][:_MAX_LIVE_IDS]

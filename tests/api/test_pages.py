@@ -21,7 +21,15 @@ from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
 from mpq_service.storage_keys import artifact_key
 from mpq_service.tables import Artifact, Dataset, Job, ModelFile
-from tests.api.apptools import PEPPER, Service, data_bytes, model_bytes, running_service
+from tests.api.apptools import (
+    PEPPER,
+    SPEC,
+    Service,
+    data_bytes,
+    model_bytes,
+    running_service,
+    upload,
+)
 
 SPEC_FIELDS = {"budgets": "avg-bits=4", "bits": "2, 4, 8", "finetune_epochs": "0",
                "act_bits": "8", "granularity": "channel", "method": "fisher"}  # fmt: skip
@@ -285,3 +293,28 @@ def test_a_failed_job_shows_its_error_at_its_stage(svc: Service) -> None:
     assert '<li class="stage-pending" data-stage="quantize">' in page
     state = svc.client.get(f"/ui/jobs/{job_id}/state").json()
     assert state["final"] and state["error"] == "size=100B cannot be met"
+
+
+def test_the_history_filters_by_status_and_model_and_pages_by_twenty(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_ids = [upload(svc, headers, "models", model_bytes(), f"m{i}.pt")["id"] for i in (0, 1)]
+    dataset_id = upload(svc, headers, "datasets", data_bytes(), "d.npz")["id"]
+    jobs = []
+    for i in range(22):
+        body = {"model_id": model_ids[i == 0], "dataset_id": dataset_id, "spec": SPEC}
+        jobs.append(svc.client.post("/v1/jobs", json=body, headers=headers).json()["id"])
+    svc.client.post(f"/v1/jobs/{jobs[1]}/cancel", headers=headers)
+    _sign_in(svc, "acme")
+
+    def rows(url: str) -> list[str]:
+        return re.findall(r'<tr data-job-id="([^"]+)"', svc.client.get(url).text)
+
+    first = svc.client.get("/ui/jobs").text
+    assert rows("/ui/jobs") == jobs[::-1][:20]  # newest first
+    older = re.search(r'<a rel="next" href="([^"]+)"', first)
+    assert older, "no link to the older jobs"
+    assert rows(older.group(1).replace("&amp;", "&")) == [jobs[1], jobs[0]]
+    assert rows("/ui/jobs?status=cancelled") == [jobs[1]]
+    assert rows(f"/ui/jobs?model={model_ids[1]}") == [jobs[0]]
+    assert rows(f"/ui/jobs?model={model_ids[1]}&status=queued") == [jobs[0]]
+    assert svc.client.get("/ui/jobs?status=bogus").status_code == 422
