@@ -21,8 +21,8 @@ from api.ownership import get_owned
 from api.pages import charts, present
 from api.pages.session import CheckedTenant, CookieTenant, PageTenant
 from api.pages.web import PREFIX, page_router, render
-from api.routes import artifacts as artifact_routes
 from api.routes import jobs as job_routes
+from api.routes.artifacts import artifact_response
 from api.routing import SessionReleasingRoute
 from api.schemas import JobPublic
 from mpq_core.layers import FLOAT_BITS
@@ -169,10 +169,17 @@ def job_page(
 
 @router.get("/jobs/{job_id}/artifacts/{name}")
 def job_artifact(
-    job_id: str, name: str, session: SessionDep, tenant: PageTenant, storage: StorageDep
+    request: Request,
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    tenant: PageTenant,
+    storage: StorageDep,
 ) -> Response:
-    """One artefact, exactly as ``GET /v1/jobs/{id}/artifacts/{name}`` serves it."""
-    return artifact_routes.download_artifact(job_id, name, session, tenant, storage)
+    """One artefact, exactly as ``GET /v1/jobs/{id}/artifacts/{name}`` serves it (ETag, ranges,
+    or a 307 to a presigned URL)."""
+    job = get_owned(session, Job, job_id, tenant)
+    return artifact_response(request, session, storage, job, name)
 
 
 @router.post("/jobs/{job_id}/cancel")
