@@ -83,14 +83,14 @@ def size_reached(result: dict[str, Any] | None) -> int | None:
 def job_summary(job: JobPublic, now: datetime | None = None) -> dict[str, Any]:
     """What the history shows of ``job`` (and the live updates send): JSON-able strings."""
     name, before, after = headline_metric(job.result)
-    final = JobStatus(job.status).is_final
+    status = JobStatus(job.status)
     return {
         "id": job.id,
-        "status": job.status,
+        "status": status.value,
         "stage": job.stage or "",
         "progress": round(job.progress, 4),
         "percent": f"{100 * job.progress:.0f} %",
-        "final": final,
+        "final": status.is_final,
         "budgets": ", ".join(str(b) for b in job.spec.get("budgets", [])),
         "created": job.created_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "duration": _duration(job, now or datetime.now(timezone.utc)),
