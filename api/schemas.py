@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mpq_core.errors import SpecError
 from mpq_core.spec import JobSpec
-from mpq_service.tables import Artifact, Dataset, Job, ModelFile
+from mpq_service.job_public import ErrorInfo, JobPublic
+from mpq_service.tables import Artifact, Dataset, ModelFile
 
 __all__ = [
     "ArtifactList",
@@ -26,13 +27,6 @@ __all__ = [
     "ModelPublic",
     "parse_job_spec",
 ]
-
-
-class ErrorInfo(BaseModel):
-    """Why a job failed: a stable code and a message saying what to fix."""
-
-    code: str
-    message: str
 
 
 class _UploadPublic(BaseModel):
@@ -94,6 +88,13 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(min_length=1, max_length=36)
     eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=36)
     spec: dict[str, Any] = Field(description="a job spec, see mpq_core.spec.JobSpec")
+    webhook_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="an http(s) URL the job's final state is POSTed to, signed with "
+        "X-MPQ-Signature (see mpq_service.webhook_signature); no credentials in it",
+    )
 
     def job_spec(self) -> JobSpec:
         """The validated spec.
@@ -118,49 +119,6 @@ def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
         # The strict checks in mpq_core.spec_checks name every mistake they know; this is the
         # net under them, so that nothing a client sends is ever answered with a 500.
         raise SpecError(f"bad job spec: {exc}") from exc
-
-
-class JobPublic(BaseModel):
-    """A job as clients see it; ``result`` is the worker's summary once it succeeded."""
-
-    id: str
-    status: str
-    stage: str | None
-    progress: float
-    model_id: str
-    dataset_id: str
-    eval_dataset_id: str | None
-    spec: dict[str, Any]
-    attempts: int
-    error: ErrorInfo | None
-    result: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, row: Job) -> JobPublic:
-        error = None
-        if row.error_code is not None:
-            error = ErrorInfo(code=row.error_code, message=row.error_message or "")
-        return cls(
-            id=row.id,
-            status=row.status,
-            stage=row.stage,
-            progress=row.progress,
-            model_id=row.model_id,
-            dataset_id=row.dataset_id,
-            eval_dataset_id=row.eval_dataset_id,
-            spec=row.spec,
-            attempts=row.attempts,
-            error=error,
-            result=row.result,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            updated_at=row.updated_at,
-        )
 
 
 class JobList(BaseModel):

@@ -27,8 +27,9 @@ TABLES = {
     "jobs",
     "artifacts",
     "sensitivity_cache",
+    "webhook_deliveries",
 }
-HEAD = "0002"
+HEAD = "0003"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 
