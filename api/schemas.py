@@ -90,8 +90,8 @@ class JobCreate(BaseModel):
     spec: dict[str, Any] = Field(description="a job spec, see mpq_core.spec.JobSpec")
     webhook_url: str | None = Field(
         default=None,
-        min_length=1,
-        max_length=2048,
+        # Checked by the route (mpq_service.webhook_targets), one message for JSON and forms.
+        json_schema_extra={"format": "uri", "maxLength": 2048},
         description="an http(s) URL the job's final state is POSTed to, signed with "
         "X-MPQ-Signature (see mpq_service.webhook_signature); no credentials in it",
     )

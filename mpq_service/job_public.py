@@ -44,24 +44,7 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, row: Job) -> JobPublic:
-        error = None
-        if row.error_code is not None:
-            error = ErrorInfo(code=row.error_code, message=row.error_message or "")
-        return cls(
-            id=row.id,
-            status=row.status,
-            stage=row.stage,
-            progress=row.progress,
-            model_id=row.model_id,
-            dataset_id=row.dataset_id,
-            eval_dataset_id=row.eval_dataset_id,
-            spec=row.spec,
-            attempts=row.attempts,
-            error=error,
-            result=row.result,
-            webhook_url=row.webhook_url,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            updated_at=row.updated_at,
-        )
+        fields = {name: getattr(row, name) for name in cls.model_fields if name != "error"}
+        code = row.error_code
+        fields["error"] = None if code is None else ErrorInfo(code=code, message=row.error_message or "")  # fmt: skip
+        return cls(**fields)

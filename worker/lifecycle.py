@@ -73,6 +73,8 @@ def start_reaper(app: Any) -> Reaper:
     def enqueue(job_id: str) -> None:
         app.send_task(TASK_RUN_JOB, args=[job_id])
 
+    # httpx logs every request's URL at INFO; a webhook URL may carry its receiver's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     factory = make_sessionmaker(_engine)
     _reaper = Reaper(settings, factory, enqueue).start()
     _dispatcher = WebhookDispatcher(settings, factory).start()

@@ -49,7 +49,8 @@ from mpq_service.tables import Job, Tenant
 __all__ = ["RECONNECT_MS", "event_id", "router"]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-log = logging.getLogger(__name__)
+# Under "mpq", whose INFO messages `mpq serve` shows.
+log = logging.getLogger("mpq.api.events")
 
 #: The ``retry:`` the stream opens with: how long ``EventSource`` waits before reconnecting.
 RECONNECT_MS = 2000
@@ -101,31 +102,40 @@ async def _stream(
 ) -> AsyncIterator[str]:
     factory: sessionmaker[Session] = request.app.state.sessionmaker
     started = last_write = time.monotonic()
-    yield f"retry: {RECONNECT_MS}\n\n"
-    while True:
-        ident = event_id(job)
-        if JobStatus(job.status).is_final:
-            yield _event("final", ident, job.model_dump_json())
-            return
-        now = time.monotonic()
-        if ident != seen:
-            yield _event("progress", ident, _progress_data(job))
-            seen, last_write = ident, now
-        elif now - last_write >= settings.events_keepalive_s:
-            yield ": keep-alive\n\n"
-            last_write = now
-        if now - started >= settings.events_max_lifetime_s:
-            return  # the client reconnects with its Last-Event-ID
-        await anyio.sleep(settings.events_poll_interval_s)
-        if await request.is_disconnected():
-            return
-        try:
-            job = await run_in_threadpool(_read, factory, job.id, tenant)
-        except NotFound as exc:
-            yield _event("error", None, json.dumps(error_body("not_found", exc.message)))
-            return
-        except SQLAlchemyError as exc:  # an outage: keep the stream, read again next time
-            log.warning("job %s events: database not reachable: %s", job.id, first_line(exc))
+    # Starlette cancels this generator when the client disconnects (the finally still logs);
+    # the is_disconnected() check covers servers that only report it when asked.
+    ended = "the client went away"
+    try:
+        yield f"retry: {RECONNECT_MS}\n\n"
+        while True:
+            ident = event_id(job)
+            if JobStatus(job.status).is_final:
+                ended = "the job has ended"
+                yield _event("final", ident, job.model_dump_json())
+                return
+            now = time.monotonic()
+            if ident != seen:
+                yield _event("progress", ident, _progress_data(job))
+                seen, last_write = ident, now
+            elif now - last_write >= settings.events_keepalive_s:
+                yield ": keep-alive\n\n"
+                last_write = now
+            if now - started >= settings.events_max_lifetime_s:
+                ended = "its lifetime is over"  # the client reconnects with its Last-Event-ID
+                return
+            await anyio.sleep(settings.events_poll_interval_s)
+            if await request.is_disconnected():
+                return
+            try:
+                job = await run_in_threadpool(_read, factory, job.id, tenant)
+            except NotFound as exc:
+                ended = "the job was deleted"
+                yield _event("error", None, json.dumps(error_body("not_found", exc.message)))
+                return
+            except SQLAlchemyError as exc:  # an outage: keep the stream, read again next time
+                log.warning("job %s events: database not reachable: %s", job.id, first_line(exc))
+    finally:
+        log.info("job %s: event stream closed, %s", job.id, ended)
 
 
 @router.get(
