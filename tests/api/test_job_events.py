@@ -195,3 +195,12 @@ def test_an_idle_stream_is_kept_alive_and_ends_after_its_lifetime(tmp_path: Path
     assert received[0].retry is not None and received[0].retry > 0
     assert [e.event for e in received if e.event] == ["progress"]
     assert "keep-alive" in {e.comment for e in received}
+
+
+def test_openapi_documents_the_stream(client: httpx.Client) -> None:
+    op = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}/events"]["get"]
+    ok = op["responses"]["200"]
+    assert list(ok["content"]) == ["text/event-stream"]
+    assert "event: final" in ok["description"] and "Last-Event-ID" in ok["description"]
+    assert {"204", "404"} <= set(op["responses"])
+    assert "webhook_url" in client.get("/openapi.json").json()["components"]["schemas"]["JobPublic"]["properties"]  # fmt: skip
