@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,7 @@ EVENT_JOB_FINISHED = "job.finished"
 #: Under ``data_dir``: the generated secret when ``MPQ_WEBHOOK_SECRET`` is unset (local storage).
 SECRET_FILE = "webhook-secret"
 _BATCH = 50
+_PARALLEL_CALLS = 8
 _ERROR_MAX = 500
 _FINAL = tuple(s.value for s in JobStatus if s.is_final)
 
@@ -249,19 +251,25 @@ def deliver_due(
             .order_by(WebhookDelivery.next_attempt_at)
             .limit(_BATCH)
         ).all()
-    outcomes: dict[str, str] = {}
-    for delivery_id, seen in due:
+
+    def deliver(delivery_id: str, seen: int) -> tuple[str, str] | None:
         call = _claim(factory, delivery_id, seen, lease_s)
         if call is None:
-            continue
+            return None  # another worker took it
         error, retry = _post(client, settings, secret, call)
         state = _record(factory, call, error, retry, settings.webhook_retry_delays_s)
-        outcomes[call.id] = state
         if error is None:
             log.info("webhook %s delivered (attempt %d)", call.id, call.attempt)
         else:
             log.warning("webhook %s attempt %d: %s (%s)", call.id, call.attempt, error, state)
-    return outcomes
+        return call.id, state
+
+    if not due:
+        return {}
+    # A few calls at once, so that one slow receiver does not hold up everyone else's.
+    with ThreadPoolExecutor(min(_PARALLEL_CALLS, len(due)), "mpq-webhook-call") as pool:
+        done = list(pool.map(lambda row: deliver(*row), due))
+    return dict(d for d in done if d is not None)
 
 
 class WebhookDispatcher(Periodic):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,3 +321,13 @@ def test_signature_checks() -> None:
     assert not verify_signature(SECRET, "t=1700000000", body, now=1_700_000_000)
     rotated = f"{header},v1={'0' * 64}"
     assert verify_signature(SECRET.encode(), rotated, body, now=1_700_000_000)
+
+
+def test_receivers_import_the_signature_check_without_the_service() -> None:
+    code = (
+        "import sys, mpq_service.webhook_signature as m; "
+        "print(sorted({n.split('.')[0] for n in sys.modules} & "
+        "{'sqlalchemy', 'pydantic', 'httpx', 'fastapi', 'celery', 'torch'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
