@@ -23,16 +23,61 @@ __all__ = [
     "JobCreate",
     "JobList",
     "JobPublic",
+    "JobResult",
     "ModelList",
     "ModelPublic",
     "parse_job_spec",
 ]
 
 
+_ID = "3f2b8c1e-5d4a-4e9b-9a7c-1d2e3f4a5b6c"
+_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+_WHEN = "2026-12-06T10:00:00Z"
+
+
+class JobResult(BaseModel):
+    """A succeeded job's summary (``report.json`` holds everything); fields a newer worker adds
+    are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    budgets: Any = Field(None, description="the budgets asked for and what was reached")
+    predicted_loss_increase: float | None = Field(
+        None, description="loss increase the Fisher model predicts for the allocation"
+    )
+    measured_loss_increase: float | None = Field(None, description="the same, measured")
+    metrics: dict[str, Any] | None = Field(None, description="float and quantized metrics")
+    sizes: dict[str, Any] | None = Field(None, description="sizes of the model, float and packed")
+    timings: dict[str, Any] | None = Field(None, description="seconds per pipeline stage")
+    worker_timings: dict[str, Any] | None = Field(None, description="the worker's own seconds")
+    allocation: Any = Field(None, description="bits per layer")
+    model: dict[str, Any] | None = Field(None, description="what was found in the model")
+    data: dict[str, Any] | None = Field(None, description="what was found in the data")
+    sensitivity: dict[str, Any] | None = Field(
+        None, description="the sensitivity table's cache key and whether it was reused"
+    )
+    device: str | None = Field(None, description="where the job ran")
+    artifacts: Any = Field(None, description="the output files the job wrote")
+
+
 class _UploadPublic(BaseModel):
     """What the API says about an uploaded file; read straight off its ORM row."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _ID,
+                    "filename": "model.pt",
+                    "format": "torchscript",
+                    "size": 4473536,
+                    "sha256": _SHA,
+                    "created_at": _WHEN,
+                }
+            ]
+        },
+    )
 
     id: str
     filename: str
@@ -87,7 +132,7 @@ class JobCreate(BaseModel):
     model_id: str = Field(min_length=1, max_length=36)
     dataset_id: str = Field(min_length=1, max_length=36)
     eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=36)
-    spec: dict[str, Any] = Field(description="a job spec, see mpq_core.spec.JobSpec")
+    spec: dict[str, Any] = Field(description="the job spec (schema: JobSpec)")
     webhook_url: str | None = Field(
         default=None,
         # Checked by the route (mpq_service.webhook_targets), one message for JSON and forms.
@@ -122,10 +167,12 @@ def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
 
 
 class JobList(BaseModel):
-    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page.
+    ``total`` counts the jobs matching the filters on all pages."""
 
     items: list[JobPublic]
     next_cursor: str | None = None
+    total: int
 
 
 class ArtifactPublic(BaseModel):

@@ -25,8 +25,8 @@ Each call: ``POST`` with ``Content-Type: application/json``, ``X-MPQ-Event: job.
 ``X-MPQ-Signature`` (:mod:`mpq_service.webhook_signature`) and the body
 ``{"event": "job.finished", "delivery_id": ..., "job": <the job as GET /v1/jobs/{id}>}``.
 
-A job deleted between its end and the next dispatcher pass (a couple of seconds) gets no
-webhook: its row is gone before the call was queued.
+A job deleted through the API gets its webhook too: the deletion queues it before the row goes
+(:func:`queue_webhook`; a running job is cancelled first).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = [
     "WebhookDispatcher",
     "deliver_due",
     "queue_finished",
+    "queue_webhook",
     "webhook_secret",
     "webhooks_unavailable",
 ]
@@ -120,9 +121,37 @@ def _body(delivery_id: str, job: Job) -> str:
     )
 
 
+def queue_webhook(session: Session, job: Job) -> bool:
+    """Queue the webhook of ``job`` (final, ``webhook_pending``) in the caller's transaction;
+    whether this call did (False: no webhook, or another worker queued it first).
+
+    :func:`queue_finished` calls it; so does the deletion of a job, which queues the webhook
+    before the row is gone (a running job deleted through the API is cancelled first).
+    """
+    won = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.webhook_pending.is_(True), Job.status.in_(_FINAL))
+        .values(webhook_pending=False, updated_at=Job.updated_at)  # not a change of the job
+        .execution_options(synchronize_session=False)
+    )
+    if cast("CursorResult[Any]", won).rowcount != 1 or job.webhook_url is None:
+        return False
+    delivery_id = new_id()
+    session.add(
+        WebhookDelivery(
+            id=delivery_id,
+            job_id=job.id,
+            tenant_id=job.tenant_id,
+            url=job.webhook_url,
+            body=_body(delivery_id, job),
+            next_attempt_at=db_now(session),
+        )
+    )
+    return True
+
+
 def queue_finished(factory: sessionmaker[Session]) -> list[str]:
     """Queue the webhook of every final job still ``webhook_pending``; their ids."""
-    queued: list[str] = []
     with session_scope(factory) as session:
         jobs = session.scalars(
             select(Job)
@@ -130,29 +159,7 @@ def queue_finished(factory: sessionmaker[Session]) -> list[str]:
             .order_by(Job.finished_at)
             .limit(_BATCH)
         ).all()
-        now = db_now(session)
-        for job in jobs:
-            won = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.webhook_pending.is_(True))
-                .values(webhook_pending=False, updated_at=Job.updated_at)  # not a job change
-                .execution_options(synchronize_session=False)
-            )
-            if cast("CursorResult[Any]", won).rowcount != 1 or job.webhook_url is None:
-                continue  # another worker queued it
-            delivery_id = new_id()
-            session.add(
-                WebhookDelivery(
-                    id=delivery_id,
-                    job_id=job.id,
-                    tenant_id=job.tenant_id,
-                    url=job.webhook_url,
-                    body=_body(delivery_id, job),
-                    next_attempt_at=now,
-                )
-            )
-            queued.append(job.id)
-    return queued
+        return [job.id for job in jobs if queue_webhook(session, job)]
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,24 @@ _EVENTS_DOC = (
     "`id`; reconnect with `Last-Event-ID` to skip what you saw (204 once you saw `final`). "
     "`: keep-alive` comments keep an idle stream open."
 )
+# One event of the stream (OpenAPI 3.1 reads a text/event-stream schema as each event's).
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["progress", "final", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "progress: {status, stage, progress, updated_at}; final: the job "
+            "(JobPublic); error: the error envelope",
+        },
+        "id": {"type": "string", "description": "the job's state; send it as Last-Event-ID"},
+        "retry": {"type": "integer", "description": "milliseconds before a reconnection"},
+    },
+}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": _EVENTS_DOC, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: {"description": _EVENTS_DOC, "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}},
     204: {"description": "the client's Last-Event-ID is the job's final event: nothing more"},
     404: {"description": "no such job of the caller's tenant"},
 }  # fmt: skip
@@ -72,7 +88,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def event_id(job: JobPublic) -> str:
     """The id of the event for the job's current state: its attempt, status, stage, progress."""
-    return f"{job.attempts}-{job.status}-{job.stage or ''}-{job.progress:.4f}"
+    return f"{job.attempts}-{JobStatus(job.status).value}-{job.stage or ''}-{job.progress:.4f}"
 
 
 def _event(name: str, ident: str | None, data: str) -> str:
@@ -83,7 +99,7 @@ def _event(name: str, ident: str | None, data: str) -> str:
 def _progress_data(job: JobPublic) -> str:
     return json.dumps(
         {
-            "status": job.status,
+            "status": JobStatus(job.status).value,
             "stage": job.stage,
             "progress": job.progress,
             "updated_at": job.updated_at.isoformat(),

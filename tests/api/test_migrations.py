@@ -30,7 +30,7 @@ TABLES = {
     "sensitivity_cache",
     "webhook_deliveries",
 }
-HEAD = "0003"
+HEAD = "0004"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 

@@ -153,6 +153,24 @@ def test_a_job_cancelled_while_queued_gets_its_webhook(svc: Service, receiver: R
     assert json.loads(call.body)["job"]["status"] == "cancelled"
 
 
+def test_a_running_job_deleted_through_the_api_gets_its_webhook(
+    svc: Service, receiver: Receiver
+) -> None:
+    headers = svc.key("acme")
+    job_id = _job_with_webhook(svc, headers, receiver.url)
+    with session_scope(svc.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=1))
+    assert svc.client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 204
+    assert svc.client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
+
+    outcome = WebhookDispatcher(svc.settings, svc.sessions).run_once()
+
+    assert list(outcome.values()) == ["delivered"]
+    (call,) = receiver.calls
+    job = json.loads(call.body)["job"]
+    assert (job["id"], job["status"]) == (job_id, "cancelled")
+
+
 def test_a_job_without_webhook_sends_nothing(svc: Service, receiver: Receiver) -> None:
     headers = svc.key("acme")
     response = _create(svc, headers, None)

@@ -1,8 +1,8 @@
 """Job webhooks: ``jobs.webhook_url`` and ``jobs.webhook_pending``, and the outbox table
 ``webhook_deliveries``.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-06
 
 A job created with a ``webhook_url`` is ``webhook_pending`` until the workers queue its call in
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
