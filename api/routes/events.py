@@ -55,6 +55,7 @@ log = logging.getLogger("mpq.api.events")
 #: The ``retry:`` the stream opens with: how long ``EventSource`` waits before reconnecting.
 RECONNECT_MS = 2000
 
+_PROGRESS_FIELDS = {"status", "stage", "progress", "updated_at"}
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _EVENTS_DOC = (
     "A `text/event-stream`. `event: progress`, `data: {status, stage, progress, updated_at}` at "
@@ -97,14 +98,8 @@ def _event(name: str, ident: str | None, data: str) -> str:
 
 
 def _progress_data(job: JobPublic) -> str:
-    return json.dumps(
-        {
-            "status": JobStatus(job.status).value,
-            "stage": job.stage,
-            "progress": job.progress,
-            "updated_at": job.updated_at.isoformat(),
-        }
-    )
+    # Encoded as the job itself is (the same timestamps as GET /v1/jobs/{id}).
+    return json.dumps(job.model_dump(mode="json", include=_PROGRESS_FIELDS))
 
 
 def _read(factory: sessionmaker[Session], job_id: str, tenant: Tenant) -> JobPublic:

@@ -108,7 +108,11 @@ def test_changes_are_sent_once_each_then_the_final_job_and_the_end(
         ("running", "allocate", 0.5),
     ]
     assert len({e.id for e in seen}) == 4 and None not in {e.id for e in seen}
-    assert _json(seen[3].data) == client.get(f"/v1/jobs/{job_id}").json()
+    final = client.get(f"/v1/jobs/{job_id}").json()
+    assert _json(seen[3].data) == final
+    assert {*_json(progress[2])} == {"status", "stage", "progress", "updated_at"}
+    stamps = [_json(progress[2])["updated_at"], final["updated_at"]]
+    assert stamps[0] < stamps[1] and stamps[0][19:][-1] == stamps[1][19:][-1]  # one encoding
     assert rest == []  # the stream ended with the final event
 
 
