@@ -1,5 +1,6 @@
-"""Webhooks: a job's final state POSTed to its ``webhook_url``, signed, retried, exactly once
-per job unless the receiver never answers 2xx.
+"""Webhooks: a job's final state POSTed to its ``webhook_url``, signed, and retried until the
+receiver answers 2xx. Delivery is at least once (a 2xx that arrives after the call's time limit,
+or whose record is lost, is sent again): receivers drop repeats by ``X-MPQ-Delivery``.
 
 The database is the outbox, so nothing is lost to a restart:
 
