@@ -109,8 +109,12 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run the embedded service: API + one worker, SQLite and files under MPQ_DATA_DIR",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     p.add_argument(
         "--no-worker",
         action="store_true",
@@ -127,6 +131,6 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--tenant",
         default=DEFAULT_TENANT,
-        help=f"tenant owning the key, created if new ({DEFAULT_TENANT})",
+        help="tenant owning the key, created if new (default: %(default)s)",
     )
     p.set_defaults(func=_settings_errors_reported(_cmd_keys_create))

@@ -8,6 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
 from mpq_core.spec import JobSpec
 
@@ -29,12 +30,16 @@ def add_parser(subparsers: Any) -> None:
     )
     add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
     p.add_argument(
-        "--eval-data", help="evaluation data; default: hold out --eval-fraction of --data"
+        "--eval-data", help="evaluation data (default: hold out --eval-fraction of --data)"
     )
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--sensitivity", metavar="SENS.json", help="reuse a stored table for this model")
+    p.add_argument("--out-dir", required=True, help="folder for the artefacts (created if missing)")
+    p.add_argument(
+        "--sensitivity",
+        metavar="SENS.json",
+        help="reuse a stored table for this model (default: analyze the model)",
+    )
     add_spec_arguments(p, [f.name for f in fields(JobSpec)], required=["budgets"])
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arguments(p)
     p.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     p.set_defaults(func=run)
 
@@ -103,12 +108,11 @@ def _export_line(name: str, entry: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mpq_core.pipeline import quantize_model
-    from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity_table import SensitivityTable
 
     spec = spec_from_args(args)
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
-    progress = TerminalProgress(enabled=False if args.no_progress else None)
+    progress = progress_from_args(args)
     try:
         result = quantize_model(
             args.model,
