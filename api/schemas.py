@@ -127,8 +127,8 @@ class JobPublic(BaseModel):
     status: str
     stage: str | None
     progress: float
-    model_id: str
-    dataset_id: str
+    model_id: str | None = Field(description="null once the model was deleted")
+    dataset_id: str | None = Field(description="null once the dataset was deleted")
     eval_dataset_id: str | None
     spec: dict[str, Any]
     attempts: int
@@ -164,10 +164,12 @@ class JobPublic(BaseModel):
 
 
 class JobList(BaseModel):
-    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page.
+    ``total`` counts the jobs matching the filters on all pages."""
 
     items: list[JobPublic]
     next_cursor: str | None = None
+    total: int
 
 
 class ArtifactPublic(BaseModel):
