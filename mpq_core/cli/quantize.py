@@ -7,7 +7,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.inputs import add_job_arguments
 from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
 from mpq_core.spec import JobSpec
@@ -28,16 +28,7 @@ def add_parser(subparsers: Any) -> None:
             "The flags are the job spec's JSON fields (finetune.lr is --finetune.lr)."
         ),
     )
-    add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
-    p.add_argument(
-        "--eval-data", help="evaluation data (default: hold out --eval-fraction of --data)"
-    )
-    p.add_argument("--out-dir", required=True, help="folder for the artefacts (created if missing)")
-    p.add_argument(
-        "--sensitivity",
-        metavar="SENS.json",
-        help="reuse a stored table for this model (default: analyze the model)",
-    )
+    add_job_arguments(p)
     add_spec_arguments(p, [f.name for f in fields(JobSpec)], required=["budgets"])
     add_progress_arguments(p)
     p.add_argument("--json", action="store_true", help="print report.json instead of a summary")

@@ -8,7 +8,7 @@ from typing import Any
 
 from mpq_core.cli.allocate import BUDGET_FIELDS
 from mpq_core.cli.analyze import ANALYSIS_FIELDS
-from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.inputs import add_job_arguments
 from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
 
@@ -42,16 +42,7 @@ def add_parser(subparsers: Any) -> None:
             "--budgets allocation, which is marked on the curve) into --out-dir."
         ),
     )
-    add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
-    p.add_argument(
-        "--eval-data", help="evaluation data (default: hold out --eval-fraction of --data)"
-    )
-    p.add_argument("--out-dir", required=True, help="folder for the artefacts (created if missing)")
-    p.add_argument(
-        "--sensitivity",
-        metavar="SENS.json",
-        help="reuse a stored table for this model (default: analyze the model)",
-    )
+    add_job_arguments(p)
     add_spec_arguments(p, SWEEP_FIELDS, required=["sweep"])
     add_progress_arguments(p)
     p.set_defaults(func=run)

@@ -24,31 +24,32 @@ def _analyze(files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     return [*MPQ, "analyze", str(model), "--data", str(data), "--out", str(out), *extra]
 
 
+def _logged(cmd: list[str]) -> tuple[str, list[str]]:
+    """Run ``cmd`` with stderr a pipe: all of stderr, and its ``mpq: `` lines."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr, [line for line in proc.stderr.splitlines() if line.startswith("mpq: ")]
+
+
 # --- in a log: lines --------------------------------------------------------------------------
 
 
 def test_lines_name_each_stage_start_and_end_and_count_in_units(
     cnn_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    cmd = _analyze(cnn_files, tmp_path / "sens.json", "--progress-every", "0")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mpq: fisher:")]
+    stderr, lines = _logged(_analyze(cnn_files, tmp_path / "sens.json", "--progress-every", "0"))
     assert lines[0] == "mpq: fisher: started"
     assert lines[1:3] == ["mpq: fisher: 33% (1/3 batches)", "mpq: fisher: 66% (2/3 batches)"]
     assert re.fullmatch(r"mpq: fisher: done in \d+\.\d s", lines[3]), lines[3]
     assert len(lines) == 4
-    assert "\r" not in proc.stderr and "it/s" not in proc.stderr
+    assert "\r" not in stderr and "it/s" not in stderr
 
 
 def test_lines_wait_the_interval_between_progress_lines(
     cnn_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """With an hour between progress lines, a short run writes only its start and end."""
-    cmd = _analyze(cnn_files, tmp_path / "sens.json", "--progress-every", "3600")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mpq: ")]
+    _, lines = _logged(_analyze(cnn_files, tmp_path / "sens.json", "--progress-every", "3600"))
     assert [line.rsplit(" in ", 1)[0] for line in lines] == [
         "mpq: fisher: started",
         "mpq: fisher: done",
@@ -132,9 +133,7 @@ def test_quantize_logs_every_stage_once_and_finetune_in_steps(
     cmd = [*MPQ, "quantize", str(model), "--data", str(data), "--out-dir", str(tmp_path / "out")]
     cmd += ["--budget", "avg-bits=4", "--finetune.epochs", "1", "--finetune.batch-size", "8"]
     cmd += ["--no-runtime-exports", "--progress-every", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mpq: ")]
+    _, lines = _logged(cmd)
     for stage in STAGES:
         ours = [line for line in lines if line.startswith(f"mpq: {stage}: ")]
         assert ours[0] == f"mpq: {stage}: started", (stage, lines)
