@@ -4,11 +4,12 @@ API, or a 307 to a presigned storage URL when the backend has one)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, StorageDep
 from api.errors import NotFound
@@ -16,7 +17,13 @@ from api.ownership import get_owned
 from api.ranges import etag_of, not_modified, repr_digest, requested_range
 from api.routing import SessionReleasingRoute
 from api.schemas import ArtifactList, ArtifactPublic
-from mpq_service.storage import DEFAULT_CHUNK, ObjectNotFound, content_disposition
+from mpq_service.storage import (
+    ARTIFACT_CONTENT_TYPES,
+    DEFAULT_CHUNK,
+    ObjectNotFound,
+    Storage,
+    content_disposition,
+)
 from mpq_service.tables import Artifact, Job
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"], route_class=SessionReleasingRoute)
@@ -51,37 +58,37 @@ _FILE_HEADERS = {
 }
 
 
-@router.api_route(
-    "/{job_id}/artifacts/{name}",
-    methods=["GET", "HEAD"],
-    response_class=Response,
-    responses={
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "the file",
-            "headers": _FILE_HEADERS,
-        },
-        206: {
-            "content": {"application/octet-stream": {}},
-            "description": "the byte range asked for in `Range` (one range)",
-            "headers": {**_FILE_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
-        },
-        304: {"description": "`If-None-Match` names the file's ETag: your copy is current"},
-        307: {"description": "download it from the presigned URL in Location"},
+# Served with the type it was stored with: JSON, SVG and PNG by suffix, else octets.
+_FILE_TYPES: dict[str, Any] = {
+    t: {} for t in sorted({*ARTIFACT_CONTENT_TYPES.values(), "application/octet-stream"})
+}
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": _FILE_TYPES,
+        "description": "the file",
+        "headers": _FILE_HEADERS,
     },
-)
-def download_artifact(
-    job_id: str,
-    name: str,
-    request: Request,
-    session: SessionDep,
-    tenant: CurrentTenant,
-    storage: StorageDep,
+    206: {
+        "content": _FILE_TYPES,
+        "description": "the byte range asked for in `Range` (one range)",
+        "headers": {**_FILE_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
+    },
+    304: {"description": "`If-None-Match` names the file's ETag: your copy is current"},
+    307: {"description": "download it from the presigned URL in Location"},
+}
+
+
+def artifact_response(
+    request: Request, session: Session, storage: Storage, job: Job, name: str
 ) -> Response:
-    """Download one output file. ``ETag`` is its quoted sha256 (``If-None-Match`` answers 304);
-    ``Range: bytes=START-END`` (one range, ``If-Range`` honoured) answers 206, so an interrupted
-    download resumes; a range past the end is 416."""
-    job = get_owned(session, Job, job_id, tenant)
+    """The response to a GET or HEAD of the job's artifact ``name`` (the caller has checked
+    that the job is the tenant's): a 307 to a presigned URL, or the bytes streamed with their
+    ETag, digest and range headers.
+
+    Raises:
+        NotFound: the job has no such artifact.
+        ApiError: 416 ``range_not_satisfiable``.
+    """
     artifact = session.scalar(
         select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name)
     )
@@ -113,8 +120,35 @@ def download_artifact(
     except ObjectNotFound:
         raise NotFound("artifact", name) from None
     return StreamingResponse(
-        _stream(f, length),
-        status_code=status,
-        media_type=artifact.content_type,
-        headers=headers,
+        _stream(f, length), status_code=status, media_type=artifact.content_type, headers=headers
     )
+
+
+@router.get("/{job_id}/artifacts/{name}", response_class=Response, responses=_DOWNLOAD_RESPONSES)
+def download_artifact(
+    job_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    storage: StorageDep,
+) -> Response:
+    """Download one output file. ``ETag`` is its quoted sha256 (``If-None-Match`` answers 304);
+    ``Range: bytes=START-END`` (one range, ``If-Range`` honoured) answers 206, so an interrupted
+    download resumes; a range past the end is 416."""
+    job = get_owned(session, Job, job_id, tenant)
+    return artifact_response(request, session, storage, job, name)
+
+
+@router.head("/{job_id}/artifacts/{name}", response_class=Response, responses=_DOWNLOAD_RESPONSES)
+def artifact_headers(
+    job_id: str,
+    name: str,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    storage: StorageDep,
+) -> Response:
+    """The headers a GET of the same file would answer (size, ETag, digest, range), no body."""
+    job = get_owned(session, Job, job_id, tenant)
+    return artifact_response(request, session, storage, job, name)
