@@ -6,7 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mpq_core.progress import ProgressDisplay
+    from mpq_core.progress_display import ProgressDisplay
 
 __all__ = ["DEFAULT_PROGRESS_EVERY_S", "add_progress_arguments", "progress_from_args"]
 
@@ -40,6 +40,6 @@ def add_progress_arguments(p: argparse.ArgumentParser) -> None:
 
 def progress_from_args(args: argparse.Namespace) -> ProgressDisplay:
     """The progress display the flags ask for: bars on a terminal, lines in a log, or none."""
-    from mpq_core.progress import stderr_progress
+    from mpq_core.progress_display import stderr_progress
 
     return stderr_progress(enabled=not args.no_progress, interval_s=args.progress_every)

@@ -12,7 +12,8 @@ import sys
 import termios
 from pathlib import Path
 
-from mpq_core.progress import STAGES, ProgressLines, counted
+from mpq_core.progress import STAGES, counted
+from mpq_core.progress_display import ProgressLines
 
 MPQ = [sys.executable, "-m", "mpq_core.cli"]
 
