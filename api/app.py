@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
@@ -109,6 +109,11 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     install_error_handlers(app)
     app.add_middleware(RejectNulCharacters)
     app.include_router(api_router)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        """People who open the service's address in a browser land on its web pages."""
+        return RedirectResponse("/ui/", status_code=307)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -258,15 +258,18 @@ def _claimable(job_id: str, now: Any, stale_after_s: float) -> Any:
 
 
 def _inputs_of(job: Job, settings: Settings) -> _Inputs:
+    model, data = job.model, job.dataset
+    if model is None or data is None:  # api.actions refuses that while a job is active
+        raise RuntimeError(f"job {job.id}: its model or dataset was deleted before it ran")
     inputs = _Inputs(
         tenant_id=job.tenant_id,
         spec=dict(job.spec),
-        model_key=job.model.storage_key,
-        model_sha256=job.model.sha256,
-        model_format=job.model.format,
-        data_key=job.dataset.storage_key,
-        data_sha256=job.dataset.sha256,
-        data_format=job.dataset.format,
+        model_key=model.storage_key,
+        model_sha256=model.sha256,
+        model_format=model.format,
+        data_key=data.storage_key,
+        data_sha256=data.sha256,
+        data_format=data.format,
         attempt=job.attempts,
         final_write_retry_s=settings.job_final_write_retry_s,
     )

@@ -28,7 +28,7 @@ TABLES = {
     "artifacts",
     "sensitivity_cache",
 }
-HEAD = "0002"
+HEAD = "0003"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 
