@@ -196,18 +196,20 @@ class Client:
         return self._all("/v1/datasets", {"limit": page_size}, Dataset.from_api)
 
     def delete_model(self, model: ModelRef) -> None:
-        """Delete an uploaded model and its file.
+        """Delete an uploaded model and its file; jobs that used it and have ended stay, with
+        ``model_id`` None.
 
         Raises:
-            Conflict: ``in_use`` while a job uses it.
+            Conflict: ``in_use`` while a queued or running job uses it.
         """
         self._http.request("DELETE", _path("models", model))
 
     def delete_dataset(self, dataset: DatasetRef) -> None:
-        """Delete an uploaded dataset and its file.
+        """Delete an uploaded dataset and its file; jobs that used it and have ended stay,
+        with ``dataset_id`` (or ``eval_dataset_id``) None.
 
         Raises:
-            Conflict: ``in_use`` while a job uses it.
+            Conflict: ``in_use`` while a queued or running job uses it.
         """
         self._http.request("DELETE", _path("datasets", dataset))
 
@@ -323,6 +325,9 @@ class Client:
         """Every job of the tenant matching the filters, newest first, fetched a page at a
         time as the iteration goes on.
 
+        ``dataset`` matches calibration and evaluation data; ``created_after`` (inclusive) and
+        ``created_before`` (exclusive) are timezone-aware datetimes.
+
         Example::
 
             for job in mpq.jobs(status="failed"):
@@ -357,8 +362,7 @@ class Client:
         return Job.from_api(self._http.request("POST", path).json())
 
     def delete_job(self, job: JobRef) -> None:
-        """Delete a job and its artefacts (a server that cannot cancel on delete answers
-        ``Conflict`` ``job_active`` for a running job: cancel it first)."""
+        """Delete a job and its artefacts; a queued or running job is cancelled first."""
         self._http.request("DELETE", _path("jobs", job))
 
     # --- artefacts -------------------------------------------------------------------------

@@ -105,8 +105,8 @@ class Job:
     status: str
     stage: str | None = None
     progress: float = 0.0
-    model_id: str = ""
-    dataset_id: str = ""
+    model_id: str | None = None  # None once the model was deleted
+    dataset_id: str | None = None  # None once the dataset was deleted
     eval_dataset_id: str | None = None
     spec: Mapping[str, Any] = field(default_factory=dict)
     attempts: int = 0

@@ -234,24 +234,63 @@ def test_jobs_iterates_every_page(client: Client, uploaded: Uploaded) -> None:
     times = [j.created_at for j in listed]
     assert all(t is not None for t in times) and times == sorted(times, reverse=True)  # type: ignore[type-var]
     first = client.job_page(limit=2)
-    assert len(first.items) == 2 and first.next_cursor is not None
+    assert len(first.items) == 2 and first.next_cursor is not None and first.total == len(ids)
     second = client.job_page(limit=2, cursor=first.next_cursor)
     assert [j.id for j in first.items + second.items] == ids[:4]
 
+
+def test_jobs_filters(client: Client, uploaded: Uploaded) -> None:
+    made = [_submit_and_cancel(client, uploaded) for _ in range(3)]
+    made_ids = {j.id for j in made}
     cancelled = list(client.jobs(status="cancelled", page_size=1))
-    assert {j.id for j in made} <= {j.id for j in cancelled}
+    assert made_ids <= {j.id for j in cancelled}
     assert all(j.status == "cancelled" for j in cancelled)
     on_model = list(client.jobs(model=uploaded.model, page_size=2))
-    assert on_model and all(j.model_id == uploaded.model.id for j in on_model)
+    assert made_ids <= {j.id for j in on_model}
+    assert all(j.model_id == uploaded.model.id for j in on_model)
+    on_test = list(client.jobs(dataset=uploaded.test))
+    assert all(uploaded.test.id in (j.dataset_id, j.eval_dataset_id) for j in on_test)
+    assert not made_ids & {j.id for j in on_test}  # made on the calibration data only
+    since = made[0].created_at
+    assert since is not None
+    after = list(client.jobs(created_after=since))
+    assert made_ids <= {j.id for j in after}
+    assert all(j.created_at is not None and j.created_at >= since for j in after)
+    before = {j.id for j in client.jobs(created_before=since)}
+    assert not made_ids & before
+    page = client.job_page(created_after=since, status="cancelled", limit=1)
+    assert page.total == len(made) and len(page.items) == 1
 
 
-def test_delete_job(client: Client, uploaded: Uploaded) -> None:
-    job = _submit_and_cancel(client, uploaded)
-    client.delete_job(job)
+def test_delete_a_queued_job(client: Client, uploaded: Uploaded) -> None:
+    job = client.submit(uploaded.model, uploaded.calib, SPEC, finetune={"epochs": 50})
+    client.delete_job(job)  # cancelled first, then deleted
     with pytest.raises(NotFound):
         client.job(job.id)
     with pytest.raises(NotFound):
         client.delete_job(job.id)
+
+
+def test_delete_model_and_dataset_once_no_job_uses_them(
+    client: Client, zoo_bytes: Callable[[str, str], bytes]
+) -> None:
+    model = client.upload_model(zoo_bytes("mlp", "script"), filename="gone.pt")
+    data = client.upload_dataset(mlp_npz(16), filename="gone.npz")
+    job = client.submit(model, data, SPEC, finetune={"epochs": 50})
+    for delete, upload in ((client.delete_model, model), (client.delete_dataset, data)):
+        with pytest.raises(Conflict) as busy:
+            delete(upload)
+        assert busy.value.code == "in_use" and job.id in busy.value.message
+    client.cancel(job)
+    client.delete_model(model)
+    client.delete_dataset(data.id)
+    with pytest.raises(NotFound):
+        client.model(model)
+    with pytest.raises(NotFound):
+        client.delete_dataset(data)
+    assert model.id not in {m.id for m in client.models()}
+    ended = client.job(job)
+    assert (ended.status, ended.model_id, ended.dataset_id) == ("cancelled", None, None)
 
 
 def test_a_redirect_to_another_host_gets_no_api_key(
