@@ -31,6 +31,7 @@ from mpq_client.errors import (
     Unavailable,
     WaitTimeout,
 )
+from mpq_client.listing import Listing
 from mpq_client.progress import ProgressCallback, ProgressPrinter
 from mpq_client.types import Artifact, Dataset, Job, JobError, Model, Page
 
@@ -45,6 +46,7 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobFailed",
+    "Listing",
     "Model",
     "MpqApiError",
     "MpqClientError",

@@ -135,7 +135,8 @@ class Http:
                 continue
             if response.status_code in _RETRIED_STATUSES and not last:
                 response.close()
-                time.sleep(min(retry_after_s(response) or _backoff(attempt), MAX_BACKOFF_S))
+                asked = retry_after_s(response)
+                time.sleep(min(_backoff(attempt) if asked is None else asked, MAX_BACKOFF_S))
                 continue
             if response.is_error:
                 response.read()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +17,7 @@ from mpq_client._files import UploadSource, save_stream, upload_body
 from mpq_client._http import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Http, retry_after_s
 from mpq_client._version import __version__
 from mpq_client.errors import JobCancelled, JobFailed, NotFound, WaitTimeout
+from mpq_client.listing import Listing
 from mpq_client.progress import ProgressCallback, ProgressPrinter
 from mpq_client.types import Artifact, Dataset, Job, Model, Page
 
@@ -50,12 +52,6 @@ def _finished(job: Job) -> Job:
     if job.status == "cancelled":
         raise JobCancelled(job)
     return job
-
-
-def _progress_callback(progress: bool | ProgressCallback) -> ProgressCallback | None:
-    if progress is True:
-        return ProgressPrinter()
-    return progress or None
 
 
 class Client:
@@ -120,28 +116,19 @@ class Client:
     def _get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         return self._http.request("GET", path, params=params).json()
 
-    def _page(
+    def _listing(
         self, path: str, params: Mapping[str, Any], parse: Callable[[Mapping[str, Any]], T]
-    ) -> Page[T]:
-        doc = self._get(path, params)
-        total = doc.get("total")
-        return Page(
-            [parse(item) for item in doc.get("items") or []],
-            doc.get("next_cursor") or None,
-            total if isinstance(total, int) else None,
-        )
+    ) -> Listing[T]:
+        def fetch(cursor: str | None) -> Page[T]:
+            doc = self._get(path, {**params, "cursor": cursor})
+            total = doc.get("total")
+            return Page(
+                [parse(item) for item in doc.get("items") or []],
+                doc.get("next_cursor") or None,
+                total if isinstance(total, int) else None,
+            )
 
-    def _all(
-        self, path: str, params: Mapping[str, Any], parse: Callable[[Mapping[str, Any]], T]
-    ) -> Iterator[T]:
-        """Every item of a paged list, the next page fetched when the last one is used up."""
-        cursor: str | None = None
-        while True:
-            page = self._page(path, {**params, "cursor": cursor}, parse)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return Listing(fetch)
 
     # --- uploads ---------------------------------------------------------------------------
 
@@ -187,13 +174,13 @@ class Client:
         """The dataset with this id."""
         return Dataset.from_api(self._get(_path("datasets", dataset)))
 
-    def models(self, *, page_size: int = PAGE_SIZE) -> Iterator[Model]:
+    def models(self, *, page_size: int = PAGE_SIZE) -> Listing[Model]:
         """Every model of the tenant, newest first, fetched a page at a time."""
-        return self._all("/v1/models", {"limit": page_size}, Model.from_api)
+        return self._listing("/v1/models", {"limit": page_size}, Model.from_api)
 
-    def datasets(self, *, page_size: int = PAGE_SIZE) -> Iterator[Dataset]:
+    def datasets(self, *, page_size: int = PAGE_SIZE) -> Listing[Dataset]:
         """Every dataset of the tenant, newest first, fetched a page at a time."""
-        return self._all("/v1/datasets", {"limit": page_size}, Dataset.from_api)
+        return self._listing("/v1/datasets", {"limit": page_size}, Dataset.from_api)
 
     def delete_model(self, model: ModelRef) -> None:
         """Delete an uploaded model and its file; jobs that used it and have ended stay, with
@@ -278,9 +265,16 @@ class Client:
             JobCancelled: the job was cancelled.
             WaitTimeout: still running after ``timeout`` seconds (it keeps running).
         """
-        show = _progress_callback(progress)
+        show = ProgressPrinter() if progress is True else (progress or None)
+        try:
+            return self._poll(_id(job), timeout, show)
+        finally:
+            if isinstance(show, ProgressPrinter):
+                show.close()
+
+    def _poll(self, job_id: str, timeout: float | None, show: ProgressCallback | None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
-        path = _path("jobs", job)
+        path = _path("jobs", job_id)
         while True:
             response = self._http.request("GET", path)
             current = Job.from_api(response.json())
@@ -288,29 +282,14 @@ class Client:
                 show(current)
             if current.is_final:
                 return _finished(current)
-            delay = max(retry_after_s(response) or DEFAULT_POLL_S, MIN_POLL_S)
+            asked = retry_after_s(response)
+            delay = max(DEFAULT_POLL_S if asked is None else asked, MIN_POLL_S)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(current, timeout or 0.0)
                 delay = min(delay, left)
             time.sleep(delay)
-
-    def job_page(
-        self,
-        *,
-        status: str | None = None,
-        model: ModelRef | None = None,
-        dataset: DatasetRef | None = None,
-        created_after: datetime | None = None,
-        created_before: datetime | None = None,
-        limit: int = 20,
-        cursor: str | None = None,
-    ) -> Page[Job]:
-        """One page of the tenant's jobs, newest first, with ``total`` (all matching jobs)
-        when the server reports it; pass ``page.next_cursor`` as ``cursor`` for the next."""
-        params = self._job_filters(status, model, dataset, created_after, created_before)
-        return self._page("/v1/jobs", {**params, "limit": limit, "cursor": cursor}, Job.from_api)
 
     def jobs(
         self,
@@ -321,9 +300,9 @@ class Client:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         page_size: int = PAGE_SIZE,
-    ) -> Iterator[Job]:
+    ) -> Listing[Job]:
         """Every job of the tenant matching the filters, newest first, fetched a page at a
-        time as the iteration goes on.
+        time as the iteration goes on; ``.total`` counts them, ``.pages()`` gives the pages.
 
         ``dataset`` matches calibration and evaluation data; ``created_after`` (inclusive) and
         ``created_before`` (exclusive) are timezone-aware datetimes.
@@ -333,24 +312,15 @@ class Client:
             for job in mpq.jobs(status="failed"):
                 print(job.id, job.error.code)
         """
-        params = self._job_filters(status, model, dataset, created_after, created_before)
-        return self._all("/v1/jobs", {**params, "limit": page_size}, Job.from_api)
-
-    @staticmethod
-    def _job_filters(
-        status: str | None,
-        model: ModelRef | None,
-        dataset: DatasetRef | None,
-        created_after: datetime | None,
-        created_before: datetime | None,
-    ) -> dict[str, Any]:
-        return {
+        params = {
             "status": status,
             "model_id": None if model is None else _id(model),
             "dataset_id": None if dataset is None else _id(dataset),
             "created_after": _time(created_after),
             "created_before": _time(created_before),
+            "limit": page_size,
         }
+        return self._listing("/v1/jobs", params, Job.from_api)
 
     def cancel(self, job: JobRef) -> Job:
         """Cancel a queued or running job (a running one stops at its next checkpoint).
@@ -374,7 +344,7 @@ class Client:
 
     def download(self, job: JobRef, name: str, dest: str | Path = ".") -> Path:
         """Download the artefact ``name`` of the job to ``dest`` (a folder, where it keeps its
-        name, or a file path) and return the path written.
+        name, made if the path ends with a slash; or a file path) and return the path written.
 
         The file is streamed to a temporary file next to ``dest`` and renamed into place only
         once its size and sha256 match the job's artifact list. A redirect to presigned storage
@@ -393,6 +363,8 @@ class Client:
         if artifact is None:
             raise NotFound(404, "not_found", f"artifact {name!r} not found")
         target = Path(dest)
+        if str(dest).endswith(("/", os.sep)):
+            target.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             target = target / name
         url = artifact.url or _path("jobs", job, "artifacts", name)

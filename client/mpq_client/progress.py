@@ -46,6 +46,7 @@ class ProgressPrinter:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last: tuple[str, str | None, float] | None = None
         self._last_line_at = float("-inf")
+        self._bar_open = False  # a bar is drawn and its line not yet ended
 
     def __call__(self, job: Job) -> None:
         if self._tty:
@@ -60,6 +61,15 @@ class ProgressPrinter:
         stage = job.stage or "-"
         line = f"job {job.id[:8]} {job.status:<9} {stage:<12} [{bar}] {_percent(job)}"
         self.stream.write("\r" + line + ("\n" if job.is_final else ""))
+        self._bar_open = not job.is_final
+
+    def close(self) -> None:
+        """End the bar's line if the wait stopped before the job ended (a timeout, Ctrl-C), so
+        that what is printed next starts on a line of its own."""
+        if self._bar_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._bar_open = False
 
     def _maybe_line(self, job: Job) -> None:
         now = self._clock()

@@ -8,6 +8,7 @@ timezone-aware :class:`datetime` objects (UTC).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ __all__ = [
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 T = TypeVar("T")
+_FRACTION = re.compile(r"\.(\d+)")  # the fractional seconds of an ISO 8601 time
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -37,10 +39,10 @@ def parse_time(value: Any) -> datetime | None:
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    head, dot, rest = text.partition(".")
-    if dot:  # Python 3.10 reads only 3 or 6 fractional digits: pad or cut to 6
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits) :]}"
+    fraction = _FRACTION.search(text)
+    if fraction:  # Python 3.10 reads only 3 or 6 fractional digits: pad or cut to 6
+        digits = fraction.group(1)[:6].ljust(6, "0")
+        text = f"{text[: fraction.start()]}.{digits}{text[fraction.end() :]}"
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

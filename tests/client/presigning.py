@@ -12,14 +12,15 @@ HTTP servers.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import httpx
+
+from tests.client.httpd import QuietHandler, serving
 
 __all__ = ["Presigning", "presigning"]
 
@@ -28,8 +29,6 @@ _DOWNLOAD = re.compile(r"^/v1/jobs/[^/]+/artifacts/[^/]+$")
 
 class _Host(ThreadingHTTPServer):
     """One recording server: what it forwards to and the headers of every request it got."""
-
-    daemon_threads = True
 
     def __init__(self, upstream: str, key_headers: dict[str, str]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -44,18 +43,15 @@ class _Host(ThreadingHTTPServer):
         return int(self.server_address[1])
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: _Host
-
-    def log_message(self, format: str, *args: object) -> None:  # quiet test output
-        pass
 
     def do_GET(self) -> None:
         host = self.server
         host.seen.append({k.lower(): v for k, v in self.headers.items()})
         path = urlsplit(self.path).path
         if host.redirect_to is not None and _DOWNLOAD.match(path):
-            self._reply(307, b"", {"Location": f"{host.redirect_to}{path}?X-Signature=abc"})
+            self.reply(307, b"", {"Location": f"{host.redirect_to}{path}?X-Signature=abc"})
             return
         # The front forwards the caller's own key; the storage uses its own credentials.
         headers = dict(host.key_headers)
@@ -66,15 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
         if host.tamper and body:
             body = body[:-1] + bytes([body[-1] ^ 0xFF])
         ctype = upstream.headers.get("content-type", "application/octet-stream")
-        self._reply(upstream.status_code, body, {"Content-Type": ctype})
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(upstream.status_code, body, {"Content-Type": ctype})
 
 
 @dataclass
@@ -94,12 +82,5 @@ def presigning(service_url: str, storage_key: str) -> Iterator[Presigning]:
     storage = _Host(service_url, {"Authorization": f"Bearer {storage_key}"})
     front = _Host(service_url, {})
     front.redirect_to = f"http://localhost:{storage.port}"
-    threads = [threading.Thread(target=h.serve_forever, daemon=True) for h in (front, storage)]
-    for thread in threads:
-        thread.start()
-    try:
+    with serving(front, storage):
         yield Presigning(front, storage)
-    finally:
-        for host in (front, storage):
-            host.shutdown()
-            host.server_close()

@@ -30,7 +30,6 @@ from mpq_client import (
     JobCancelled,
     JobFailed,
     Model,
-    MpqConnectionError,
     NotFound,
     ProgressPrinter,
     Unauthorized,
@@ -39,7 +38,6 @@ from mpq_client import (
 from tests.api.served import Served, served
 from tests.client.presigning import presigning
 from tests.support.files import npz_bytes
-from tests.support.net import free_port
 from tests.worker.conftest import SPEC, mlp_npz
 
 JOB_TIMEOUT_S = 300.0
@@ -135,14 +133,21 @@ def test_submit_wait_and_download_the_bytes_the_api_serves(
     assert job.result is not None and job.result["metrics"]["finetuned"] is not None
     artifacts = {a.name: a for a in client.artifacts(job)}
     assert set(artifacts) >= OUTPUTS, sorted(artifacts)
+    # To a folder, to a file path, and to a folder that does not exist yet (a trailing /).
+    wanted = [
+        ("model.pt", tmp_path, tmp_path / "model.pt"),
+        ("report.json", tmp_path / "r.json", tmp_path / "r.json"),
+        ("model.mpq.safetensors", f"{tmp_path}/new/", tmp_path / "new" / "model.mpq.safetensors"),
+    ]
     with service.client() as raw:
-        for name, dest in (("model.pt", tmp_path), ("report.json", tmp_path / "r.json")):
+        for name, dest, expected in wanted:
             path = client.download(job, name, dest)
-            assert path == (tmp_path / name if dest == tmp_path else dest)
+            assert path == expected
             served_bytes = raw.get(f"/v1/jobs/{job.id}/artifacts/{name}").content
             assert path.read_bytes() == served_bytes
             assert hashlib.sha256(served_bytes).hexdigest() == artifacts[name].sha256
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "r.json"]  # no temp left
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == ["model.pt", "new", "new/model.mpq.safetensors", "r.json"]  # no temp left
     with pytest.raises(NotFound) as missing:
         client.download(job, "nothing.bin", tmp_path)
     assert missing.value.code == "not_found"
@@ -203,10 +208,6 @@ def test_errors_carry_the_api_code_and_message(
         list(stranger.jobs())
     assert (who.value.status, who.value.code) == (401, "unauthorized")
 
-    nowhere = Client(f"http://127.0.0.1:{free_port()}", "k", retries=1)
-    with nowhere, pytest.raises(MpqConnectionError):
-        nowhere.job("any")
-
 
 def test_wait_timeout_then_cancel(client: Client, uploaded: Uploaded) -> None:
     job = client.submit(uploaded.model, uploaded.calib, SPEC, finetune={"epochs": 50})
@@ -233,10 +234,13 @@ def test_jobs_iterates_every_page(client: Client, uploaded: Uploaded) -> None:
     assert len(ids) == len(list(client.jobs(page_size=100)))
     times = [j.created_at for j in listed]
     assert all(t is not None for t in times) and times == sorted(times, reverse=True)  # type: ignore[type-var]
-    first = client.job_page(limit=2)
-    assert len(first.items) == 2 and first.next_cursor is not None and first.total == len(ids)
-    second = client.job_page(limit=2, cursor=first.next_cursor)
-    assert [j.id for j in first.items + second.items] == ids[:4]
+    listing = client.jobs(page_size=2)
+    assert listing.total == len(ids)
+    pages = list(listing.pages())
+    assert len(pages) == (len(ids) + 1) // 2 and all(p.total == len(ids) for p in pages)
+    assert all(len(p.items) == 2 and p.next_cursor is not None for p in pages[:-1])
+    assert pages[-1].next_cursor is None
+    assert [j.id for p in pages for j in p.items] == ids
 
 
 def test_jobs_filters(client: Client, uploaded: Uploaded) -> None:
@@ -258,8 +262,7 @@ def test_jobs_filters(client: Client, uploaded: Uploaded) -> None:
     assert all(j.created_at is not None and j.created_at >= since for j in after)
     before = {j.id for j in client.jobs(created_before=since)}
     assert not made_ids & before
-    page = client.job_page(created_after=since, status="cancelled", limit=1)
-    assert page.total == len(made) and len(page.items) == 1
+    assert client.jobs(created_after=since, status="cancelled", page_size=1).total == len(made)
 
 
 def test_delete_a_queued_job(client: Client, uploaded: Uploaded) -> None:
