@@ -41,13 +41,16 @@ from tests.support.files import npz_bytes
 from tests.worker.conftest import SPEC, mlp_npz
 
 JOB_TIMEOUT_S = 300.0
+MAX_UPLOAD_BYTES = 1_000_000  # the service's limit, to show a streamed upload refused past it
 OUTPUTS = {"model.pt", "model.mpq.safetensors", "report.json", "allocation.json"}
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with served(tmp_path_factory.mktemp("client"), worker=True) as running:
+    folder = tmp_path_factory.mktemp("client")
+    with served(folder, worker=True, max_upload_bytes=str(MAX_UPLOAD_BYTES)) as running:
         yield running
+        running.stop_and_check_log()  # nothing the client sent was answered with a 500
 
 
 @pytest.fixture
@@ -180,7 +183,7 @@ def test_a_failed_job_raises_job_failed_with_its_code_and_shows_progress_on_stde
 
 
 def test_errors_carry_the_api_code_and_message(
-    service: Served, client: Client, uploaded: Uploaded
+    service: Served, client: Client, uploaded: Uploaded, tmp_path: Path
 ) -> None:
     with pytest.raises(NotFound) as missing:
         client.job("no-such-job")
@@ -203,6 +206,11 @@ def test_errors_carry_the_api_code_and_message(
     with pytest.raises(InvalidRequest) as not_a_model:
         client.upload_model(b"not a model at all", filename="x.pt")
     assert (not_a_model.value.status, not_a_model.value.code) == (415, "model_format")
+    big = tmp_path / "big.pt"
+    big.write_bytes(b"\0" * (2 * MAX_UPLOAD_BYTES))
+    with pytest.raises(InvalidRequest) as too_large:
+        client.upload_model(big)
+    assert (too_large.value.status, too_large.value.code) == (413, "upload_too_large")
 
     with Client(service.base_url, "mpq_not-a-key") as stranger, pytest.raises(Unauthorized) as who:
         list(stranger.jobs())
