@@ -119,7 +119,9 @@ class Http:
         """
         url = self.url(path)
         sent = {**(self._auth if self._own_origin(url) else {}), **(headers or {})}
-        query = {k: v for k, v in (params or {}).items() if v is not None}
+        # None, not {}: httpx replaces the URL's own query (a presigned URL's signature) with
+        # an empty params mapping.
+        query = {k: v for k, v in (params or {}).items() if v is not None} or None
         attempts = 1 + (self.retries if (method == "GET" if retry is None else retry) else 0)
         for attempt in range(attempts):
             last = attempt == attempts - 1

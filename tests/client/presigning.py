@@ -34,7 +34,8 @@ class _Host(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.upstream = upstream
         self.key_headers = key_headers  # the storage's own credentials towards the service
-        self.seen: list[dict[str, str]] = []
+        self.seen: list[dict[str, str]] = []  # the headers of each request
+        self.paths: list[str] = []  # the path and query of each request
         self.redirect_to: str | None = None  # set on the front: the storage's base URL
         self.tamper = False
 
@@ -49,6 +50,7 @@ class _Handler(QuietHandler):
     def do_GET(self) -> None:
         host = self.server
         host.seen.append({k.lower(): v for k, v in self.headers.items()})
+        host.paths.append(self.path)
         path = urlsplit(self.path).path
         if host.redirect_to is not None and _DOWNLOAD.match(path):
             self.reply(307, b"", {"Location": f"{host.redirect_to}{path}?X-Signature=abc"})

@@ -318,6 +318,10 @@ def test_a_redirect_to_another_host_gets_no_api_key(
         assert front and all(h.get("authorization") == f"Bearer {service.key}" for h in front)
         assert storage and all("authorization" not in h for h in storage), storage
         assert storage[-1]["host"].startswith("localhost:")
+        # The presigned URL is followed as given, its signature (the query) included.
+        assert hosts.storage.paths == [
+            f"/v1/jobs/{finished.job.id}/artifacts/model.pt?X-Signature=abc"
+        ]
 
         hosts.storage.tamper = True
         with pytest.raises(DownloadCorrupt):
