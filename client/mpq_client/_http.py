@@ -141,8 +141,12 @@ class Http:
                 time.sleep(min(_backoff(attempt) if asked is None else asked, MAX_BACKOFF_S))
                 continue
             if response.is_error:
-                response.read()
-                response.close()
+                try:
+                    response.read()  # the error body of a streamed response
+                except httpx.TransportError as exc:
+                    raise MpqConnectionError(f"{method} {url}: {exc!r}") from exc
+                finally:
+                    response.close()
                 raise _error(response)
             return response
         raise AssertionError("unreachable")  # the last attempt returned or raised

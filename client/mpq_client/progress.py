@@ -47,6 +47,7 @@ class ProgressPrinter:
         self._last: tuple[str, str | None, float] | None = None
         self._last_line_at = float("-inf")
         self._bar_open = False  # a bar is drawn and its line not yet ended
+        self._width = 0
 
     def __call__(self, job: Job) -> None:
         if self._tty:
@@ -60,7 +61,9 @@ class ProgressPrinter:
         bar = "#" * filled + "-" * (BAR_WIDTH - filled)
         stage = job.stage or "-"
         line = f"job {job.id[:8]} {job.status:<9} {stage:<12} [{bar}] {_percent(job)}"
-        self.stream.write("\r" + line + ("\n" if job.is_final else ""))
+        # Padded to the longest line drawn so far, so a shorter one covers all of it.
+        self._width = max(self._width, len(line))
+        self.stream.write("\r" + line.ljust(self._width) + ("\n" if job.is_final else ""))
         self._bar_open = not job.is_final
 
     def close(self) -> None:

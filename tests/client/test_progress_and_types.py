@@ -47,14 +47,18 @@ def test_on_a_terminal_one_bar_is_redrawn_in_place() -> None:
     assert shown.endswith("\n") and shown.count("\n") == 1
 
 
-def test_an_unfinished_bar_ends_its_line_on_close() -> None:
+def test_a_shorter_bar_covers_the_longer_one_and_close_ends_an_unfinished_line() -> None:
     leader, follower = pty.openpty()
     with os.fdopen(follower, "w") as tty:
         printer = ProgressPrinter(tty)
-        printer(_job("running", "finetune", 0.2))
+        printer(_job("running", "a-stage-with-a-long-name", 0.2))
+        printer(_job("running", "export", 0.9))
         printer.close()
     shown = _read_all(leader)
-    assert shown.startswith("\rjob 01234567 running") and shown.endswith("\n")
+    first, second = shown.split("\r")[1:]
+    assert first.startswith("job 01234567 running   a-stage-with-a-long-name")
+    assert second.startswith("job 01234567 running   export")
+    assert second.endswith("\n") and len(second.rstrip("\n")) == len(first)
 
 
 def test_in_a_log_a_line_per_change_and_every_few_seconds_while_only_progress_moves() -> None:
