@@ -145,7 +145,7 @@ class JobCreate(BaseModel):
     model_id: str = Field(min_length=1, max_length=36)
     dataset_id: str = Field(min_length=1, max_length=36)
     eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=36)
-    spec: dict[str, Any] = Field(description="a job spec, see mpq_core.spec.JobSpec")
+    spec: dict[str, Any] = Field(description="the job spec (schema: JobSpec)")
 
     def job_spec(self) -> JobSpec:
         """The validated spec.

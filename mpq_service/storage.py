@@ -39,6 +39,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 from urllib.parse import quote
 
 __all__ = [
+    "ARTIFACT_CONTENT_TYPES",
     "DEFAULT_CHUNK",
     "LocalStorage",
     "ObjectNotFound",
@@ -46,6 +47,7 @@ __all__ = [
     "Storage",
     "StorageSettings",
     "StorageUnavailable",
+    "artifact_content_type",
     "content_disposition",
     "make_storage",
     "validate_key",
@@ -112,6 +114,18 @@ def validate_key(key: str) -> str:
     if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
         raise ValueError(f"object key is longer than {_MAX_KEY_BYTES} bytes")
     return key
+
+
+# The types of a job's output files, by suffix; anything else is application/octet-stream. Every
+# download is an attachment (content_disposition), so an SVG, whose text holds the user's layer
+# names, is never rendered from the API's origin.
+ARTIFACT_CONTENT_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
+_OCTETS = "application/octet-stream"
+
+
+def artifact_content_type(name: str) -> str:
+    """The content type an artifact named ``name`` is stored and served with."""
+    return ARTIFACT_CONTENT_TYPES.get(Path(name).suffix, _OCTETS)
 
 
 def content_disposition(filename: str) -> str:

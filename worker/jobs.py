@@ -67,7 +67,7 @@ from mpq_service.celery_config import soft_time_limit
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
 from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
-from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable
+from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable, artifact_content_type
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from worker.child_job import ChildJob, run_child_job
 from worker.heartbeat import Heartbeat
@@ -100,10 +100,6 @@ STAGE_WEIGHTS: dict[str, float] = {
     "export": 0.05,
 }
 _MESSAGE_MAX = 500
-# Every download is an attachment (mpq_service.storage.content_disposition), so an SVG, whose
-# text holds the user's layer names, is never rendered from the API's origin.
-_CONTENT_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
-
 
 _T = TypeVar("_T")
 
@@ -645,7 +641,7 @@ def _store_artifacts(
                 size=size,
                 sha256=_sha256(path),
                 storage_key=object_key,
-                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+                content_type=artifact_content_type(path.name),
             )
         )
     return rows

@@ -17,7 +17,13 @@ from api.ownership import get_owned
 from api.ranges import etag_of, not_modified, repr_digest, requested_range
 from api.routing import SessionReleasingRoute
 from api.schemas import ArtifactList, ArtifactPublic
-from mpq_service.storage import DEFAULT_CHUNK, ObjectNotFound, Storage, content_disposition
+from mpq_service.storage import (
+    ARTIFACT_CONTENT_TYPES,
+    DEFAULT_CHUNK,
+    ObjectNotFound,
+    Storage,
+    content_disposition,
+)
 from mpq_service.tables import Artifact, Job
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"], route_class=SessionReleasingRoute)
@@ -52,14 +58,18 @@ _FILE_HEADERS = {
 }
 
 
+# Served with the type it was stored with: JSON, SVG and PNG by suffix, else octets.
+_FILE_TYPES: dict[str, Any] = {
+    t: {} for t in sorted({*ARTIFACT_CONTENT_TYPES.values(), "application/octet-stream"})
+}
 _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "content": {"application/octet-stream": {}},
+        "content": _FILE_TYPES,
         "description": "the file",
         "headers": _FILE_HEADERS,
     },
     206: {
-        "content": {"application/octet-stream": {}},
+        "content": _FILE_TYPES,
         "description": "the byte range asked for in `Range` (one range)",
         "headers": {**_FILE_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
     },

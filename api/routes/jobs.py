@@ -66,7 +66,7 @@ _JOB_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": JobCreate.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
