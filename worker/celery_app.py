@@ -16,6 +16,7 @@ from celery import Celery
 
 from mpq_service.celery_config import make_celery
 from worker import lifecycle  # noqa: F401  (connects the reaper and parent-watch signal handlers)
+from worker.liveness import CONF_KEY, AliveFile, alive_path
 
 if TYPE_CHECKING:
     from mpq_service.settings import Settings
@@ -37,6 +38,9 @@ def make_worker_celery(settings: Settings) -> Celery:
     """
     app = make_celery(settings)
     app.conf.imports = TASK_MODULES
+    # The file the container healthcheck reads (python -m worker.liveness).
+    app.conf[CONF_KEY] = str(alive_path(settings.data_dir))
+    app.steps["consumer"].add(AliveFile)
     return app
 
 
