@@ -6,6 +6,7 @@ second tenant sees none of it. ``MPQ_UI_SCREENSHOTS=DIR`` also saves screenshots
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -126,16 +127,13 @@ def test_a_job_from_the_form_finishes_live_and_shows_its_results(
 def test_a_second_tenant_sees_none_of_the_first_ones_data(ui: UiService, page: Any) -> None:
     key = ui.key("acme")
     with ui.api(key) as api:
-        model = api.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
-        data = api.post("/v1/datasets", params={"filename": "d.npz"}, content=data_bytes(48))
-        created = api.post(
-            "/v1/jobs",
-            json={
-                "model_id": model.json()["id"],
-                "dataset_id": data.json()["id"],
-                "spec": API_SPEC,
-            },
-        )
+        # One multipart request: the model, the data and the spec.
+        parts = {
+            "model": ("m.pt", model_bytes()),
+            "data": ("d.npz", data_bytes(48)),
+            "spec": (None, json.dumps(API_SPEC)),
+        }
+        created = api.post("/v1/jobs", files=parts)
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
         job = wait_for_job(api, job_id, timeout_s=JOB_TIMEOUT_MS / 1000, describe=ui.proc.describe)
