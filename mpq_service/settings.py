@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
             shutdown: it finishes its job) before it is killed; a killed worker's job is
             re-queued at the next start.
+        log_format: ``json`` (one object per line, with ``request_id`` and ``job_id``),
+            ``text``, or ``auto``: text when stderr is a terminal, JSON otherwise (containers,
+            service managers and files feed log collectors). ``mpq serve`` and the Celery
+            worker use it; see :mod:`mpq_service.logs`.
+        metrics_token: when set, ``GET /metrics`` requires ``Authorization: Bearer <token>``;
+            empty (the default) leaves it open, for a scraper on a private network.
     """
 
     model_config = SettingsConfigDict(
@@ -108,6 +114,8 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=30.0, gt=0)
     job_final_write_retry_s: float = Field(default=120.0, ge=0)
     worker_stop_timeout_s: float = Field(default=10.0, ge=0)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:

@@ -27,8 +27,9 @@ TABLES = {
     "jobs",
     "artifacts",
     "sensitivity_cache",
+    "job_stage_durations",
 }
-HEAD = "0002"
+HEAD = "0003"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 
