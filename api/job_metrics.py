@@ -30,8 +30,7 @@ log = logging.getLogger("mpq.api.metrics")
 
 def _read(session: Session) -> tuple[dict[str, int], dict[str, StageHistogram]]:
     counts = {status: 0 for status in JOB_STATUSES}
-    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples()
-    for status, count in rows:
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
         counts[status] = count
     return counts, read_stage_histograms(session)
 

@@ -146,6 +146,7 @@ def setup_logging(setting: str, *, level: int = logging.INFO) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    logging.captureWarnings(True)  # warnings are log lines too, in the same format
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
     for name in ("mpq", "api", "worker", "mpq_service"):

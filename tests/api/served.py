@@ -1,6 +1,6 @@
-"""A real ``mpq serve --no-worker`` for the pressure and outage tests, raw-socket clients that
-behave badly (stall mid-body, vanish mid-body), and the check that the served process logged no
-unhandled error."""
+"""A real ``mpq serve`` (``--no-worker`` unless asked) for the pressure, outage and operations
+tests, raw-socket clients that behave badly (stall mid-body, vanish mid-body), and the check that
+the served process logged no unhandled error."""
 
 from __future__ import annotations
 
@@ -90,10 +90,11 @@ def make_key(database_url: str) -> str:
 
 @contextlib.contextmanager
 def served(
-    tmp_path: Path, *, key_database_url: str | None = None, **settings: str
+    tmp_path: Path, *, key_database_url: str | None = None, worker: bool = False, **settings: str
 ) -> Iterator[Served]:
-    """``mpq serve --no-worker`` with ``settings`` (e.g. ``database_url=...``); the key is made
-    through ``key_database_url`` (default: the served database) after migrating it."""
+    """``mpq serve --no-worker`` (or with its worker) with ``settings`` (e.g.
+    ``database_url=...``); the key is made through ``key_database_url`` (default: the served
+    database) after migrating it."""
     data_dir = tmp_path / "data"
     database_url = settings.get("database_url") or f"sqlite:///{data_dir / 'mpq.db'}"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def served(
     key = make_key(key_database_url or database_url)
     proc, base_url = start_http_service(
         "mpq serve",
-        lambda port: [str(MPQ), "serve", "--no-worker", "--port", str(port)],
+        lambda port: [str(MPQ), "serve", *([] if worker else ["--no-worker"]), "--port", str(port)],
         env=serve_env(data_dir, **settings),
         cwd=tmp_path,
         log_path=tmp_path / "serve.log",

@@ -13,14 +13,13 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.storage import S3Storage, StorageUnavailable
@@ -40,17 +39,6 @@ def _assert_outage(response: httpx.Response, code: str) -> None:
 
 
 # --- the database ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_behind_proxy(new_pg_url: Callable[[], str]) -> Iterator[tuple[TcpProxy, str, str]]:
-    """A fresh Postgres database reached through a TCP proxy: (proxy, URL through the proxy,
-    direct URL)."""
-    direct = new_pg_url()
-    parsed = make_url(direct)
-    with TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
-        through = parsed.set(port=proxy.port).render_as_string(hide_password=False)
-        yield proxy, through, direct
 
 
 def test_database_outage_is_503_and_the_service_recovers(
