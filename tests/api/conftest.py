@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import make_engine, make_sessionmaker
 from mpq_service.migrate import upgrade
+from tests.api.served import Served, served
 from tests.support.tcp_proxy import TcpProxy
 
 BACKENDS = ("sqlite", "postgres")
@@ -78,3 +79,14 @@ def pg_behind_proxy(new_pg_url: Callable[[], str]) -> Iterator[tuple[TcpProxy, s
     with TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
         through = parsed.set(port=proxy.port).render_as_string(hide_password=False)
         yield proxy, through, direct
+
+
+@pytest.fixture
+def served_on_proxied_pg(
+    tmp_path: Path, pg_behind_proxy: tuple[TcpProxy, str, str]
+) -> Iterator[tuple[TcpProxy, Served]]:
+    """``mpq serve --no-worker`` on the Postgres database behind the proxy (the key made
+    directly): (the proxy, which the test may cut; the service)."""
+    proxy, through, direct = pg_behind_proxy
+    with served(tmp_path, database_url=through, key_database_url=direct) as api:
+        yield proxy, api

@@ -19,7 +19,7 @@ from mpq_service.migrate import upgrade
 from mpq_service.settings import Settings
 from tests.api.apptools import SPEC, data_bytes, model_bytes
 from tests.api.metrics_text import Scrape, json_lines, scrape, wait_for_scrape
-from tests.api.served import open_upload, served
+from tests.api.served import Served, open_upload, served
 from tests.support.tcp_proxy import TcpProxy
 
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
@@ -75,20 +75,19 @@ def test_metrics_show_jobs_by_status_and_the_queue_depth(tmp_path: Path) -> None
 
 
 def test_a_scrape_with_the_database_down_is_200_with_database_up_0(
-    tmp_path: Path, pg_behind_proxy: tuple[TcpProxy, str, str]
+    served_on_proxied_pg: tuple[TcpProxy, Served],
 ) -> None:
-    proxy, through, direct = pg_behind_proxy
-    with served(tmp_path, database_url=through, key_database_url=direct) as api:
-        with api.client() as client:
-            assert scrape(client).value("mpq_database_up") == 1
-            proxy.cut()
-            found = scrape(client)  # 200, asserted by scrape()
-            assert found.value("mpq_database_up") == 0
-            assert "mpq_jobs" not in found.families and "mpq_queue_depth" not in found.families
-            assert found.labels_of(REQUESTS)  # the request metrics still come
-            proxy.restore()
-            assert scrape(client).value("mpq_database_up") == 1
-        api.stop_and_check_log()
+    proxy, api = served_on_proxied_pg
+    with api.client() as client:
+        assert scrape(client).value("mpq_database_up") == 1
+        proxy.cut()
+        found = scrape(client)  # 200, asserted by scrape()
+        assert found.value("mpq_database_up") == 0
+        assert "mpq_jobs" not in found.families and "mpq_queue_depth" not in found.families
+        assert found.labels_of(REQUESTS)  # the request metrics still come
+        proxy.restore()
+        assert scrape(client).value("mpq_database_up") == 1
+    api.stop_and_check_log()
 
 
 def test_metrics_require_the_token_when_one_is_set(tmp_path: Path) -> None:
