@@ -162,7 +162,13 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         "/metrics",
         tags=["operations"],
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        responses={
+            200: {
+                "description": "Prometheus's text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            401: {"description": "``MPQ_METRICS_TOKEN`` is set and the request lacks it"},
+        },
     )
     def metrics(request: Request) -> Response:
         """Prometheus metrics: requests by route and status, latencies, jobs by status, queue
