@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
+from api.openapi import install_openapi, operation_id
 from api.queue import Enqueue, celery_enqueue
 from api.readiness import (
     Probe,
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         lifespan=lifespan,
         docs_url="/docs",
         openapi_url="/openapi.json",
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -109,18 +111,47 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
         probes["broker"] = broker_probe(settings)
     app.state.readiness_probes = probes
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(RejectNulCharacters)
     install_metrics(app, settings)  # counts what the middleware above refuses too
     app.add_middleware(RequestId)  # outermost: every answer and log line carries the id
     app.include_router(api_router)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        """People who open the service's address in a browser land on its web pages."""
+        return RedirectResponse("/ui/", status_code=307)
+
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
     async def healthz() -> dict[str, str]:
         """The process is up. Checks nothing and waits on nothing (no database, no thread):
         it answers while every connection or worker thread is busy."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], response_model=None)
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=None,
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+            503: {
+                "description": "not ready: the error names every dependency that fails",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"},
+                        "example": {
+                            "error": {"code": "not_ready", "message": "broker: refused"},
+                            "checks": {"database": "ok", "broker": "broker: refused"},
+                        },
+                    }
+                },
+            },
+        },
+    )
     def readyz() -> dict[str, Any] | JSONResponse:
         """The database answers, the storage is ready, the broker takes connections and (under
         ``mpq serve``) the worker runs; 503 naming every one that does not."""

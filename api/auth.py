@@ -12,19 +12,23 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from mpq_core.errors import MpqError
 from mpq_service.tables import ApiKey, Tenant, utcnow
 
 __all__ = [
     "KEY_PREFIX",
     "PREFIX_LENGTH",
+    "KeyNotFound",
     "authenticate",
     "create_key",
     "hash_key",
+    "list_keys",
     "new_api_key",
     "revoke_key",
+    "revoke_key_ref",
     "verify",
 ]
 
@@ -117,3 +121,43 @@ def revoke_key(session: Session, plaintext: str, pepper: str = "") -> bool:
         key.revoked_at = utcnow()
         session.flush()
     return True
+
+
+class KeyNotFound(MpqError):
+    """``mpq keys revoke`` was given a reference that names no key, or more than one."""
+
+    code = "key_not_found"
+
+
+def list_keys(session: Session, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key (or ``tenant_name``'s), oldest first, with its tenant's name; revoked keys
+    included (they are kept for the record)."""
+    stmt = select(ApiKey, Tenant.name).join(Tenant, ApiKey.tenant_id == Tenant.id)
+    if tenant_name is not None:
+        stmt = stmt.where(Tenant.name == tenant_name)
+    rows = session.execute(stmt.order_by(ApiKey.created_at, ApiKey.id)).all()
+    return [(key, name) for key, name in rows]
+
+
+def revoke_key_ref(session: Session, ref: str, tenant_name: str | None = None) -> ApiKey:
+    """Revoke the key whose id or prefix is ``ref`` (as ``mpq keys list`` shows them); the
+    key row. Revoking a revoked key changes nothing. The caller commits.
+
+    Raises:
+        KeyNotFound: no key matches, or a prefix matches several (then give the id).
+    """
+    stmt = select(ApiKey).join(Tenant, ApiKey.tenant_id == Tenant.id)
+    stmt = stmt.where(or_(ApiKey.id == ref, ApiKey.prefix == ref))
+    if tenant_name is not None:
+        stmt = stmt.where(Tenant.name == tenant_name)
+    matches = session.scalars(stmt).all()
+    if not matches:
+        raise KeyNotFound(f"no API key has the id or prefix {ref!r}; see `mpq keys list`")
+    if len(matches) > 1:
+        ids = ", ".join(k.id for k in matches)
+        raise KeyNotFound(f"the prefix {ref!r} names {len(matches)} keys ({ids}); give the id")
+    key = matches[0]
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key

@@ -167,7 +167,18 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
                 "description": "Prometheus's text exposition format",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             },
-            401: {"description": "``MPQ_METRICS_TOKEN`` is set and the request lacks it"},
+            401: {
+                "description": "``MPQ_METRICS_TOKEN`` is set and the request lacks it",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"},
+                        "example": {
+                            "error": {"code": "unauthorized", "message": "the metrics token"}
+                        },
+                    }
+                },
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+            },
         },
     )
     def metrics(request: Request) -> Response:

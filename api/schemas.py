@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mpq_core.errors import SpecError
 from mpq_core.spec import JobSpec
+from mpq_service.job_status import JobStatus
 from mpq_service.tables import Artifact, Dataset, Job, ModelFile
 
 __all__ = [
@@ -22,23 +23,74 @@ __all__ = [
     "JobCreate",
     "JobList",
     "JobPublic",
+    "JobResult",
     "ModelList",
     "ModelPublic",
     "parse_job_spec",
 ]
 
 
+_ID = "3f2b8c1e-5d4a-4e9b-9a7c-1d2e3f4a5b6c"
+_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+_WHEN = "2026-12-06T10:00:00Z"
+
+
 class ErrorInfo(BaseModel):
     """Why a job failed: a stable code and a message saying what to fix."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"code": "budget_infeasible", "message": "avg-bits=1 is below 2 bits"}]
+        }
+    )
 
     code: str
     message: str
 
 
+class JobResult(BaseModel):
+    """A succeeded job's summary (``report.json`` holds everything); fields a newer worker adds
+    are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    budgets: Any = Field(None, description="the budgets asked for and what was reached")
+    predicted_loss_increase: float | None = Field(
+        None, description="loss increase the Fisher model predicts for the allocation"
+    )
+    measured_loss_increase: float | None = Field(None, description="the same, measured")
+    metrics: dict[str, Any] | None = Field(None, description="float and quantized metrics")
+    sizes: dict[str, Any] | None = Field(None, description="sizes of the model, float and packed")
+    timings: dict[str, Any] | None = Field(None, description="seconds per pipeline stage")
+    worker_timings: dict[str, Any] | None = Field(None, description="the worker's own seconds")
+    allocation: Any = Field(None, description="bits per layer")
+    model: dict[str, Any] | None = Field(None, description="what was found in the model")
+    data: dict[str, Any] | None = Field(None, description="what was found in the data")
+    sensitivity: dict[str, Any] | None = Field(
+        None, description="the sensitivity table's cache key and whether it was reused"
+    )
+    device: str | None = Field(None, description="where the job ran")
+    artifacts: Any = Field(None, description="the output files the job wrote")
+
+
 class _UploadPublic(BaseModel):
     """What the API says about an uploaded file; read straight off its ORM row."""
 
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _ID,
+                    "filename": "model.pt",
+                    "format": "torchscript",
+                    "size": 4473536,
+                    "sha256": _SHA,
+                    "created_at": _WHEN,
+                }
+            ]
+        },
+    )
 
     id: str
     filename: str
@@ -93,7 +145,7 @@ class JobCreate(BaseModel):
     model_id: str = Field(min_length=1, max_length=36)
     dataset_id: str = Field(min_length=1, max_length=36)
     eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=36)
-    spec: dict[str, Any] = Field(description="a job spec, see mpq_core.spec.JobSpec")
+    spec: dict[str, Any] = Field(description="the job spec (schema: JobSpec)")
 
     def job_spec(self) -> JobSpec:
         """The validated spec.
@@ -123,16 +175,46 @@ def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
 class JobPublic(BaseModel):
     """A job as clients see it; ``result`` is the worker's summary once it succeeded."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _ID,
+                    "status": "running",
+                    "stage": "finetune",
+                    "progress": 0.62,
+                    "model_id": _ID,
+                    "dataset_id": _ID,
+                    "eval_dataset_id": None,
+                    "spec": {
+                        "schema_version": 2,
+                        "kind": "mpq.job_spec",
+                        "budgets": ["avg-bits=4"],
+                    },
+                    "attempts": 1,
+                    "error": None,
+                    "result": None,
+                    "created_at": _WHEN,
+                    "started_at": _WHEN,
+                    "finished_at": None,
+                    "updated_at": _WHEN,
+                }
+            ]
+        }
+    )
+
     id: str
-    status: str
-    stage: str | None
-    progress: float
-    model_id: str
-    dataset_id: str
+    status: JobStatus
+    stage: str | None = Field(description="the pipeline stage running now, or the last one")
+    progress: float = Field(ge=0, le=1)
+    model_id: str | None = Field(description="null once the model was deleted")
+    dataset_id: str | None = Field(description="null once the dataset was deleted")
     eval_dataset_id: str | None
     spec: dict[str, Any]
     attempts: int
     error: ErrorInfo | None
+    # The stored summary, passed through as the worker wrote it; the OpenAPI document describes
+    # it as a JobResult (api.openapi).
     result: dict[str, Any] | None
     created_at: datetime
     started_at: datetime | None
@@ -146,7 +228,7 @@ class JobPublic(BaseModel):
             error = ErrorInfo(code=row.error_code, message=row.error_message or "")
         return cls(
             id=row.id,
-            status=row.status,
+            status=JobStatus(row.status),
             stage=row.stage,
             progress=row.progress,
             model_id=row.model_id,
@@ -164,10 +246,12 @@ class JobPublic(BaseModel):
 
 
 class JobList(BaseModel):
-    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page."""
+    """One page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page.
+    ``total`` counts the jobs matching the filters on all pages."""
 
     items: list[JobPublic]
     next_cursor: str | None = None
+    total: int
 
 
 class ArtifactPublic(BaseModel):

@@ -39,6 +39,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 from urllib.parse import quote
 
 __all__ = [
+    "ARTIFACT_CONTENT_TYPES",
     "DEFAULT_CHUNK",
     "LocalStorage",
     "ObjectNotFound",
@@ -46,6 +47,7 @@ __all__ = [
     "Storage",
     "StorageSettings",
     "StorageUnavailable",
+    "artifact_content_type",
     "content_disposition",
     "make_storage",
     "validate_key",
@@ -114,6 +116,18 @@ def validate_key(key: str) -> str:
     return key
 
 
+# The types of a job's output files, by suffix; anything else is application/octet-stream. Every
+# download is an attachment (content_disposition), so an SVG, whose text holds the user's layer
+# names, is never rendered from the API's origin.
+ARTIFACT_CONTENT_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
+_OCTETS = "application/octet-stream"
+
+
+def artifact_content_type(name: str) -> str:
+    """The content type an artifact named ``name`` is stored and served with."""
+    return ARTIFACT_CONTENT_TYPES.get(Path(name).suffix, _OCTETS)
+
+
 def content_disposition(filename: str) -> str:
     """A ``Content-Disposition: attachment`` value for ``filename`` (RFC 6266 / RFC 5987).
 
@@ -169,8 +183,9 @@ class Storage(ABC):
         return self.put_stream(key, [data])
 
     @abstractmethod
-    def open_read(self, key: str) -> BinaryIO:
-        """A binary file object streaming the object's bytes; close it when done.
+    def open_read(self, key: str, offset: int = 0) -> BinaryIO:
+        """A binary file object streaming the object's bytes from ``offset`` on (a ranged
+        download); close it when done.
 
         Raises:
             ObjectNotFound: nothing is stored under ``key``.
@@ -291,12 +306,14 @@ class LocalStorage(Storage):
             shutil.copyfileobj(src, out, DEFAULT_CHUNK)
         return dest.stat().st_size
 
-    def open_read(self, key: str) -> BinaryIO:
+    def open_read(self, key: str, offset: int = 0) -> BinaryIO:
         path = self.path(key)
         try:
-            return cast(BinaryIO, open(path, "rb"))  # the caller closes it
+            f = cast(BinaryIO, open(path, "rb"))  # noqa: SIM115 - the caller closes it
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+        f.seek(offset)
+        return f
 
     def get_file(self, key: str, dest_path: str | os.PathLike[str]) -> int:
         src = self.path(key)
@@ -533,20 +550,22 @@ class S3Storage(Storage):
         )
         return {"ETag": resp["ETag"], "PartNumber": number}
 
-    def _get_object(self, key: str) -> dict[str, Any]:
-        """The ``get_object`` response for ``key``; ObjectNotFound when nothing is there."""
+    def _get_object(self, key: str, offset: int = 0) -> dict[str, Any]:
+        """The ``get_object`` response for ``key`` from ``offset`` on; ObjectNotFound when
+        nothing is there."""
         validate_key(key)
+        ranged = {"Range": f"bytes={offset}-"} if offset else {}
         try:
             with _s3_outage(f"read {key!r}"):
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)
         except Exception as exc:
             if _error_code(exc) in _NOT_FOUND:
                 raise ObjectNotFound(key) from None
             raise
         return cast("dict[str, Any]", resp)
 
-    def open_read(self, key: str) -> BinaryIO:
-        resp = self._get_object(key)
+    def open_read(self, key: str, offset: int = 0) -> BinaryIO:
+        resp = self._get_object(key, offset)
         return cast(BinaryIO, io.BufferedReader(_BodyReader(resp["Body"]), DEFAULT_CHUNK))
 
     def iter_chunks(self, key: str, chunk: int = DEFAULT_CHUNK) -> Iterator[bytes]:

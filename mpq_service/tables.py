@@ -204,10 +204,15 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = _tenant_fk()
-    model_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("model_files.id"))
-    dataset_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("datasets.id"))
+    # Null once the upload was deleted (allowed only after the job ended: migration 0003).
+    model_id: Mapped[str | None] = mapped_column(
+        sa.String(36), sa.ForeignKey("model_files.id", ondelete="SET NULL"), index=True
+    )
+    dataset_id: Mapped[str | None] = mapped_column(
+        sa.String(36), sa.ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
     eval_dataset_id: Mapped[str | None] = mapped_column(
-        sa.String(36), sa.ForeignKey("datasets.id"), default=None
+        sa.String(36), sa.ForeignKey("datasets.id", ondelete="SET NULL"), default=None, index=True
     )
     spec: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(sa.String(16), default=JobStatus.QUEUED.value)
@@ -224,8 +229,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    model: Mapped[ModelFile] = relationship(foreign_keys=[model_id])
-    dataset: Mapped[Dataset] = relationship(foreign_keys=[dataset_id])
+    model: Mapped[ModelFile | None] = relationship(foreign_keys=[model_id])
+    dataset: Mapped[Dataset | None] = relationship(foreign_keys=[dataset_id])
     eval_dataset: Mapped[Dataset | None] = relationship(foreign_keys=[eval_dataset_id])
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job",

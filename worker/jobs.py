@@ -69,7 +69,7 @@ from mpq_service.job_status import JobStatus
 from mpq_service.logs import job_context
 from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
 from mpq_service.stage_durations import record_stage_durations, stage_seconds
-from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable
+from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable, artifact_content_type
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from worker.child_job import ChildJob, run_child_job
 from worker.heartbeat import Heartbeat
@@ -102,10 +102,6 @@ STAGE_WEIGHTS: dict[str, float] = {
     "export": 0.05,
 }
 _MESSAGE_MAX = 500
-# Every download is an attachment (mpq_service.storage.content_disposition), so an SVG, whose
-# text holds the user's layer names, is never rendered from the API's origin.
-_CONTENT_TYPES = {".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png"}
-
 
 _T = TypeVar("_T")
 
@@ -260,15 +256,18 @@ def _claimable(job_id: str, now: Any, stale_after_s: float) -> Any:
 
 
 def _inputs_of(job: Job, settings: Settings) -> _Inputs:
+    model, data = job.model, job.dataset
+    if model is None or data is None:  # api.actions refuses that while a job is active
+        raise RuntimeError(f"job {job.id}: its model or dataset was deleted before it ran")
     inputs = _Inputs(
         tenant_id=job.tenant_id,
         spec=dict(job.spec),
-        model_key=job.model.storage_key,
-        model_sha256=job.model.sha256,
-        model_format=job.model.format,
-        data_key=job.dataset.storage_key,
-        data_sha256=job.dataset.sha256,
-        data_format=job.dataset.format,
+        model_key=model.storage_key,
+        model_sha256=model.sha256,
+        model_format=model.format,
+        data_key=data.storage_key,
+        data_sha256=data.sha256,
+        data_format=data.format,
         attempt=job.attempts,
         final_write_retry_s=settings.job_final_write_retry_s,
     )
@@ -646,7 +645,7 @@ def _store_artifacts(
                 size=size,
                 sha256=_sha256(path),
                 storage_key=object_key,
-                content_type=_CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+                content_type=artifact_content_type(path.name),
             )
         )
     return rows

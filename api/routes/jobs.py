@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any, cast
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import actions
 from api.deps import (
     CurrentTenant,
     EnqueueDep,
@@ -41,8 +44,8 @@ from api.routes._upload_flow import (
 from api.routing import SessionReleasingRoute
 from api.schemas import JobCreate, JobList, JobPublic, parse_job_spec
 from mpq_core.spec import JobSpec
-from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
-from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
+from mpq_service.job_status import JobStatus
+from mpq_service.tables import Dataset, Job, ModelFile, Tenant, utcnow
 
 __all__ = ["RETRY_AFTER_S", "router"]
 
@@ -63,7 +66,7 @@ _JOB_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": JobCreate.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -124,11 +127,15 @@ def _parse_json_body(raw: bytes) -> JobCreate:
         raise RequestValidationError(errors) from None
 
 
-def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec) -> Job:
+def _check_uploads(session: Session, tenant: Tenant, body: JobCreate) -> None:
     get_owned(session, ModelFile, body.model_id, tenant)
     get_owned(session, Dataset, body.dataset_id, tenant)
     if body.eval_dataset_id is not None:
         get_owned(session, Dataset, body.eval_dataset_id, tenant)
+
+
+def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec) -> Job:
+    _check_uploads(session, tenant, body)
     job = Job(
         tenant_id=tenant.id,
         model_id=body.model_id,
@@ -138,7 +145,14 @@ def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec
         status=JobStatus.QUEUED.value,
     )
     session.add(job)
-    session.commit()  # the row exists before any worker can pick the id up
+    try:
+        session.commit()  # the row exists before any worker can pick the id up
+    except IntegrityError:
+        # An upload was deleted while this job was being created (api.actions.delete_upload
+        # locks it): name the one that is gone.
+        session.rollback()
+        _check_uploads(session, tenant, body)
+        raise
     return job
 
 
@@ -251,23 +265,54 @@ async def create_job(
     return JobPublic.of(job)
 
 
+IdQuery = Annotated[str | None, Query(max_length=36)]
+TimeQuery = Annotated[datetime | None, Query()]
+
+
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
     status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
-    model_id: Annotated[str | None, Query(max_length=36, description="only on this model")] = None,
+    model_id: Annotated[IdQuery, Query(description="only jobs on this model")] = None,
+    dataset_id: Annotated[
+        IdQuery, Query(description="only jobs on this dataset (calibration or evaluation)")
+    ] = None,
+    created_after: Annotated[
+        TimeQuery, Query(description="only jobs created at or after this time (ISO 8601)")
+    ] = None,
+    created_before: Annotated[
+        TimeQuery, Query(description="only jobs created before this time (ISO 8601)")
+    ] = None,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
 ) -> JobList:
-    """The tenant's job history, newest first, one page at a time."""
+    """The tenant's job history, newest first, one page at a time; ``total`` counts every job
+    that matches the filters (on all pages)."""
     stmt = select(Job).where(Job.tenant_id == tenant.id)
     if status is not None:
         stmt = stmt.where(Job.status == status.value)
     if model_id is not None:
         stmt = stmt.where(Job.model_id == model_id)
+    if dataset_id is not None:
+        stmt = stmt.where(or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id))
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at >= _aware(created_after, "created_after"))
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < _aware(created_before, "created_before"))
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
     rows, next_cursor = page(session, stmt, Job.created_at, Job.id, limit, cursor)
-    return JobList(items=[JobPublic.of(j) for j in rows], next_cursor=next_cursor)
+    return JobList(items=[JobPublic.of(j) for j in rows], next_cursor=next_cursor, total=total)
+
+
+def _aware(when: datetime, name: str) -> datetime:
+    """``when`` in UTC; a time without a zone is refused rather than guessed."""
+    if when.tzinfo is None:
+        raise _invalid(f"{name}: give a time zone (e.g. 2026-12-01T00:00:00Z)")
+    try:
+        return when.astimezone(timezone.utc)
+    except OverflowError:
+        raise _invalid(f"{name}: out of range") from None
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -284,21 +329,10 @@ def get_job(
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
     """Cancel a queued or running job (a running one stops at its next checkpoint); 409 once
     it has finished."""
-    get_owned(session, Job, job_id, tenant)
-    # One conditional UPDATE, so a worker finishing the job at the same moment wins or loses
-    # cleanly instead of being overwritten.
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id, Job.status.in_(ACTIVE_STATUSES))
-        .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    changed = cast(CursorResult[Any], result).rowcount
-    session.commit()
+    cancelled = actions.cancel_job(session, job_id, tenant)
     job = get_owned(session, Job, job_id, tenant)
     session.refresh(job)
-    if not changed:
+    if not cancelled:
         raise Conflict("job_finished", f"job {job_id!r} has already ended ({job.status})")
     return JobPublic.of(job)
 
@@ -307,21 +341,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPu
 def delete_job(
     job_id: str, session: SessionDep, tenant: CurrentTenant, storage: StorageDep
 ) -> Response:
-    """Delete a finished job, its artifact rows and their stored files; 409 while it is queued
-    or running (cancel it first)."""
-    job = get_owned(session, Job, job_id, tenant)
-    if job.status in ACTIVE_STATUSES:
-        raise Conflict("job_active", f"job {job_id!r} is {job.status}; cancel it first")
-    keys = list(
-        session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job.id)).all()
-    )
-    session.delete(job)
-    session.commit()
-    # Rows first, then files: a failed file delete leaves an orphan object, never a row
-    # pointing at nothing.
-    for key in keys:
-        try:
-            storage.delete(key)
-        except Exception:
-            log.exception("could not delete artifact object %s of job %s", key, job_id)
+    """Delete a job, its artifact rows and their stored files; a queued or running job is
+    cancelled first (its worker stops at its next checkpoint and cleans up after itself)."""
+    actions.delete_job(session, storage, job_id, tenant)
     return Response(status_code=204)

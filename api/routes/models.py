@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
-from api.deps import CurrentTenant, SessionDep, UploadContextDep
+from api import actions
+from api.deps import CurrentTenant, SessionDep, StorageDep, UploadContextDep
 from api.ownership import get_owned
 from api.routes._paging import CursorQuery, LimitQuery, page
 from api.routes._upload_flow import MODEL_UPLOAD, RAW_BODY, FilenameQuery, upload_file
@@ -47,3 +48,13 @@ def list_models(
 @router.get("/{model_id}", response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
     return ModelPublic.of(get_owned(session, ModelFile, model_id, tenant))
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response)
+def delete_model(
+    model_id: str, session: SessionDep, tenant: CurrentTenant, storage: StorageDep
+) -> Response:
+    """Delete the model and its stored file; 409 ``in_use`` while a queued or running job uses
+    it. Jobs that used it and have ended stay in the history, with ``model_id`` null."""
+    actions.delete_upload(session, storage, ModelFile, model_id, tenant)
+    return Response(status_code=204)

@@ -8,6 +8,7 @@ nor its worker behind; the engine's commands still work through the same entry p
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -87,6 +88,56 @@ def test_keys_create_prints_only_a_key_that_authenticates(tmp_path: Path) -> Non
             assert authenticate(session, wrong, pepper) is None
     finally:
         engine.dispose()
+
+
+def _tenant_of(data_dir: Path, key: str) -> str | None:
+    """The tenant the key authenticates as, or None (unknown or revoked)."""
+    settings = Settings(data_dir=data_dir)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            tenant = authenticate(session, key, settings.api_key_pepper.get_secret_value())
+            return None if tenant is None else tenant.name
+    finally:
+        engine.dispose()
+
+
+def test_keys_list_shows_every_key_without_secrets_and_revoke_turns_one_off(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    ci = _create_key(data_dir, tmp_path, name="ci", tenant="acme")
+    laptop = _create_key(data_dir, tmp_path, name="laptop", tenant="acme")
+    other = _create_key(data_dir, tmp_path, name="ci", tenant="globex")
+
+    done = _mpq("keys", "list", "--json", data_dir=data_dir, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert [(k["name"], k["tenant"], k["revoked_at"]) for k in listed] == [
+        ("ci", "acme", None), ("laptop", "acme", None), ("ci", "globex", None)
+    ]  # fmt: skip
+    assert [k["prefix"] for k in listed] == [ci[:8], laptop[:8], other[:8]]
+    assert not any(secret[8:] in done.stdout for secret in (ci, laptop, other))
+    table = _mpq("keys", "list", "--tenant", "globex", data_dir=data_dir, cwd=tmp_path).stdout
+    assert table.splitlines()[0].split() == [
+        "id", "prefix", "name", "tenant", "created_at", "revoked_at"
+    ]  # fmt: skip
+    assert len(table.splitlines()) == 2 and listed[2]["id"] in table
+
+    done = _mpq("keys", "revoke", listed[1]["id"], data_dir=data_dir, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "'laptop'" in done.stderr
+    assert (_tenant_of(data_dir, ci), _tenant_of(data_dir, laptop)) == ("acme", None)
+    assert _tenant_of(data_dir, other) == "globex"
+    after = json.loads(_mpq("keys", "list", "--json", data_dir=data_dir, cwd=tmp_path).stdout)
+    assert [k["revoked_at"] is not None for k in after] == [False, True, False]
+
+    # By prefix, limited to a tenant: the other tenant's key of the same prefix is not touched.
+    done = _mpq("keys", "revoke", other[:8], "--tenant", "acme", data_dir=data_dir, cwd=tmp_path)
+    assert done.returncode == 2 and "[key_not_found]" in done.stderr
+    assert _tenant_of(data_dir, other) == "globex"
+    done = _mpq("keys", "revoke", other[:8], data_dir=data_dir, cwd=tmp_path)
+    assert done.returncode == 0 and _tenant_of(data_dir, other) is None
 
 
 def test_entry_point_keeps_the_engine_commands(

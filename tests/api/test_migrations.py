@@ -29,7 +29,7 @@ TABLES = {
     "sensitivity_cache",
     "job_stage_durations",
 }
-HEAD = "0003"
+HEAD = "0004"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 

@@ -3,10 +3,12 @@ cursors, cancel, delete, and artifacts of a job a simulated worker finished."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -182,15 +184,44 @@ def test_list_newest_first_with_cursor_pagination_and_filters(svc: Service) -> N
     assert [j["id"] for j in done["items"]] == [ids[1]]
     queued = svc.client.get("/v1/jobs", params={"status": "queued"}, headers=headers).json()
     assert ids[1] not in [j["id"] for j in queued["items"]] and len(queued["items"]) == 5
+    assert (done["total"], queued["total"]) == (1, 5)
+
+
+def test_list_total_counts_every_page_and_filters_by_dataset_and_time(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    _, other_data = model_and_dataset(svc, headers)
+    first = [_create(svc, headers, model_id, data_id)["id"] for _ in range(3)]
+    on_other = _create(svc, headers, model_id, other_data)["id"]
+    with session_scope(svc.sessions) as session:  # an older job, created a day ago
+        job = session.get(Job, first[0])
+        assert job is not None
+        job.created_at = utcnow() - timedelta(days=1)
+
+    def listed(**params: Any) -> tuple[list[str], int]:
+        r = svc.client.get("/v1/jobs", params={"limit": 2, **params}, headers=headers)
+        assert r.status_code == 200, r.text
+        return [j["id"] for j in r.json()["items"]], r.json()["total"]
+
+    assert listed() == ([on_other, first[2]], 4)
+    assert listed(dataset_id=other_data) == ([on_other], 1)
+    assert listed(dataset_id=data_id)[1] == 3
+    cutoff = (utcnow() - timedelta(hours=1)).isoformat()
+    assert listed(created_before=cutoff) == ([first[0]], 1)
+    assert listed(created_after=cutoff)[1] == 3
+    # Another tenant's jobs are not counted.
+    assert svc.client.get("/v1/jobs", headers=svc.key("other")).json()["total"] == 0
+
+    r = svc.client.get("/v1/jobs", params={"created_after": "2026-12-01T00:00:00"}, headers=headers)
+    assert r.status_code == 422 and "time zone" in r.json()["error"]["message"]
+    r = svc.client.get("/v1/jobs", params={"created_after": "yesterday"}, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
 def test_cancel_then_delete(svc: Service) -> None:
     headers = svc.key("acme")
     model_id, data_id = model_and_dataset(svc, headers)
     job_id = _create(svc, headers, model_id, data_id)["id"]
-
-    r = svc.client.delete(f"/v1/jobs/{job_id}", headers=headers)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "job_active"
 
     r = svc.client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
     assert r.status_code == 200
@@ -205,6 +236,21 @@ def test_cancel_then_delete(svc: Service) -> None:
     assert r.status_code == 204 and r.content == b""
     assert svc.client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
     assert svc.client.delete(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
+
+
+def test_deleting_a_queued_job_cancels_and_deletes_it(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    job_id = _create(svc, headers, model_id, data_id)["id"]
+    kept = _create(svc, headers, model_id, data_id)["id"]
+
+    r = svc.client.delete(f"/v1/jobs/{job_id}", headers=headers)
+    assert r.status_code == 204
+    assert svc.client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 404
+    with session_scope(svc.sessions) as session:
+        assert session.get(Job, job_id) is None
+    # A worker handed the deleted job's id finds nothing to run; the other job is untouched.
+    assert svc.client.get(f"/v1/jobs/{kept}", headers=headers).json()["status"] == "queued"
 
 
 def test_cancelling_a_finished_job_is_409(svc: Service) -> None:
@@ -252,6 +298,58 @@ def test_artifacts_list_download_and_delete(svc: Service) -> None:
         assert session.query(Artifact).count() == 0
 
 
+def test_downloads_carry_etag_and_digest_and_serve_byte_ranges(svc: Service) -> None:
+    headers = svc.key("acme")
+    model_id, data_id = model_and_dataset(svc, headers)
+    job_id = _create(svc, headers, model_id, data_id)["id"]
+    body = bytes(range(256)) * 5000  # several chunks
+    _finish(svc, job_id, {"model.pt": body})
+    url = f"/v1/jobs/{job_id}/artifacts/model.pt"
+    digest = hashlib.sha256(body)
+
+    r = svc.client.get(url, headers=headers)
+    etag = f'"{digest.hexdigest()}"'
+    assert (r.status_code, r.content) == (200, body)
+    assert r.headers["etag"] == etag and r.headers["accept-ranges"] == "bytes"
+    assert r.headers["repr-digest"] == f"sha-256=:{base64.b64encode(digest.digest()).decode()}:"
+
+    def get(**more: str) -> Any:
+        return svc.client.get(url, headers={**headers, **more})
+
+    r = get(**{"If-None-Match": etag})
+    assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", etag)
+    assert get(**{"If-None-Match": '"other"'}).status_code == 200
+
+    # Resuming an interrupted download: the rest from a byte offset, in several chunks.
+    r = get(Range="bytes=70000-")
+    assert (r.status_code, r.content) == (206, body[70000:])
+    assert r.headers["content-range"] == f"bytes 70000-{len(body) - 1}/{len(body)}"
+    assert r.headers["content-length"] == str(len(body) - 70000)
+    r = get(Range="bytes=10-19")
+    assert (r.status_code, r.content) == (206, body[10:20])
+    r = get(Range="bytes=-5")
+    assert (r.status_code, r.content) == (206, body[-5:])
+    r = get(Range="bytes=10-19", **{"If-Range": etag})
+    assert (r.status_code, r.content) == (206, body[10:20])
+
+    # A range of another version, several ranges, or one that does not parse: the whole file.
+    for more in ({"Range": "bytes=10-19", "If-Range": '"old"'}, {"Range": "bytes=0-1,5-6"},
+                 {"Range": "lines=1-2"}):  # fmt: skip
+        r = get(**more)
+        assert (r.status_code, r.content) == (200, body), more
+
+    r = get(Range=f"bytes={len(body)}-")
+    assert r.status_code == 416 and r.json()["error"]["code"] == "range_not_satisfiable"
+    assert r.headers["content-range"] == f"bytes */{len(body)}"
+
+    r = svc.client.head(url, headers={**headers, "Range": "bytes=0-99"})
+    assert (r.status_code, r.content, r.headers["content-length"]) == (206, b"", "100")
+    r = svc.client.head(url, headers=headers)
+    assert (r.status_code, r.headers["content-length"], r.headers["etag"]) == (
+        200, str(len(body)), etag
+    )  # fmt: skip
+
+
 def test_healthz_and_readyz(svc: Service) -> None:
     assert svc.client.get("/healthz").json() == {"status": "ok"}
     assert svc.client.get("/readyz").json() == {"status": "ok"}
@@ -265,6 +363,11 @@ def test_readyz_is_503_when_the_database_is_gone(svc: Service) -> None:
     db.parent.rename(db.parent.with_name("moved"))
     r = svc.client.get("/readyz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+def test_the_root_redirects_to_the_web_pages(svc: Service) -> None:
+    r = svc.client.get("/", follow_redirects=False)
+    assert (r.status_code, r.headers["location"]) == (307, "/ui/")
 
 
 def test_unknown_route_uses_the_error_shape(svc: Service) -> None:

@@ -96,6 +96,9 @@ def test_stream_round_trip_multi_mb(storage: Storage, prefix: str, tmp_path: Pat
     with storage.open_read(key) as f:
         assert f.read(10) == expected[:10]
         assert f.read() == expected[10:]
+    offset = 5 * MiB + 7  # a ranged download's start, inside the second S3 part
+    with storage.open_read(key, offset) as f:
+        assert f.read() == expected[offset:]
     parts = list(storage.iter_chunks(key, chunk=MiB))
     assert all(0 < len(p) <= MiB for p in parts)
     assert b"".join(parts) == expected

@@ -19,11 +19,12 @@ from sqlalchemy import func, select
 
 import mpq_core.pipeline
 import worker.child_job
+from api import actions
 from mpq_service.db import session_scope
 from mpq_service.settings import Settings
 from mpq_service.storage import LocalStorage, make_storage
 from mpq_service.storage_keys import artifact_key, tenant_prefix
-from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
+from mpq_service.tables import Artifact, Job, SensitivityCache, Tenant, utcnow
 from tests.support.files import npz_bytes
 from tests.support.net import free_port
 from tests.worker.conftest import Env, mlp_npz
@@ -220,13 +221,31 @@ def _processes_with(token: str) -> list[int]:
     return found
 
 
-def test_cancellation_while_running_stops_the_job(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+def _cancel_in_the_database(env: Env, job_id: str) -> None:
+    with session_scope(env.session_factory) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status = "cancelled"
+
+
+def _delete_through_the_api(env: Env, job_id: str) -> None:
+    with session_scope(env.session_factory) as s:
+        tenant = s.get(Tenant, env.tenant_id)
+        assert tenant is not None
+        actions.delete_job(s, env.storage, job_id, tenant)
+
+
+@pytest.mark.parametrize(
+    "stop", [_cancel_in_the_database, _delete_through_the_api], ids=["cancel", "delete"]
+)
+def test_cancellation_or_deletion_while_running_stops_the_job(
+    env: Env, monkeypatch: pytest.MonkeyPatch, stop: Callable[[Env, str], None]
 ) -> None:
     job_id = env.create_job()
     token = f"mpq-test-cancel-{job_id}"
     # The child's allocation stage hangs (it would write a file after 120 s); cancelling the job
-    # in the database, as POST /v1/jobs/{id}/cancel does, must kill it and store nothing.
+    # in the database, as POST /v1/jobs/{id}/cancel does, or deleting it as DELETE
+    # /v1/jobs/{id} does, must kill it and store nothing.
     monkeypatch.setattr(
         worker.child_job,
         "CHILD_ARGV",
@@ -238,24 +257,37 @@ def test_cancellation_while_running_stops_the_job(
         ),
     )
 
-    def cancel_when_allocating() -> None:
+    def stop_when_allocating() -> None:
         for _ in range(600):
             with session_scope(env.session_factory) as s:
                 job = s.get(Job, job_id)
                 assert job is not None
-                if job.stage == "allocate":
-                    job.status = "cancelled"
-                    return
+                allocating = job.stage == "allocate"
+            if allocating:
+                stop(env, job_id)
+                return
             time.sleep(0.1)
 
-    canceller = threading.Thread(target=cancel_when_allocating)
-    canceller.start()
-    job = env.run_job(job_id)
-    canceller.join()
-    assert (job.status, job.error_code, job.result) == ("cancelled", None, None)
-    assert job.artifacts == [] and _count(env, Artifact) == 0
+    stopper = threading.Thread(target=stop_when_allocating)
+    stopper.start()
+    run_job(
+        job_id,
+        settings=env.settings,
+        session_factory=env.session_factory,
+        storage=env.storage,
+        workdir=env.workdir,
+    )
+    stopper.join()
+    with env.session_factory() as s:
+        job = s.get(Job, job_id)
+        if stop is _delete_through_the_api:
+            assert job is None
+        else:
+            assert job is not None
+            assert (job.status, job.error_code, job.result) == ("cancelled", None, None)
+    assert _count(env, Artifact) == 0
     assert not env.storage.exists(artifact_key(env.tenant_id, job_id, "model.pt"))
-    assert _processes_with(token) == [], "the child outlived its cancelled job"
+    assert _processes_with(token) == [], "the child outlived its stopped job"
     assert isinstance(env.storage, LocalStorage)
     jobs_folder = env.storage.root / tenant_prefix(env.tenant_id) / "jobs"
     assert not jobs_folder.exists() or not any(jobs_folder.rglob("*"))
