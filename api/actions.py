@@ -18,6 +18,7 @@ from api.ownership import get_owned
 from mpq_service.job_status import ACTIVE_STATUSES, JobStatus
 from mpq_service.storage import Storage
 from mpq_service.tables import Artifact, Dataset, Job, ModelFile, Tenant, utcnow
+from mpq_service.webhooks import queue_webhook
 
 __all__ = ["IN_USE_SHOWN", "cancel_job", "delete_job", "delete_upload"]
 
@@ -61,6 +62,7 @@ def delete_job(session: Session, storage: Storage, job_id: str, tenant: Tenant) 
     # Locked, so that a worker's final write (which locks the row too) cannot add artifact rows
     # between the listing below and the delete.
     job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
+    queue_webhook(session, job)  # the job is final now; its webhook outlives its row
     keys = list(
         session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job.id)).all()
     )

@@ -65,6 +65,50 @@ def _make_api_engine(settings: Settings) -> Engine:
     return make_engine(url, **kwargs)
 
 
+def _add_root_and_health_routes(app: FastAPI) -> None:
+    """``/`` (to the web pages), ``/healthz`` and ``/readyz``."""
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        """People who open the service's address in a browser land on its web pages."""
+        return RedirectResponse("/ui/", status_code=307)
+
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
+    async def healthz() -> dict[str, str]:
+        """The process is up. Checks nothing and waits on nothing (no database, no thread):
+        it answers while every connection or worker thread is busy."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=None,
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+            503: {
+                "description": "not ready: the error names every dependency that fails",
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/Error"},
+                        "example": {
+                            "error": {"code": "not_ready", "message": "broker: refused"},
+                            "checks": {"database": "ok", "broker": "broker: refused"},
+                        },
+                    }
+                },
+            },
+        },
+    )
+    def readyz() -> dict[str, Any] | JSONResponse:
+        """The database answers, the storage is ready, the broker takes connections and (under
+        ``mpq serve``) the worker runs; 503 naming every one that does not."""
+        return readiness_response(app.state.readiness_probes)
+
+
 def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: from the environment).
 
@@ -117,44 +161,5 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     app.add_middleware(RequestId)  # outermost: every answer and log line carries the id
     app.include_router(api_router)
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        """People who open the service's address in a browser land on its web pages."""
-        return RedirectResponse("/ui/", status_code=307)
-
-    @app.get(
-        "/healthz",
-        tags=["health"],
-        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
-    )
-    async def healthz() -> dict[str, str]:
-        """The process is up. Checks nothing and waits on nothing (no database, no thread):
-        it answers while every connection or worker thread is busy."""
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        tags=["health"],
-        response_model=None,
-        responses={
-            200: {"content": {"application/json": {"example": {"status": "ok"}}}},
-            503: {
-                "description": "not ready: the error names every dependency that fails",
-                "content": {
-                    "application/json": {
-                        "schema": {"$ref": "#/components/schemas/Error"},
-                        "example": {
-                            "error": {"code": "not_ready", "message": "broker: refused"},
-                            "checks": {"database": "ok", "broker": "broker: refused"},
-                        },
-                    }
-                },
-            },
-        },
-    )
-    def readyz() -> dict[str, Any] | JSONResponse:
-        """The database answers, the storage is ready, the broker takes connections and (under
-        ``mpq serve``) the worker runs; 503 naming every one that does not."""
-        return readiness_response(app.state.readiness_probes)
-
+    _add_root_and_health_routes(app)
     return app

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mpq_core.errors import SpecError
 from mpq_core.spec import JobSpec
-from mpq_service.job_status import JobStatus
-from mpq_service.tables import Artifact, Dataset, Job, ModelFile
+from mpq_service.job_public import ErrorInfo, JobPublic
+from mpq_service.tables import Artifact, Dataset, ModelFile
 
 __all__ = [
     "ArtifactList",
@@ -33,19 +33,6 @@ __all__ = [
 _ID = "3f2b8c1e-5d4a-4e9b-9a7c-1d2e3f4a5b6c"
 _SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 _WHEN = "2026-12-06T10:00:00Z"
-
-
-class ErrorInfo(BaseModel):
-    """Why a job failed: a stable code and a message saying what to fix."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"code": "budget_infeasible", "message": "avg-bits=1 is below 2 bits"}]
-        }
-    )
-
-    code: str
-    message: str
 
 
 class JobResult(BaseModel):
@@ -146,6 +133,13 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(min_length=1, max_length=36)
     eval_dataset_id: str | None = Field(default=None, min_length=1, max_length=36)
     spec: dict[str, Any] = Field(description="the job spec (schema: JobSpec)")
+    webhook_url: str | None = Field(
+        default=None,
+        # Checked by the route (mpq_service.webhook_targets), one message for JSON and forms.
+        json_schema_extra={"format": "uri", "maxLength": 2048},
+        description="an http(s) URL the job's final state is POSTed to, signed with "
+        "X-MPQ-Signature (see mpq_service.webhook_signature); no credentials in it",
+    )
 
     def job_spec(self) -> JobSpec:
         """The validated spec.
@@ -170,79 +164,6 @@ def parse_job_spec(spec: dict[str, Any]) -> JobSpec:
         # The strict checks in mpq_core.spec_checks name every mistake they know; this is the
         # net under them, so that nothing a client sends is ever answered with a 500.
         raise SpecError(f"bad job spec: {exc}") from exc
-
-
-class JobPublic(BaseModel):
-    """A job as clients see it; ``result`` is the worker's summary once it succeeded."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": _ID,
-                    "status": "running",
-                    "stage": "finetune",
-                    "progress": 0.62,
-                    "model_id": _ID,
-                    "dataset_id": _ID,
-                    "eval_dataset_id": None,
-                    "spec": {
-                        "schema_version": 2,
-                        "kind": "mpq.job_spec",
-                        "budgets": ["avg-bits=4"],
-                    },
-                    "attempts": 1,
-                    "error": None,
-                    "result": None,
-                    "created_at": _WHEN,
-                    "started_at": _WHEN,
-                    "finished_at": None,
-                    "updated_at": _WHEN,
-                }
-            ]
-        }
-    )
-
-    id: str
-    status: JobStatus
-    stage: str | None = Field(description="the pipeline stage running now, or the last one")
-    progress: float = Field(ge=0, le=1)
-    model_id: str | None = Field(description="null once the model was deleted")
-    dataset_id: str | None = Field(description="null once the dataset was deleted")
-    eval_dataset_id: str | None
-    spec: dict[str, Any]
-    attempts: int
-    error: ErrorInfo | None
-    # The stored summary, passed through as the worker wrote it; the OpenAPI document describes
-    # it as a JobResult (api.openapi).
-    result: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, row: Job) -> JobPublic:
-        error = None
-        if row.error_code is not None:
-            error = ErrorInfo(code=row.error_code, message=row.error_message or "")
-        return cls(
-            id=row.id,
-            status=JobStatus(row.status),
-            stage=row.stage,
-            progress=row.progress,
-            model_id=row.model_id,
-            dataset_id=row.dataset_id,
-            eval_dataset_id=row.eval_dataset_id,
-            spec=row.spec,
-            attempts=row.attempts,
-            error=error,
-            result=row.result,
-            created_at=row.created_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            updated_at=row.updated_at,
-        )
 
 
 class JobList(BaseModel):

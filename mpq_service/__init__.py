@@ -7,6 +7,11 @@
   of object keys.
 - :mod:`mpq_service.celery_config`: the task name, default queue and Celery configuration that
   the API (producer) and the workers (consumers) must agree on.
+- :mod:`mpq_service.job_public`: a job as clients see it (API answers, events, webhooks).
+- :mod:`mpq_service.reaper` and :mod:`mpq_service.webhooks`: the background loops of every worker
+  (:mod:`mpq_service.periodic`): orphaned jobs, and webhook calls (their URL rules in
+  :mod:`mpq_service.webhook_targets`, their signature in :mod:`mpq_service.webhook_signature`,
+  which receivers import too: it needs only the standard library).
 
 It imports neither :mod:`api` nor :mod:`worker`, and never torch (the contracts in
 ``pyproject.toml`` check this with import-linter).

@@ -32,7 +32,6 @@ imports torch.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.periodic import Periodic
 from mpq_service.tables import Job, utcnow
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ def recover_on_start(
     return done
 
 
-class Reaper:
+class Reaper(Periodic):
     """Calls :func:`reap` every ``settings.reaper_interval_s`` from a daemon thread.
 
     Example:
@@ -279,21 +279,11 @@ class Reaper:
     def __init__(
         self, settings: Settings, factory: sessionmaker[Session], enqueue: Enqueue
     ) -> None:
+        super().__init__(settings.reaper_interval_s, "mpq-reaper")
         self.settings = settings
         self.factory = factory
         self.enqueue = enqueue
         self.passes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mpq-reaper", daemon=True)
-
-    def start(self) -> Reaper:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout_s)
 
     def run_once(self) -> Reaped:
         """One pass; database and broker errors are logged and leave everything for the next."""
@@ -304,10 +294,3 @@ class Reaper:
             return Reaped()
         finally:
             self.passes += 1
-
-    def _run(self) -> None:
-        # A first pass at once: a restarted worker picks up what its predecessor left.
-        while True:
-            self.run_once()
-            if self._stop.wait(self.settings.reaper_interval_s):
-                return

@@ -75,6 +75,24 @@ class Settings(BaseSettings):
         worker_stop_timeout_s: ``mpq serve`` only: how long its worker may take to stop (warm
             shutdown: it finishes its job) before it is killed; a killed worker's job is
             re-queued at the next start.
+        webhook_secret: key of the ``X-MPQ-Signature`` HMAC on every webhook call (see
+            :mod:`mpq_service.webhook_signature`). Unset with local storage (one machine, e.g.
+            ``mpq serve``): generated once and kept in ``data_dir/webhook-secret``. Unset with
+            S3 storage (several machines): jobs with a ``webhook_url`` are refused.
+        webhook_allow_private: deliver webhooks to loopback, private, link-local and other
+            non-public addresses too. Off by default: the workers would otherwise be a way to
+            reach the service's own network (metadata servers, databases) for any tenant.
+        webhook_timeout_s: time limit of each step (connect, send, read) of one webhook call.
+        webhook_retry_delays_s: waits before each retry of a failed webhook call (a JSON list
+            in the environment); after the last one the delivery is given up.
+        webhook_interval_s: how often each worker looks for finished jobs to announce and
+            webhook calls that are due.
+        events_poll_interval_s: how often a job's event stream (``GET /v1/jobs/{id}/events``)
+            reads the job.
+        events_keepalive_s: a comment line is sent on an idle event stream this often, so
+            proxies do not close it.
+        events_max_lifetime_s: an event stream is closed after this long (the client
+            reconnects), so no connection lives forever.
         log_format: ``json`` (one object per line, with ``request_id`` and ``job_id``),
             ``text``, or ``auto``: text when stderr is a terminal, JSON otherwise (containers,
             service managers and files feed log collectors). ``mpq serve`` and the Celery
@@ -114,6 +132,16 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=30.0, gt=0)
     job_final_write_retry_s: float = Field(default=120.0, ge=0)
     worker_stop_timeout_s: float = Field(default=10.0, ge=0)
+    webhook_secret: SecretStr | None = None
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retry_delays_s: list[float] = Field(
+        default_factory=lambda: [10.0, 30.0, 120.0, 600.0, 3600.0]
+    )
+    webhook_interval_s: float = Field(default=2.0, gt=0)
+    events_poll_interval_s: float = Field(default=0.5, gt=0)
+    events_keepalive_s: float = Field(default=15.0, gt=0)
+    events_max_lifetime_s: float = Field(default=3600.0, gt=0)
     log_format: Literal["auto", "json", "text"] = "auto"
     metrics_token: SecretStr | None = None
 
@@ -131,6 +159,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MPQ_JOB_STALE_AFTER_S must be at least 3 x MPQ_JOB_HEARTBEAT_INTERVAL_S"
             )
+        if any(d < 0 for d in self.webhook_retry_delays_s):
+            raise ValueError("MPQ_WEBHOOK_RETRY_DELAYS_S: delays must not be negative")
         return self
 
     @property

@@ -35,6 +35,7 @@ __all__ = [
     "StageDuration",
     "Tenant",
     "UTCDateTime",
+    "WebhookDelivery",
     "new_id",
     "utcnow",
 ]
@@ -49,6 +50,7 @@ NAMING_CONVENTION = {
 }
 
 MODEL_FORMATS = ("torchscript", "export")
+WEBHOOK_STATES = ("pending", "delivered", "failed")
 DATASET_FORMATS = ("npz", "safetensors")
 
 
@@ -184,7 +186,9 @@ class Job(Base):
     replaced can never overwrite its successor. ``heartbeat_at`` is stamped by the running
     attempt every few seconds; the reaper (``worker.reaper``) re-queues a running job whose
     heartbeat went stale. ``sensitivity_key`` names the :class:`SensitivityCache` entry the job
-    used or produced.
+    used or produced. ``webhook_pending`` is true from the creation of a job with a
+    ``webhook_url`` until its :class:`WebhookDelivery` is queued, once it is final
+    (:mod:`mpq_service.webhooks`).
     """
 
     __tablename__ = "jobs"
@@ -200,6 +204,8 @@ class Job(Base):
         ),
         # The reaper's scan: running jobs by heartbeat age.
         sa.Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        # The webhook dispatcher's scan: finished jobs whose webhook is not queued yet.
+        sa.Index("ix_jobs_webhook_pending", "webhook_pending", "status"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
@@ -228,6 +234,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(2048), default=None)
+    webhook_pending: Mapped[bool] = mapped_column(
+        sa.Boolean, default=False, server_default=sa.false()
+    )
 
     model: Mapped[ModelFile | None] = relationship(foreign_keys=[model_id])
     dataset: Mapped[Dataset | None] = relationship(foreign_keys=[dataset_id])
@@ -287,6 +297,37 @@ class SensitivityCache(Base):
         canonical = json.dumps(dict(analysis), sort_keys=True, separators=(",", ":"))
         payload = "\n".join([model_sha256, dataset_sha256, canonical])
         return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class WebhookDelivery(Base):
+    """One webhook call to make, an outbox row: queued when its job is final, then posted
+    (and retried) by the workers until a 2xx answer (``delivered``) or the last retry
+    (``failed``, with ``last_error``).
+
+    ``body`` is the exact JSON sent every time (the signature covers it). ``job_id`` is no
+    foreign key: a job deleted after it finished still has its webhook delivered.
+    ``next_attempt_at`` is also the claim: a worker posting the call pushes it past its time
+    limit first, so no other worker takes the row meanwhile.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.CheckConstraint(_in_list("state", WEBHOOK_STATES), name="state"),
+        sa.UniqueConstraint("job_id", name="uq_webhook_deliveries_job_id"),
+        sa.Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(sa.String(36))
+    tenant_id: Mapped[str] = _tenant_fk()
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    body: Mapped[str] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class StageDuration(Base):

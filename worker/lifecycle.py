@@ -6,8 +6,9 @@
   a thread, where ``preexec_fn`` is unsafe.
 - Once ready (``worker_ready``): a :class:`~mpq_service.reaper.Reaper` thread, with an engine of
   its own, re-queues the jobs of dead workers (the first pass at once, so a restarted worker
-  picks up what its predecessor left).
-- At shutdown (``worker_shutdown``): the reaper stops.
+  picks up what its predecessor left), and a :class:`~mpq_service.webhooks.WebhookDispatcher`
+  thread, on the same engine, posts the webhooks of finished jobs.
+- At shutdown (``worker_shutdown``): both stop.
 
 Prefork pool children inherit the reaper's engine across the fork: ``worker_process_init``
 drops it there without closing the parent's connections.
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from mpq_service.reaper import Reaper
+    from mpq_service.webhooks import WebhookDispatcher
 
 __all__ = ["PARENT_PID_ENV", "start_reaper", "stop_reaper"]
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 PARENT_PID_ENV = "MPQ_WORKER_PARENT_PID"
 
 _reaper: Reaper | None = None
+_dispatcher: WebhookDispatcher | None = None
 _engine: Engine | None = None
 
 
@@ -55,12 +58,14 @@ def _exit_with_parent() -> None:
 
 
 def start_reaper(app: Any) -> Reaper:
-    """Start this process's reaper thread, sending re-queued jobs through ``app``."""
-    global _reaper, _engine
+    """Start this process's reaper thread, sending re-queued jobs through ``app``, and its
+    webhook dispatcher."""
+    global _reaper, _dispatcher, _engine
     from mpq_service.celery_config import TASK_RUN_JOB
     from mpq_service.db import make_engine, make_sessionmaker
     from mpq_service.reaper import Reaper
     from mpq_service.settings import get_settings
+    from mpq_service.webhooks import WebhookDispatcher
 
     settings = get_settings()
     _engine = make_engine(settings.database_url)
@@ -68,7 +73,11 @@ def start_reaper(app: Any) -> Reaper:
     def enqueue(job_id: str) -> None:
         app.send_task(TASK_RUN_JOB, args=[job_id])
 
-    _reaper = Reaper(settings, make_sessionmaker(_engine), enqueue).start()
+    # httpx logs every request's URL at INFO; a webhook URL may carry its receiver's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    factory = make_sessionmaker(_engine)
+    _reaper = Reaper(settings, factory, enqueue).start()
+    _dispatcher = WebhookDispatcher(settings, factory).start()
     log.info(
         "reaper started: every %.0f s, jobs without a heartbeat for %.0f s are re-queued",
         settings.reaper_interval_s,
@@ -78,10 +87,13 @@ def start_reaper(app: Any) -> Reaper:
 
 
 def stop_reaper() -> None:
-    global _reaper, _engine
+    global _reaper, _dispatcher, _engine
     if _reaper is not None:
         _reaper.stop()
         _reaper = None
+    if _dispatcher is not None:
+        _dispatcher.stop()
+        _dispatcher = None
     if _engine is not None:
         _engine.dispose()
         _engine = None
@@ -107,7 +119,7 @@ def _on_worker_shutdown(**_: object) -> None:
 
 @worker_process_init.connect
 def _forget_reaper_in_child(**_: object) -> None:
-    global _reaper, _engine
+    global _reaper, _dispatcher, _engine
     if _engine is not None:
         _engine.dispose(close=False)  # the parent's connections stay the parent's
-    _reaper = _engine = None
+    _reaper = _dispatcher = _engine = None

@@ -45,7 +45,10 @@ from api.routing import SessionReleasingRoute
 from api.schemas import JobCreate, JobList, JobPublic, parse_job_spec
 from mpq_core.spec import JobSpec
 from mpq_service.job_status import JobStatus
+from mpq_service.settings import Settings
 from mpq_service.tables import Dataset, Job, ModelFile, Tenant, utcnow
+from mpq_service.webhook_targets import MAX_URL_LENGTH, WebhookTargetError, check_webhook_url
+from mpq_service.webhooks import webhooks_unavailable
 
 __all__ = ["RETRY_AFTER_S", "router"]
 
@@ -76,6 +79,10 @@ _JOB_BODY: dict[str, Any] = {
                         "data": {**_FILE, "description": "calibration data, as POST /v1/datasets"},
                         "eval_data": {**_FILE, "description": "optional evaluation data"},
                         "spec": {"type": "string", "description": "the job spec as JSON"},
+                        "webhook_url": {
+                            "type": "string",
+                            "description": "optional: where the final state is POSTed",
+                        },
                     },
                 },
                 "encoding": {"spec": {"contentType": "application/json"}},
@@ -96,6 +103,20 @@ _JSON_MAX_BYTES = _SPEC_MAX_BYTES + 4096  # the spec and the ids around it
 
 def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
+
+
+def _check_webhook(url: str | None, settings: Settings) -> str | None:
+    """``url`` if it may be the job's webhook (see :mod:`mpq_service.webhook_targets`), else
+    422 ``invalid_request``; None stays None."""
+    if url is None:
+        return None
+    unavailable = webhooks_unavailable(settings)
+    if unavailable:
+        raise _invalid(f"webhook_url: {unavailable}")
+    try:
+        return check_webhook_url(url, allow_private=settings.webhook_allow_private)
+    except WebhookTargetError as exc:
+        raise _invalid(f"webhook_url: {exc}") from None
 
 
 async def _read_json_body(request: Request) -> bytes:
@@ -143,6 +164,8 @@ def _insert_job(session: Session, tenant: Tenant, body: JobCreate, spec: JobSpec
         eval_dataset_id=body.eval_dataset_id,
         spec=spec.to_dict(),
         status=JobStatus.QUEUED.value,
+        webhook_url=body.webhook_url,
+        webhook_pending=body.webhook_url is not None,
     )
     session.add(job)
     try:
@@ -183,21 +206,28 @@ def _form_spec(raw: bytes) -> JobSpec:
 
 async def _read_form(
     form: MultipartStream, upload: UploadContext, stored: list[UploadRow]
-) -> tuple[dict[str, UploadRow], JobSpec]:
+) -> tuple[dict[str, UploadRow], JobSpec, str | None]:
     """The form's files, stored through the upload routes' flow (each row also appended to
-    ``stored`` as soon as its object exists), and its spec."""
+    ``stored`` as soon as its object exists), its spec and its webhook URL."""
     rows: dict[str, UploadRow] = {}
     spec: JobSpec | None = None
+    webhook: str | None = None
     seen: set[str] = set()
     while (part := await form.next_part()) is not None:
         name = part.name
-        if name not in (*_FILE_PARTS, "spec"):
-            raise _invalid(f"unknown form part {name!r}: send model, data, eval_data, spec")
+        if name not in (*_FILE_PARTS, "spec", "webhook_url"):
+            raise _invalid(
+                f"unknown form part {name!r}: send model, data, eval_data, spec, webhook_url"
+            )
         if name in seen:
             raise _invalid(f"the form part {name!r} was sent twice")
         seen.add(name)
         if name == "spec":
             spec = _form_spec(await form.read_field(_SPEC_MAX_BYTES, name))
+            continue
+        if name == "webhook_url":
+            raw = await form.read_field(4 * MAX_URL_LENGTH, name)
+            webhook = _check_webhook(raw.decode("utf-8", "replace"), upload.settings)
             continue
         row = await store_file(form.read(), _FILE_PARTS[name], upload, part.filename)
         stored.append(row)
@@ -205,7 +235,7 @@ async def _read_form(
     missing = [n for n in ("model", "data", "spec") if n not in seen]
     if missing or spec is None:
         raise _invalid(f"missing form part(s): {', '.join(missing)}")
-    return rows, spec
+    return rows, spec, webhook
 
 
 async def _create_from_form(request: Request, boundary: bytes, upload: UploadContext) -> Job:
@@ -218,7 +248,7 @@ async def _create_from_form(request: Request, boundary: bytes, upload: UploadCon
     stored: list[UploadRow] = []
     async with deleted_on_failure(upload.storage, stored):
         form = MultipartStream(request.stream(), boundary)
-        rows, spec = await _read_form(form, upload, stored)
+        rows, spec, webhook = await _read_form(form, upload, stored)
         job = Job(
             tenant_id=upload.tenant.id,
             model_id=rows["model"].id,
@@ -226,6 +256,8 @@ async def _create_from_form(request: Request, boundary: bytes, upload: UploadCon
             eval_dataset_id=rows["eval_data"].id if "eval_data" in rows else None,
             spec=spec.to_dict(),
             status=JobStatus.QUEUED.value,
+            webhook_url=webhook,
+            webhook_pending=webhook is not None,
         )
         await run_in_threadpool(insert_rows, upload.session, stored, job)
     return job
@@ -242,6 +274,11 @@ async def create_job(
     and ``spec`` (the job spec as JSON): the files are stored as a model and datasets, exactly
     as ``POST /v1/models`` and ``POST /v1/datasets`` would (the job names their ids), and
     nothing is kept when any part is refused.
+
+    ``webhook_url`` (a JSON field, or a form part): once the job is final (succeeded, failed or
+    cancelled) the workers POST it there, signed with ``X-MPQ-Signature`` and retried until a
+    2xx answer; see :mod:`mpq_service.webhooks`. Follow a job live with
+    ``GET /v1/jobs/{id}/events``.
     """
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype == b"multipart/form-data":
@@ -252,6 +289,7 @@ async def create_job(
     elif ctype in (b"", b"application/json") or ctype.endswith(b"+json"):
         body = _parse_json_body(await _read_json_body(request))
         spec = body.job_spec()
+        _check_webhook(body.webhook_url, upload.settings)
         job = await run_in_threadpool(_insert_job, upload.session, upload.tenant, body, spec)
     else:
         raise ApiError(

@@ -92,9 +92,9 @@ def make_key(database_url: str) -> str:
 def served(
     tmp_path: Path, *, key_database_url: str | None = None, worker: bool = False, **settings: str
 ) -> Iterator[Served]:
-    """``mpq serve --no-worker`` (or with its worker) with ``settings`` (e.g.
-    ``database_url=...``); the key is made through ``key_database_url`` (default: the served
-    database) after migrating it."""
+    """``mpq serve --no-worker`` (``mpq serve`` with its worker when ``worker``) with
+    ``settings`` (e.g. ``database_url=...``); the key is made through ``key_database_url``
+    (default: the served database) after migrating it."""
     data_dir = tmp_path / "data"
     database_url = settings.get("database_url") or f"sqlite:///{data_dir / 'mpq.db'}"
     data_dir.mkdir(parents=True, exist_ok=True)

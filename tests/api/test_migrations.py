@@ -17,6 +17,7 @@ from sqlalchemy import inspect, text
 from mpq_service.db import make_engine
 from mpq_service.migrate import downgrade, migration_lock, upgrade
 from mpq_service.tables import Base
+from tests.support.threads import run_at_once
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -28,8 +29,9 @@ TABLES = {
     "artifacts",
     "sensitivity_cache",
     "job_stage_durations",
+    "webhook_deliveries",
 }
-HEAD = "0004"
+HEAD = "0005"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 
@@ -94,22 +96,11 @@ def test_migrated_schema_matches_the_models(fresh_url: str) -> None:
 
 @both_backends
 def test_concurrent_upgrades_in_threads(fresh_url: str) -> None:
-    start = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def run() -> None:
+    def run(start: threading.Barrier) -> None:
         start.wait()
-        try:
-            upgrade(fresh_url)
-        except BaseException as exc:  # re-raised in the main thread below
-            errors.append(exc)
+        upgrade(fresh_url)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    run_at_once(run)
     assert _versions(fresh_url) == [HEAD]
     assert _tables(fresh_url) == TABLES | {"alembic_version"}
 

@@ -262,8 +262,9 @@ def test_unauthenticated_form_stores_nothing_and_tenants_stay_apart(svc: Service
 
 
 def test_openapi_documents_both_bodies(svc: Service) -> None:
-    op = svc.client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
-    content = op["requestBody"]["content"]
+    doc = svc.client.get("/openapi.json").json()
+    content = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     assert content["multipart/form-data"]["schema"]["required"] == ["model", "data", "spec"]
-    assert "model_id" in content["application/json"]["schema"]["properties"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/JobCreate"}
+    assert "model_id" in doc["components"]["schemas"]["JobCreate"]["properties"]
