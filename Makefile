@@ -11,14 +11,15 @@ DEMO_DATA := $(DEMO)/digits_cnn_calib.npz
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,service]'
+	$(BIN)/pip install -q -c constraints.txt -e ./client
 	touch $(STAMP)
 
-PACKAGES := mpq_core mpq_service api $(wildcard worker)
+PACKAGES := mpq_core mpq_service api $(wildcard worker) client/mpq_client
 SOURCES := $(PACKAGES) tests bench migrations
 
 lint: install

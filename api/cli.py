@@ -179,8 +179,12 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run the embedded service: API + one worker, SQLite and files under MPQ_DATA_DIR",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     p.add_argument(
         "--no-worker",
         action="store_true",

@@ -6,9 +6,10 @@
    calibration and test data under ``bench/work/``;
 2. creates an API key with ``mpq keys create demo`` and starts ``mpq serve`` on a free port, both
    with ``MPQ_DATA_DIR=bench/work/service``, and waits for ``/readyz``;
-3. over HTTP only (httpx): uploads the model, the calibration and the test data, submits a job
-   (average 2.5 bits, ``conv1`` pinned to 8 bits, 10 fine-tuning epochs), polls it printing
-   stage and progress, lists its artifacts and downloads ``model.pt`` and ``report.json``;
+3. over HTTP only, with the Python client (``mpq_client``, client/): uploads the model, the
+   calibration and the test data, submits a job (average 2.5 bits, ``conv1`` pinned to 8 bits,
+   10 fine-tuning epochs), waits for it printing stage and progress, lists its artifacts and
+   downloads ``model.pt`` and ``report.json`` (each checked against its listed sha256);
 4. loads the downloaded model with stock ``torch.jit.load`` and prints the test accuracy of the
    float and the quantized model next to the job report's before/after metrics;
 5. stops the server (and so its worker).
@@ -24,17 +25,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 
 from bench.digits import WORK, prepare
-from tests.support.jobs import JobWaitError, wait_for_job
+from mpq_client import Client, Job, JobCancelled, JobFailed, MpqClientError
 from tests.support.processes import ServiceNotReady, start_http_service
 
 __all__ = ["DemoError", "main", "run_demo"]
@@ -111,40 +111,32 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return "(no log)"
 
 
-def _check(response: httpx.Response, what: str) -> Any:
-    if response.is_success:
-        return response.json() if response.content else None
-    try:
-        error = response.json()["error"]
-        detail = f"[{error['code']}] {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        detail = response.text[:500]
-    raise DemoError(f"{what}: HTTP {response.status_code} {detail}")
+def _upload(client: Client, kind: str, path: Path) -> str:
+    upload = client.upload_model if kind == "models" else client.upload_dataset
+    done = upload(path)
+    _say(f"uploaded {path.name} ({done.size:,} B) -> /v1/{kind}/{done.id}")
+    return done.id
 
 
-def _upload(client: httpx.Client, route: str, path: Path) -> str:
-    body = path.read_bytes()
-    doc = _check(
-        client.post(route, params={"filename": path.name}, content=body),
-        f"upload of {path.name}",
-    )
-    _say(f"uploaded {path.name} ({len(body):,} B) -> {route}/{doc['id']}")
-    return str(doc["id"])
-
-
-def _poll(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    """Wait for the job, printing every change of status, stage or progress."""
+def _show_changes() -> Callable[[Job], None]:
+    """A progress callback printing every change of status, stage or progress."""
     last: list[tuple[str, str | None, float]] = []
 
-    def show(job: dict[str, Any]) -> None:
-        now = (job["status"], job["stage"], job["progress"])
+    def show(job: Job) -> None:
+        now = (job.status, job.stage, job.progress)
         if not last or now != last[-1]:
-            _say(
-                f"  {job['status']:<10} stage {job['stage'] or '-':<10} progress {job['progress']:6.1%}"
-            )
+            _say(f"  {job.status:<10} stage {job.stage or '-':<10} progress {job.progress:6.1%}")
             last.append(now)
 
-    return wait_for_job(client, job_id, timeout_s=JOB_TIMEOUT_S, interval_s=0.25, on_update=show)
+    return show
+
+
+def _wait(client: Client, job_id: str, log_path: Path) -> Job:
+    """Wait for the job to succeed; a failed or cancelled job is a :class:`DemoError`."""
+    try:
+        return client.wait(job_id, timeout=JOB_TIMEOUT_S, progress=_show_changes())
+    except (JobFailed, JobCancelled) as exc:
+        raise DemoError(f"{exc}; server log:\n{_tail(log_path)}") from None
 
 
 def _accuracy(model: torch.jit.ScriptModule, npz: Path) -> float:
@@ -171,7 +163,7 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def run_demo(data_dir: Path = SERVICE_DIR, out_dir: Path | None = None) -> None:
-    """The whole demo; raises :class:`DemoError` (or an HTTP error) on any failure."""
+    """The whole demo; raises :class:`DemoError` (or the client's error) on any failure."""
     data_dir = data_dir.resolve()
     out_dir = (out_dir or data_dir / "download").resolve()
     _say("== 1. the digits CNN (TorchScript) and its calibration/test data")
@@ -184,48 +176,31 @@ def run_demo(data_dir: Path = SERVICE_DIR, out_dir: Path | None = None) -> None:
     _say(f"== 2. API key and the embedded service (data under {data_dir})")
     key = create_key(data_dir)
     _say(f"created API key {key[:8]}... with `mpq keys create demo --tenant demo`")
-    with running_server(data_dir, data_dir / "serve.log") as base:
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=base, headers=headers, timeout=60.0) as client:
-            _say("== 3. upload, submit, poll")
-            model_id = _upload(client, "/v1/models", model_path)
-            calib_id = _upload(client, "/v1/datasets", calib_path)
-            test_id = _upload(client, "/v1/datasets", test_path)
-            body = {
-                "model_id": model_id,
-                "dataset_id": calib_id,
-                "eval_dataset_id": test_id,
-                "spec": JOB_SPEC,
-            }
-            job = _check(client.post("/v1/jobs", json=body), "job submission")
-            _say(f"job {job['id']} submitted with spec {json.dumps(JOB_SPEC)}")
-            job = _poll(client, job["id"])
-            if job["status"] != "succeeded":
-                error = job.get("error") or {}
-                raise DemoError(
-                    f"job {job['id']} {job['status']}: [{error.get('code')}] "
-                    f"{error.get('message')}; server log:\n{_tail(data_dir / 'serve.log')}"
-                )
-            sandbox = (job.get("result") or {}).get("sandbox") or {}
-            _say(
-                f"the model ran in the worker's sandbox: isolation {sandbox.get('isolation')}, "
-                f"{sandbox.get('cpu_seconds')} s of CPU"
-            )
-            _say("== 4. artifacts")
-            listing = _check(client.get(f"/v1/jobs/{job['id']}/artifacts"), "artifact list")
-            for item in listing["items"]:
-                _say(f"  {item['name']:<24} {item['size']:>9,} B  sha256 {item['sha256'][:12]}")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            downloaded: dict[str, bytes] = {}
-            for name in ("model.pt", "report.json"):
-                response = client.get(
-                    f"/v1/jobs/{job['id']}/artifacts/{name}", follow_redirects=True
-                )
-                if not response.is_success:
-                    _check(response, f"download of {name}")
-                downloaded[name] = response.content
-                (out_dir / name).write_bytes(response.content)
-            _say(f"downloaded model.pt and report.json to {out_dir}")
+    with (
+        running_server(data_dir, data_dir / "serve.log") as base,
+        Client(base, key, timeout=60.0) as client,
+    ):
+        _say("== 3. upload, submit, poll")
+        model_id = _upload(client, "models", model_path)
+        calib_id = _upload(client, "datasets", calib_path)
+        test_id = _upload(client, "datasets", test_path)
+        job = client.submit(model_id, calib_id, JOB_SPEC, eval_dataset=test_id)
+        _say(f"job {job.id} submitted with spec {json.dumps(JOB_SPEC)}")
+        job = _wait(client, job.id, data_dir / "serve.log")
+        sandbox = (job.result or {}).get("sandbox") or {}
+        _say(
+            f"the model ran in the worker's sandbox: isolation {sandbox.get('isolation')}, "
+            f"{sandbox.get('cpu_seconds')} s of CPU"
+        )
+        _say("== 4. artifacts")
+        for item in client.artifacts(job):
+            _say(f"  {item.name:<24} {item.size:>9,} B  sha256 {item.sha256[:12]}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        downloaded = {
+            name: client.download(job, name, out_dir).read_bytes()
+            for name in ("model.pt", "report.json")
+        }
+        _say(f"downloaded model.pt and report.json to {out_dir} (sha256 checked)")
     report = json.loads(downloaded["report.json"])
 
     _say("== 5. the downloaded model, loaded with stock torch.jit.load")
@@ -261,11 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         run_demo(args.data_dir)
-    except (DemoError, ServiceNotReady, JobWaitError) as exc:
+    except (DemoError, ServiceNotReady, MpqClientError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as exc:
-        print(f"demo failed: HTTP error: {exc!r}", file=sys.stderr)
         return 1
     _say("demo finished")
     return 0

@@ -30,7 +30,7 @@ from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.evaluate import is_class_scores
 from mpq_core.intake import LoadedModel, select_output
-from mpq_core.progress import ProgressFn, null_progress
+from mpq_core.progress import ProgressFn, counted, null_progress
 from mpq_core.quant_primitives import FLOAT_BITS, fake_quantize_on, output_major, ste_mask
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.spec import FinetuneSpec
@@ -237,7 +237,9 @@ class _Session:
                 report(
                     "finetune",
                     self.step / self.total,
-                    {"epoch": epoch, "loss": running / max(seen, 1)},
+                    counted(
+                        self.step, self.total, "steps", epoch=epoch, loss=running / max(seen, 1)
+                    ),
                 )
         return running / max(seen, 1)
 

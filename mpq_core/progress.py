@@ -1,53 +1,37 @@
 """One progress callback for every long stage: ``progress(stage, fraction, metrics)``.
 
-The CLI turns it into terminal progress bars; the worker turns it into job progress.
+A report that counts something carries ``done``, ``total`` and ``unit`` in its metrics
+(:func:`counted`: 12 of 40 batches, 300 of 900 steps), so a display shows units, not a bare
+fraction. The CLI shows the reports on stderr (:mod:`mpq_core.progress_display`); the worker
+turns them into job progress.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["STAGES", "ProgressFn", "StageClock", "TerminalProgress", "null_progress"]
+__all__ = ["COUNT_KEYS", "STAGES", "ProgressFn", "StageClock", "counted", "null_progress"]
 
 #: The stages of a job, in order (each reports progress under its name).
 STAGES = ("intake", "profile", "analyze", "allocate", "quantize", "finetune", "evaluate", "export")
 
 ProgressFn = Callable[[str, float, dict[str, Any]], None]
 
+#: The metrics keys of :func:`counted`, which displays show as ``done/total unit``.
+COUNT_KEYS = ("done", "total", "unit")
+
 
 def null_progress(stage: str, fraction: float, metrics: dict[str, Any]) -> None:
     """Discard progress reports."""
 
 
-class TerminalProgress:
-    """A tqdm bar per stage on stderr (silent when stderr is not a terminal unless forced)."""
-
-    def __init__(self, *, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, fraction: float, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        bar = self._bars.get(stage)
-        if bar is None:
-            bar = self._bars[stage] = tqdm(total=1000, desc=stage, leave=True, file=sys.stderr)
-        bar.n = round(min(max(fraction, 0.0), 1.0) * 1000)
-        if metrics:
-            bar.set_postfix({k: v for k, v in metrics.items() if isinstance(v, int | float | str)})
-        bar.refresh()
-        if fraction >= 1.0:
-            bar.close()
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
+def counted(done: int, total: int, unit: str, **metrics: Any) -> dict[str, Any]:
+    """The metrics of a report that has counted ``done`` of ``total`` ``unit`` (a plural noun:
+    ``"batches"``, ``"steps"``), plus any other ``metrics``."""
+    return {"done": done, "total": total, "unit": unit, **metrics}
 
 
 class StageClock:

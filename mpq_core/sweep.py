@@ -37,7 +37,7 @@ from mpq_core.pipeline import (
     prepare_job,
 )
 from mpq_core.profiling import profile_model
-from mpq_core.progress import ProgressFn, StageClock, null_progress
+from mpq_core.progress import ProgressFn, StageClock, counted, null_progress
 from mpq_core.quantized_weights import apply_weights, quantize_weights
 from mpq_core.report import metric_units
 from mpq_core.scheme import QuantScheme
@@ -239,7 +239,9 @@ def sweep(
             chosen = chosen_point(chosen, table, spec, seen[key], size_of)
         else:
             points.append(_point(planned, table, spec, seen[key], size_of))
-        report("sweep", (i + 1) / len(plans), {"point": planned.label})
+        report(
+            "sweep", (i + 1) / len(plans), counted(i + 1, len(plans), "points", point=planned.label)
+        )
     first = next(iter(seen.values()))
     _, unit = metric_units(0.0, first.output_shape, spec)
     return Curve(

@@ -1,138 +1,152 @@
-"""docker-compose.yml, Dockerfile and .dockerignore, checked without a Docker engine: parsed, and
-the commands of the services run outside containers (the same modules, factories and flags)."""
+"""docker-compose.yml and .env.example, checked without a Docker engine: parsed and interpolated
+as compose does, and the commands of the services run outside containers (the same modules,
+factories, flags and healthchecks). The Dockerfile's images: tests/test_deploy_images.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shlex
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import tomllib
 
 from mpq_service.settings import Settings
-from tests.support.net import free_port
-from tests.support.processes import start_http_service
+from tests.support.compose_file import (
+    COMPOSE,
+    REPO,
+    TEST_SECRETS,
+    MissingVariable,
+    as_local,
+    command,
+    env_example,
+    interpolate,
+    load_compose,
+    local_env,
+    service_env,
+)
+from tests.support.processes import ServiceProcess
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
-DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
-
-MPQ_SERVICES = ("migrate", "api", "worker")
+GPU_WORKERS = ("worker-gpu0", "worker-gpu1")
+WORKERS = (*GPU_WORKERS, "worker-cpu")
+MPQ_SERVICES = ("migrate", "api", *WORKERS)
+#: What a worker's environment adds to the shared one: which GPU it sees.
+DEVICE_VARS = {"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"}
 SETTINGS_VARS = {f"MPQ_{name.upper()}" for name in Settings.model_fields}
-_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-
-
-def interpolate(value: str, env: dict[str, str] | None = None) -> str:
-    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR-default}`` with ``env`` (default
-    empty: every variable takes its default), ``$$`` an escaped dollar."""
-    env = env or {}
-
-    def sub(m: re.Match[str]) -> str:
-        name, op, default = m.group(1), m.group(2), m.group(3) or ""
-        if op in (":-", ":?"):
-            return env.get(name) or default
-        if op in ("-", "?"):
-            return env.get(name, default)
-        return env.get(name, "")
-
-    parts = value.split("$$")
-    return "$".join(_INTERPOLATION.sub(sub, part) for part in parts)
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    doc = yaml.safe_load(COMPOSE.read_text())
-    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict)
-    return doc
+    return load_compose()
 
 
-def service_env(compose: dict[str, Any], name: str) -> dict[str, str]:
-    """A service's environment with compose's defaults filled in."""
-    env = compose["services"][name].get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): interpolate(str(v)) for k, v in env.items()}
-
-
-def command(compose: dict[str, Any], name: str) -> list[str]:
-    cmd = compose["services"][name]["command"]
-    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
-
-
-def local_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment without MPQ_* variables, plus ``extra``; the repository importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MPQ_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
-
-
-def as_local(cmd: list[str]) -> list[str]:
-    """A container command run with this interpreter (``python`` -> sys.executable,
-    ``celery`` -> ``python -m celery``)."""
-    if cmd[0] == "python":
-        return [sys.executable, *cmd[1:]]
-    if cmd[0] == "celery":
-        return [sys.executable, "-m", "celery", *cmd[1:]]
-    raise AssertionError(f"unexpected executable {cmd[0]!r}")
-
-
-# --- docker-compose.yml: structure ------------------------------------------------------------
+# --- services, images, profiles ----------------------------------------------------------------
 
 
 def test_compose_has_the_production_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) >= {"postgres", "redis", "seaweedfs", *MPQ_SERVICES}
-    assert services["postgres"]["image"].startswith("postgres:16")
-    assert services["redis"]["image"].startswith("redis:7")
-    assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs")
+    assert set(services) == {"postgres", "redis", "seaweedfs", *MPQ_SERVICES}
     weed = command(compose, "seaweedfs")
     assert weed[0] == "server" and "-s3" in weed
     for name in MPQ_SERVICES:
         assert "build" in services[name], f"{name} is built from the Dockerfile"
-    for name in ("postgres", "redis", "seaweedfs"):
-        assert "healthcheck" in services[name], name
 
 
-def test_migrate_runs_once_before_api_and_worker(compose: dict[str, Any]) -> None:
+def test_every_image_is_pinned_to_an_exact_version(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        image = service["image"]
+        tag = image.split("@")[0].rpartition(":")[2]
+        assert "@sha256:" in image or re.fullmatch(r"\d+\.\d+[\w.-]*", tag), (name, image)
+        assert "latest" not in image, (name, image)
+    images = {name: s["image"] for name, s in compose["services"].items()}
+    assert images["postgres"].startswith("postgres:16.") and images["redis"].startswith("redis:7.")
+    assert images["api"] == images["migrate"] == f"mpq-api:{VERSION}"
+    assert {images[w] for w in WORKERS} == {f"mpq-worker:{VERSION}"}
+
+
+def test_api_and_workers_build_their_own_targets(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("migrate", "api"):
+        assert services[name]["build"] == {"context": ".", "target": "api"}, name
+    for name in WORKERS:
+        assert services[name]["build"] == {"context": ".", "target": "worker"}, name
+
+
+def test_one_worker_per_gpu_each_pinned_to_its_own_device(compose: dict[str, Any]) -> None:
+    seen = []
+    for name in GPU_WORKERS:
+        service = compose["services"][name]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        assert "count" not in device, f"{name}: count and device_ids exclude each other"
+        (gpu,) = device["device_ids"]
+        env = service_env(compose, name)
+        # The reservation shows the container that one GPU only, as its device 0.
+        assert env["NVIDIA_VISIBLE_DEVICES"] == gpu and env["CUDA_VISIBLE_DEVICES"] == "0", name
+        assert name == f"worker-gpu{gpu}"
+        assert service["profiles"] == ["gpu"], name
+        seen.append(gpu)
+    assert len(set(seen)) == len(seen) == len(GPU_WORKERS), seen
+
+
+def test_cpu_worker_profile_sees_no_gpu(compose: dict[str, Any]) -> None:
+    cpu = compose["services"]["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
+    assert service_env(compose, "worker-cpu")["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_only_workers_have_profiles_and_the_example_picks_gpu(compose: dict[str, Any]) -> None:
+    """``docker compose up`` always starts storage, migration and API; the profile in .env
+    (COMPOSE_PROFILES) adds the workers."""
+    for name, service in compose["services"].items():
+        assert ("profiles" in service) == (name in WORKERS), name
+    assert env_example()["COMPOSE_PROFILES"] == "gpu"
+    header = COMPOSE.read_text().split("\nname:")[0]
+    assert "COMPOSE_PROFILES" in header and "--scale" in header
+
+
+def test_workers_share_one_definition(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    first = services[WORKERS[0]]
+    for name in WORKERS:
+        worker = services[name]
+        for key in ("command", "healthcheck", "security_opt", "mem_limit", "depends_on"):
+            assert worker[key] == first[key], (name, key)
+        cmd = command(compose, name)
+        assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+        assert cmd[cmd.index("--pool") + 1] == "prefork"
+        assert cmd[cmd.index("--concurrency") + 1] == "1"
+        shared = {k: v for k, v in service_env(compose, name).items() if k not in DEVICE_VARS}
+        assert shared == service_env(compose, "api"), name
+
+
+def test_workers_require_the_sandbox_and_may_create_its_namespaces(
+    compose: dict[str, Any],
+) -> None:
+    for name in WORKERS:
+        assert service_env(compose, name)["MPQ_SANDBOX"] == "required"
+        opts = set(compose["services"][name]["security_opt"])
+        assert {"seccomp=unconfined", "apparmor=unconfined"} <= opts
+    assert "security_opt" not in compose["services"]["api"]
+
+
+def test_migrate_runs_once_before_api_and_workers(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert command(compose, "migrate") == ["python", "-m", "mpq_service.migrate", "upgrade"]
     assert services["migrate"].get("restart", "no") == "no"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == "service_healthy", name
         assert deps["seaweedfs"]["condition"] == "service_healthy", name
-
-
-def test_worker_reserves_one_gpu_and_runs_prefork_with_one_child(
-    compose: dict[str, Any],
-) -> None:
-    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    cmd = command(compose, "worker")
-    assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
-    assert cmd[cmd.index("--pool") + 1] == "prefork"
-    assert cmd[cmd.index("--concurrency") + 1] == "1"
-
-
-def test_worker_requires_the_sandbox_and_may_create_its_namespaces(
-    compose: dict[str, Any],
-) -> None:
-    worker = compose["services"]["worker"]
-    assert service_env(compose, "worker")["MPQ_SANDBOX"] == "required"
-    assert {"seccomp=unconfined", "apparmor=unconfined"} <= set(worker["security_opt"])
-    assert "security_opt" not in compose["services"]["api"]
 
 
 def test_api_serves_the_factory_on_8000_with_a_readyz_healthcheck(
@@ -147,38 +161,98 @@ def test_api_serves_the_factory_on_8000_with_a_readyz_healthcheck(
     assert test[0] == "CMD" and "http://127.0.0.1:8000/readyz" in " ".join(test)
 
 
-# --- docker-compose.yml: configuration ---------------------------------------------------------
+# --- healthchecks, memory, logs -----------------------------------------------------------------
+
+
+def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
+    for name in ("postgres", "redis", "seaweedfs", "api", *WORKERS):
+        test = compose["services"][name]["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, name
+    worker_test = compose["services"]["worker-gpu0"]["healthcheck"]["test"]
+    assert worker_test[1:4] == ["python", "-m", "worker.liveness"], worker_test
+
+
+def _bytes(size: str) -> int:
+    """Docker's memory sizes: 512m, 2g (b, k, m, g; binary units)."""
+    match = re.fullmatch(r"(\d+)([bkmg])", size.lower())
+    assert match, f"not a Docker memory size: {size!r}"
+    return int(match.group(1)) * 1024 ** "bkmg".index(match.group(2))
+
+
+def test_every_service_has_a_memory_limit_and_rotated_logs(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        limit = _bytes(interpolate(str(service["mem_limit"]), {}))
+        assert limit >= 256 * 2**20, (name, limit)
+        logging = service["logging"]
+        assert logging["driver"] == "json-file", name
+        assert _bytes(logging["options"]["max-size"]) <= 100 * 2**20, name
+        assert 1 <= int(logging["options"]["max-file"]) <= 10, name
+    worker_limit = compose["services"]["worker-gpu0"]["mem_limit"]
+    assert _bytes(interpolate(worker_limit, {"WORKER_MEM_LIMIT": "64g"})) == 64 * 2**30
+
+
+# --- configuration and secrets ------------------------------------------------------------------
 
 
 def test_mpq_services_are_configured_only_by_real_settings(compose: dict[str, Any]) -> None:
     for name in MPQ_SERVICES:
-        env = service_env(compose, name)
+        env = set(service_env(compose, name)) - DEVICE_VARS
         assert env, name
-        assert set(env) <= SETTINGS_VARS, (name, sorted(set(env) - SETTINGS_VARS))
+        assert env <= SETTINGS_VARS, (name, sorted(env - SETTINGS_VARS))
     # Every MPQ_* name anywhere in the file (interpolations included) is a setting.
     used = set(re.findall(r"\bMPQ_[A-Z0-9_]+", COMPOSE.read_text()))
     assert used <= SETTINGS_VARS, sorted(used - SETTINGS_VARS)
 
 
+def test_secrets_are_required_never_defaulted(compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?[^}]+\}", text))
+    assert required == set(TEST_SECRETS), required
+    for name in re.findall(r"\$\{([A-Z0-9_]+)", text):
+        if re.search("SECRET|PASSWORD|PEPPER|TOKEN", name):
+            assert name in required, f"{name} has a default"
+    # Compose stops when any one is missing, naming it.
+    for secret in TEST_SECRETS:
+        env = {k: v for k, v in TEST_SECRETS.items() if k != secret}
+        with pytest.raises(MissingVariable, match=secret):
+            for name in compose["services"]:
+                service_env(compose, name, env)
+        with pytest.raises(MissingVariable, match=secret):
+            service_env(compose, "api", {**env, secret: ""})  # empty counts as missing
+    with pytest.raises(MissingVariable, match="MPQ_S3_SECRET_KEY"):
+        interpolate(compose["configs"]["seaweedfs-s3"]["content"], {})
+
+
+def test_env_example_names_every_required_variable_and_holds_no_secret() -> None:
+    example = env_example()
+    for secret in TEST_SECRETS:
+        assert example.get(secret, "missing") == "", secret
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+
+
 def test_compose_settings_validate_as_production(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    envs = [service_env(compose, name) for name in MPQ_SERVICES]
-    assert envs[0] == envs[1] == envs[2], "migrate, api and worker share one configuration"
+    env = service_env(compose, "api")
     for key in list(os.environ):
         if key.startswith("MPQ_"):
             monkeypatch.delenv(key)
-    for key, value in envs[0].items():
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.database_url.startswith("postgresql://") and "@postgres:5432/" in (
-        settings.database_url
+    assert settings.database_url == (
+        f"postgresql://mpq:{TEST_SECRETS['POSTGRES_PASSWORD']}@postgres:5432/mpq"
+    )
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?"
     )
     assert settings.broker_url == "redis://redis:6379/0"
     assert settings.storage == "s3" and settings.s3_bucket
     assert settings.s3_endpoint_url == "http://seaweedfs:8333"
     assert settings.job_time_limit_s > 0 and settings.job_max_attempts >= 1
-    assert settings.api_key_pepper.get_secret_value()
+    assert settings.api_key_pepper.get_secret_value() == TEST_SECRETS["MPQ_API_KEY_PEPPER"]
+    assert settings.webhook_secret is not None
+    assert settings.webhook_secret.get_secret_value() == TEST_SECRETS["MPQ_WEBHOOK_SECRET"]
 
 
 def test_seaweedfs_identity_matches_the_services_keys(compose: dict[str, Any]) -> None:
@@ -197,16 +271,19 @@ def test_seaweedfs_identity_matches_the_services_keys(compose: dict[str, Any]) -
 
 
 @pytest.mark.s3  # runs the weed binary
-def test_seaweedfs_flags_exist_in_weed() -> None:
+def test_seaweedfs_flags_exist_in_the_pinned_weed() -> None:
     from tests.support.s3server import weed_binary
 
-    doc = yaml.safe_load(COMPOSE.read_text())
+    doc = load_compose()
     flags = {a.split("=", 1)[0] for a in command(doc, "seaweedfs")[1:]}
-    help_text = subprocess.run(
-        [weed_binary(), "server", "-h"], capture_output=True, text=True, timeout=30
-    )
+    weed = weed_binary()
+    help_text = subprocess.run([weed, "server", "-h"], capture_output=True, text=True, timeout=30)
     listed = set(re.findall(r"^\s+(-[\w.]+)", help_text.stdout + help_text.stderr, re.M))
     assert flags <= listed, sorted(flags - listed)
+    # The tests' weed is the image's version, so these flags are that version's.
+    version = subprocess.run([weed, "version"], capture_output=True, text=True, timeout=30)
+    tag = doc["services"]["seaweedfs"]["image"].split(":")[1]
+    assert f" {tag} " in version.stdout, (tag, version.stdout)
 
 
 # --- the services' commands, run outside containers --------------------------------------------
@@ -228,7 +305,7 @@ def test_api_factory_builds_with_the_compose_settings(
 
 
 def test_worker_app_resolves_with_the_compose_settings(compose: dict[str, Any]) -> None:
-    cmd = as_local(command(compose, "worker"))
+    cmd = as_local(command(compose, "worker-gpu0"))
     app_arg = cmd[cmd.index("-A") + 1]
     probe = (
         "import importlib, sys; "
@@ -238,7 +315,7 @@ def test_worker_app_resolves_with_the_compose_settings(compose: dict[str, Any]) 
         "app.conf.worker_prefetch_multiplier, app.conf.task_acks_late, "
         "'mpq.run_job' in app.tasks)"
     )
-    env = local_env({**service_env(compose, "worker"), "MPQ_DATA_DIR": "/nonexistent/mpq"})
+    env = local_env({**service_env(compose, "worker-gpu0"), "MPQ_DATA_DIR": "/nonexistent/mpq"})
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
     )
@@ -264,126 +341,48 @@ def test_migrate_command_upgrades_a_database(compose: dict[str, Any], tmp_path: 
     assert version and {"jobs", "api_keys"} <= tables, tables
 
 
-@pytest.fixture
-def served_api(compose: dict[str, Any], tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """The api service's command (host and port changed) on SQLite and local storage."""
+def _healthcheck(compose: dict[str, Any], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    test = compose["services"]["worker-gpu0"]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    return subprocess.run(as_local(test[1:]), env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_worker_healthcheck_passes_while_the_worker_runs_and_fails_once_it_stops(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """The worker's own command (on the file-system broker and SQLite), and its healthcheck."""
     env = local_env(
         {
             "MPQ_DATABASE_URL": f"sqlite:///{tmp_path / 'mpq.db'}",
             "MPQ_DATA_DIR": str(tmp_path / "data"),
+            "MPQ_BROKER_URL": "",
         }
     )
-    migrated = subprocess.run(
-        as_local(command(compose, "migrate")), cwd=tmp_path, env=env, capture_output=True
-    )
-    assert migrated.returncode == 0, migrated.stderr
-
-    def api_command(port: int) -> list[str]:
-        cmd = as_local(command(compose, "api"))
-        cmd[cmd.index("--port") + 1] = str(port)
-        cmd[cmd.index("--host") + 1] = "127.0.0.1"
-        return cmd
-
-    proc, base_url = start_http_service(
-        "api", api_command, env=env, cwd=tmp_path, log_path=tmp_path / "api.log"
-    )
+    before = _healthcheck(compose, env)
+    assert before.returncode == 1 and "is missing" in before.stderr, before.stderr
+    cmd = as_local(command(compose, "worker-cpu"))
+    worker = ServiceProcess.start("worker", cmd, env=env, cwd=tmp_path, log_path=tmp_path / "w.log")
     try:
-        yield int(base_url.rsplit(":", 1)[1]), env
+        deadline = time.monotonic() + 90
+        while (check := _healthcheck(compose, env)).returncode != 0:
+            assert worker.alive() and time.monotonic() < deadline, (check.stderr, worker.describe())
+            time.sleep(0.5)
     finally:
-        proc.stop()
+        assert worker.stop(timeout_s=30) is not None
+    stopped = _healthcheck(compose, env)
+    assert stopped.returncode == 1 and "is missing" in stopped.stderr, stopped.stderr
 
 
-def test_api_command_serves_and_its_healthcheck_passes(
-    compose: dict[str, Any], served_api: tuple[int, dict[str, str]]
+def test_worker_healthcheck_fails_on_a_stale_file_and_passes_on_a_fresh_one(
+    compose: dict[str, Any], tmp_path: Path
 ) -> None:
-    port, env = served_api
-    test = compose["services"]["api"]["healthcheck"]["test"]
-    assert test[0] == "CMD"
-    check = [a.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for a in test[1:]]
-    ok = subprocess.run(as_local(check), env=env, capture_output=True, text=True, timeout=30)
-    assert ok.returncode == 0, ok.stderr
-    # ...and it fails when the API is not there.
-    dead = [a.replace("127.0.0.1:8000", f"127.0.0.1:{free_port()}") for a in test[1:]]
-    bad = subprocess.run(as_local(dead), env=env, capture_output=True, text=True, timeout=30)
-    assert bad.returncode != 0
+    from worker.liveness import DEFAULT_MAX_AGE_S, alive_path
 
-
-# --- Dockerfile and .dockerignore ---------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, comments dropped and continuation lines joined."""
-    joined: list[str] = []
-    buf = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not buf and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buf += line[:-1] + " "
-            continue
-        joined.append(buf + line)
-        buf = ""
-    assert not buf, "a dangling line continuation"
-    out = []
-    for line in joined:
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def test_dockerfile_base_user_install_and_cmd() -> None:
-    instr = dockerfile_instructions()
-    assert instr[0] == ("FROM", "python:3.11-slim")
-    kinds = [k for k, _ in instr]
-    users = [v for k, v in instr if k == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert kinds.index("USER") < kinds.index("CMD")
-    runs = [v for k, v in instr if k == "RUN"]
-    assert any("pip install" in r and ".[service]" in r for r in runs), runs
-    assert any("useradd" in r and users[-1].split(":")[0] in r for r in runs)
-    cmd = json.loads(next(v for k, v in instr if k == "CMD"))
-    assert cmd[:5] == ["python", "-m", "uvicorn", "--factory", "api.app:create_app"]
-    module, _, attr = cmd[4].partition(":")
-    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
-
-
-def test_dockerfile_torch_default_meets_the_package_requirement() -> None:
-    import tomllib
-
-    args = dict(v.split("=", 1) for k, v in dockerfile_instructions() if k == "ARG" and "=" in v)
-    spec = args["TORCH_SPEC"].strip('"')
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert spec in deps, (spec, deps)
-    assert any("TORCH_SPEC" in v for k, v in dockerfile_instructions() if k == "RUN")
-
-
-def test_dockerfile_copies_what_exists_and_no_secrets() -> None:
-    instr = dockerfile_instructions()
-    ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()}
-    copied = []
-    for kind, args in instr:
-        if kind == "COPY":
-            *sources, _dest = args.split()
-            copied += [s for s in sources if not s.startswith("--")]
-    assert {"pyproject.toml", "mpq_core", "mpq_service", "api", "worker", "migrations"} <= set(
-        copied
-    )
-    for source in copied:
-        assert (REPO / source).exists(), source
-        assert source not in ignored, source
-    for kind, args in instr:
-        if kind in ("ENV", "ARG"):
-            names = set(re.findall(r"\b([A-Z][A-Z0-9_]*)=", args)) | {args.split("=")[0]}
-            assert not {n for n in names if re.search("SECRET|PASSWORD|PEPPER|TOKEN", n)}, args
-            for name in names:
-                if name.startswith("MPQ_"):
-                    assert name in SETTINGS_VARS, name
-
-
-def test_dockerignore_keeps_local_state_out() -> None:
-    ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()}
-    assert {".venv", "bench/work", "mpq-data", ".env", ".git"} <= ignored
-    assert {".mypy_cache", ".ruff_cache", ".pytest_cache", "**/__pycache__"} <= ignored
+    env = local_env({"MPQ_DATA_DIR": str(tmp_path)})
+    alive = alive_path(tmp_path)
+    alive.touch()
+    assert _healthcheck(compose, env).returncode == 0
+    old = time.time() - 2 * DEFAULT_MAX_AGE_S
+    os.utime(alive, (old, old))
+    stale = _healthcheck(compose, env)
+    assert stale.returncode == 1 and "last touched" in stale.stderr, stale.stderr

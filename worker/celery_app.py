@@ -19,6 +19,7 @@ from worker import (
     lifecycle,  # noqa: F401  (connects the reaper and parent-watch signal handlers)
     log_setup,  # noqa: F401  (connects the log-format signal handlers)
 )
+from worker.liveness import CONF_KEY, AliveFile, alive_path
 
 if TYPE_CHECKING:
     from mpq_service.settings import Settings
@@ -40,6 +41,9 @@ def make_worker_celery(settings: Settings) -> Celery:
     """
     app = make_celery(settings)
     app.conf.imports = TASK_MODULES
+    # The file the container healthcheck reads (python -m worker.liveness).
+    app.conf[CONF_KEY] = str(alive_path(settings.data_dir))
+    app.steps["consumer"].add(AliveFile)
     return app
 
 

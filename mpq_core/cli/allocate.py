@@ -29,7 +29,9 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     p.add_argument("sensitivity", metavar="SENS.json", help="table written by `mpq analyze`")
-    add_spec_arguments(p, BUDGET_FIELDS, required=["budgets"])
+    add_spec_arguments(
+        p, BUDGET_FIELDS, required=["budgets"], defaults={"bits": "the table's bit widths"}
+    )
     p.add_argument("--out", required=True, metavar="ALLOC.json", help="where to write it")
     p.add_argument("--json", action="store_true", help="print the allocation as JSON")
     p.set_defaults(func=run)

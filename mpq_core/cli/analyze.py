@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from mpq_core.cli.inputs import add_input_arguments, load_inputs
+from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_values
 
 __all__ = ["ANALYSIS_FIELDS", "add_parser", "run"]
@@ -27,8 +28,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("analyze", help="per-layer, per-bit-width sensitivities")
     add_input_arguments(p)
     add_spec_arguments(p, (*ANALYSIS_FIELDS, "max_memory"))
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="where to write SENS.json")
+    add_progress_arguments(p)
+    p.add_argument("--out", required=True, metavar="SENS.json", help="where to write the table")
     p.set_defaults(func=run)
 
 
@@ -39,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from mpq_core.layers import transposed_names
     from mpq_core.memory_plan import plan_memory
     from mpq_core.packed_checkpoint import file_bytes_of
-    from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity import analyze
     from mpq_core.spec import (
         DEFAULT_BATCH_SIZE,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if (note := plan.note()) is not None:
         print(f"note: {note}")
-    progress = TerminalProgress(enabled=None if not args.no_progress else False)
+    progress = progress_from_args(args)
     try:
         table = analyze(
             model,

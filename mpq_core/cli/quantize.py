@@ -7,7 +7,8 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.inputs import add_job_arguments
+from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
 from mpq_core.spec import JobSpec
 
@@ -27,14 +28,9 @@ def add_parser(subparsers: Any) -> None:
             "The flags are the job spec's JSON fields (finetune.lr is --finetune.lr)."
         ),
     )
-    add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
-    p.add_argument(
-        "--eval-data", help="evaluation data; default: hold out --eval-fraction of --data"
-    )
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--sensitivity", metavar="SENS.json", help="reuse a stored table for this model")
+    add_job_arguments(p)
     add_spec_arguments(p, [f.name for f in fields(JobSpec)], required=["budgets"])
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arguments(p)
     p.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     p.set_defaults(func=run)
 
@@ -103,12 +99,11 @@ def _export_line(name: str, entry: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mpq_core.pipeline import quantize_model
-    from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity_table import SensitivityTable
 
     spec = spec_from_args(args)
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
-    progress = TerminalProgress(enabled=False if args.no_progress else None)
+    progress = progress_from_args(args)
     try:
         result = quantize_model(
             args.model,

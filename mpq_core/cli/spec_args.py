@@ -24,6 +24,7 @@ from mpq_core.spec import SCHEMA_VERSION, AnalysisSpec, FinetuneSpec, JobSpec
 
 __all__ = [
     "add_spec_arguments",
+    "default_text",
     "flag_name",
     "parse_bits",
     "parse_pins",
@@ -68,23 +69,41 @@ def _default(f: Field[Any]) -> Any:
     return None
 
 
-def _help(f: Field[Any]) -> str:
-    text = str(f.metadata.get("help", ""))
+def default_text(path: str, f: Field[Any]) -> str | None:
+    """How ``--help`` writes a field's default: ``2,3,4,5,6,8``, ``fisher``, ``--symmetric``;
+    None where the field has none to show (unset, an empty list, a flag that is off)."""
     default = _default(f)
-    if isinstance(default, bool) or default is None or default in ([], {}):
-        return text
+    if default is None or default in ([], {}) or default is False:
+        return None
+    if default is True:  # a --name / --no-name pair: name the one that applies
+        return flag_name(path)
     if isinstance(default, Enum):
-        default = default.value
-    elif isinstance(default, list):
-        default = ",".join(map(str, default))
-    return f"{text} (default: {default})"
+        return str(default.value)
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def _help(path: str, f: Field[Any], default: str | None) -> str:
+    text = str(f.metadata.get("help", ""))
+    shown = default if default is not None else default_text(path, f)
+    if shown is None or "(default:" in text:
+        return text
+    return f"{text} (default: {shown})"
 
 
 def add_spec_arguments(
-    parser: argparse.ArgumentParser, names: Iterable[str], *, required: Iterable[str] = ()
+    parser: argparse.ArgumentParser,
+    names: Iterable[str],
+    *,
+    required: Iterable[str] = (),
+    defaults: dict[str, str] | None = None,
 ) -> None:
-    """Add a flag for every named spec field (``"analysis"`` adds all of its fields)."""
+    """Add a flag for every named spec field (``"analysis"`` adds all of its fields); its help
+    ends with the spec's default, or with ``defaults[path]`` where the command supplies its own
+    (``mpq allocate`` takes the table's bit widths)."""
     must = set(required)
+    shown = defaults or {}
     groups: dict[str, Any] = {}
     for path, f in _spec_fields(names):
         head, dot, _ = path.partition(".")
@@ -97,7 +116,11 @@ def add_spec_arguments(
         kind = meta.get("kind")
         default = _default(f)
         flags = [flag_name(path)] + ([meta["alias"]] if "alias" in meta else [])
-        kwargs: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS, "help": _help(f)}
+        kwargs: dict[str, Any] = {
+            "dest": path,
+            "default": argparse.SUPPRESS,
+            "help": _help(path, f, shown.get(path)),
+        }
         if "metavar" in meta:
             kwargs["metavar"] = meta["metavar"]
         elif dot and not isinstance(default, bool | Enum):

@@ -8,7 +8,8 @@ from typing import Any
 
 from mpq_core.cli.allocate import BUDGET_FIELDS
 from mpq_core.cli.analyze import ANALYSIS_FIELDS
-from mpq_core.cli.inputs import add_input_arguments
+from mpq_core.cli.inputs import add_job_arguments
+from mpq_core.cli.progress_args import add_progress_arguments, progress_from_args
 from mpq_core.cli.spec_args import add_spec_arguments, spec_from_args
 
 __all__ = ["add_parser", "format_curve", "run"]
@@ -41,14 +42,9 @@ def add_parser(subparsers: Any) -> None:
             "--budgets allocation, which is marked on the curve) into --out-dir."
         ),
     )
-    add_input_arguments(p, data_help="calibration data (.npz or .safetensors)")
-    p.add_argument(
-        "--eval-data", help="evaluation data; default: hold out --eval-fraction of --data"
-    )
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--sensitivity", metavar="SENS.json", help="reuse a stored table for this model")
+    add_job_arguments(p)
     add_spec_arguments(p, SWEEP_FIELDS, required=["sweep"])
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +84,6 @@ def format_curve(curve: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mpq_core.progress import TerminalProgress
     from mpq_core.sensitivity_table import SensitivityTable
     from mpq_core.sweep import run_sweep, write_sweep
 
@@ -96,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = {} if marked else {"budgets": ["avg-bits=8"]}  # a spec needs one; not marked
     spec = spec_from_args(args, finetune={"epochs": 0}, **defaults)
     table = SensitivityTable.load(args.sensitivity) if args.sensitivity else None
-    progress = TerminalProgress(enabled=False if args.no_progress else None)
+    progress = progress_from_args(args)
     try:
         result = run_sweep(
             spec,

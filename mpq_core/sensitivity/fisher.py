@@ -29,7 +29,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.layers import transposed_names
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile, rows_of
-from mpq_core.progress import ProgressFn, null_progress
+from mpq_core.progress import ProgressFn, counted, null_progress
 from mpq_core.runner import iter_batches
 from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.layer_errors import LayerErrors
@@ -314,7 +314,7 @@ def fisher_sensitivity(
                     sums,
                     linear_sums,
                 )
-            report("fisher", (step + 1) / len(batches), {})
+            report("fisher", (step + 1) / len(batches), counted(step + 1, len(batches), "batches"))
     finally:
         for p, r in zip(params, requires, strict=True):
             p.requires_grad_(r)

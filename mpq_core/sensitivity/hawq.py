@@ -43,7 +43,7 @@ from mpq_core.data import CalibrationData
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.losses import PerSampleLoss, resolve_loss_kind
 from mpq_core.profiling import ModelProfile
-from mpq_core.progress import ProgressFn
+from mpq_core.progress import ProgressFn, counted
 from mpq_core.quant_primitives import output_major, quantization_errors
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.scheme import QuantScheme
@@ -233,7 +233,7 @@ def hutchinson_traces(
                     sums[k] += float((vk.double() * hk.double()).sum())
                 done = it + 1
                 if progress is not None:
-                    progress("hawq", done / iterations, {})
+                    progress("hawq", done / iterations, counted(done, iterations, "iterations"))
                 mean_total = sum(sums) / done
                 if (
                     tol is not None

@@ -28,7 +28,7 @@ from mpq_core.intake import LoadedModel, select_output
 from mpq_core.layers import transposed_names
 from mpq_core.losses import resolve_loss_kind
 from mpq_core.profiling import ModelProfile
-from mpq_core.progress import ProgressFn
+from mpq_core.progress import ProgressFn, counted
 from mpq_core.runner import Batch, iter_batches
 from mpq_core.scheme import QuantScheme
 from mpq_core.sensitivity.layer_errors import LayerErrors
@@ -122,7 +122,7 @@ def kl_sensitivity(
                     sums[i, j] += float(output_divergence(reference, out, kind).sum())
                     done += 1
                     if progress is not None:
-                        progress("kl", done / total, {})
+                        progress("kl", done / total, counted(done, total, "passes"))
             finally:
                 with torch.no_grad():
                     param.copy_(original)

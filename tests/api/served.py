@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -18,7 +20,7 @@ import httpx
 from api.auth import create_key
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.migrate import upgrade
-from tests.support.processes import ServiceProcess, start_http_service
+from tests.support.processes import ServiceProcess, pid_alive, start_http_service
 
 MPQ = Path(sys.executable).parent / "mpq"
 PEPPER = "served-pepper"
@@ -92,27 +94,38 @@ def make_key(database_url: str) -> str:
 def served(
     tmp_path: Path, *, key_database_url: str | None = None, worker: bool = False, **settings: str
 ) -> Iterator[Served]:
-    """``mpq serve --no-worker`` (``mpq serve`` with its worker when ``worker``) with
-    ``settings`` (e.g. ``database_url=...``); the key is made through ``key_database_url``
-    (default: the served database) after migrating it."""
+    """``mpq serve --no-worker`` (with ``worker``: ``mpq serve`` and its embedded worker, ready
+    once ``/readyz`` says the worker runs) with ``settings`` (e.g. ``database_url=...``); the
+    key is made through ``key_database_url`` (default: the served database) after migrating it."""
     data_dir = tmp_path / "data"
     database_url = settings.get("database_url") or f"sqlite:///{data_dir / 'mpq.db'}"
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(key_database_url or database_url)
     key = make_key(key_database_url or database_url)
+    flags = [] if worker else ["--no-worker"]
     proc, base_url = start_http_service(
         "mpq serve",
-        lambda port: [str(MPQ), "serve", *([] if worker else ["--no-worker"]), "--port", str(port)],
+        lambda port: [str(MPQ), "serve", *flags, "--port", str(port)],
         env=serve_env(data_dir, **settings),
         cwd=tmp_path,
         log_path=tmp_path / "serve.log",
-        ready_path="/healthz",
+        ready_path="/readyz" if worker else "/healthz",
         timeout_s=READY_TIMEOUT_S,
     )
     try:
         yield Served(proc, base_url, key, data_dir)
     finally:
         proc.stop()
+        _kill_embedded_worker(proc)
+
+
+def _kill_embedded_worker(proc: ServiceProcess) -> None:
+    """SIGKILL the embedded worker if it outlived ``mpq serve`` (it runs in its own session,
+    out of reach of the process-group kill of :meth:`ServiceProcess.stop`)."""
+    match = re.search(r"worker started \(pid (\d+)", proc.tail(10_000))
+    if match and pid_alive(int(match.group(1))):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(match.group(1)), signal.SIGKILL)
 
 
 def stored_objects(data_dir: Path) -> list[Path]:

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,7 @@ from mpq_core import __version__
 from mpq_core.allocation import Allocation
 from mpq_core.cli import build_parser, main, run
 from mpq_core.sensitivity_table import SensitivityTable
-from tests.conftest import zoo_data, zoo_module
-
-
-@pytest.fixture
-def cnn_files(tmp_path: Path, zoo_bytes: Callable[[str, str], bytes]) -> tuple[Path, Path]:
-    model = tmp_path / "model.pt"
-    model.write_bytes(zoo_bytes("cnn", "script"))
-    data = zoo_data("cnn", 24)
-    assert data.labels is not None
-    npz = tmp_path / "calib.npz"
-    np.savez(npz, input=data.inputs[0].numpy(), labels=data.labels.numpy())
-    return model, npz
+from tests.conftest import zoo_module
 
 
 def test_inspect_json_lists_every_layer_with_macs(

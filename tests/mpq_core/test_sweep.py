@@ -28,6 +28,7 @@ from mpq_core.spec import FinetuneSpec, JobSpec
 from mpq_core.sweep import run_sweep, sweep
 from mpq_core.sweep_plan import MAX_SWEEP_POINTS, Curve, parse_sweep, predicted_size
 from tests.conftest import zoo_data
+from tests.mpq_core.conftest import write_cnn_files
 
 # Sizes of the packed checkpoint as written: about 560 B of header beside 350-760 B of weights.
 SWEEP = ["avg-bits=2:8:1", "size=980B:1260B:70B", "size=100B"]
@@ -318,12 +319,7 @@ def test_sweep_ranges_expand_in_their_units() -> None:
 def test_mpq_sweep_end_to_end(
     tmp_path: Path, zoo_bytes: Callable[[str, str], bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model = tmp_path / "model.pt"
-    model.write_bytes(zoo_bytes("cnn", "script"))
-    data = zoo_data("cnn", 40)
-    assert data.labels is not None
-    npz = tmp_path / "calib.npz"
-    np.savez(npz, input=data.inputs[0].numpy(), labels=data.labels.numpy())
+    model, npz = write_cnn_files(tmp_path, zoo_bytes, 40)
     out = tmp_path / "out"
     args = ["sweep", str(model), "--data", str(npz), "--out-dir", str(out), "--no-progress"]
     argv = [*args, "--sweep", "avg-bits=2:6:2", "--budget", "avg-bits=3", "--bits", "2,4,8"]
