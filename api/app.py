@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
+from api.metrics import install_metrics
 from api.openapi import install_openapi, operation_id
 from api.pages import pages_router
 from api.queue import Enqueue, celery_enqueue
@@ -29,6 +30,7 @@ from api.readiness import (
     storage_probe,
 )
 from api.request_guard import RejectNulCharacters
+from api.request_id import RequestId
 from api.routes import api_router
 from mpq_service.db import make_engine, make_sessionmaker, normalize_url
 from mpq_service.settings import Settings, get_settings
@@ -156,6 +158,8 @@ def create_app(settings: Settings | None = None, *, enqueue: Enqueue | None = No
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(RejectNulCharacters)
+    install_metrics(app, settings)  # counts what the middleware above refuses too
+    app.add_middleware(RequestId)  # outermost: every answer and log line carries the id
     app.include_router(api_router)
     app.include_router(pages_router)
 

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import functools
 import json
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TENANT", "BadSettings", "register"]
 
 DEFAULT_TENANT = "default"
-
-log = logging.getLogger("mpq")
 
 
 class BadSettings(MpqError):
@@ -66,21 +63,11 @@ def _settings_errors_reported(command: Command) -> Command:
     return run
 
 
-def _setup_logging() -> None:
-    # Only mpq's own messages at INFO (alembic's and others' stay at their defaults).
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("mpq: %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from api.serve import serve
     from mpq_service.settings import get_settings
 
-    _setup_logging()
+    # serve() sets up logging (MPQ_LOG_FORMAT) for itself and its worker.
     return serve(get_settings(), host=args.host, port=args.port, worker=not args.no_worker)
 
 

@@ -1,4 +1,7 @@
-"""One JSON error shape for every failure: ``{"error": {"code": ..., "message": ...}}``.
+"""One JSON error shape for every failure: ``{"error": {"code", "message", "request_id"}}``.
+
+``request_id`` is the request's id (:mod:`api.request_id`), also in the ``X-Request-ID`` header:
+quoting it finds the request's log lines.
 
 Codes are stable (clients match on them); messages say what to fix. 4xx are the caller's
 mistakes; an unexpected exception is a 500 ``internal_error`` with no details (it is logged).
@@ -31,6 +34,7 @@ from mpq_core.errors import (
     MpqError,
     SpecError,
 )
+from mpq_service import logs
 from mpq_service.storage import StorageUnavailable
 
 __all__ = [
@@ -92,13 +96,24 @@ class Unauthorized(ApiError):
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+    """The error envelope; with the request's id while a request is served."""
+    error = {"code": code, "message": message}
+    rid = logs.request_id.get()
+    if rid is not None:
+        error["request_id"] = rid
+    return {"error": error}
 
 
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    """An error answer; it carries ``X-Request-ID`` itself because an unhandled error's 500 is
+    sent by Starlette outside the request-id middleware."""
+    all_headers = dict(headers or {})
+    rid = logs.request_id.get()
+    if rid is not None:
+        all_headers.setdefault("X-Request-ID", rid)
+    return JSONResponse(error_body(code, message), status_code=status, headers=all_headers)
 
 
 def mpq_error_status(exc: MpqError) -> int:

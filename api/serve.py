@@ -25,6 +25,9 @@ job and exits; the next start leaves a job alone while its heartbeat is live.
 Each worker also runs a reaper thread (heartbeats, stale jobs, the time-limit backstop: the solo
 pool has no Celery time limits), see :mod:`mpq_service.reaper`.
 
+Logs go to stderr in the format ``MPQ_LOG_FORMAT`` picks (:mod:`mpq_service.logs`), the
+worker's too (it is given the same format), with one access line per request.
+
 This process never imports torch (so never initializes CUDA): the API does not need it and the
 worker is a separate process.
 """
@@ -42,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 
 from mpq_service.db import normalize_url
+from mpq_service.logs import resolve_format, setup_logging
 from mpq_service.settings import Settings
 
 __all__ = [
@@ -89,6 +93,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     )
     env["MPQ_BROKER_URL"] = settings.broker_url
     env["MPQ_STORAGE"] = settings.storage
+    env["MPQ_LOG_FORMAT"] = resolve_format(settings.log_format)  # as this process's lines
     return env
 
 
@@ -244,6 +249,7 @@ def serve(
     # unwinds through the finally below, which stops the worker.
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     supervisor: WorkerSupervisor | None = None
+    setup_logging(settings.log_format)  # uvicorn's lines too: it gets no log config of its own
     try:
         data_dir = Path(settings.data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +281,8 @@ def serve(
             host=host,
             port=port,
             log_level=log_level,
+            log_config=None,
+            access_log=False,  # api.metrics logs each request, with its route and request id
             workers=1,
             timeout_keep_alive=KEEP_ALIVE_S,
         )

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
             proxies do not close it.
         events_max_lifetime_s: an event stream is closed after this long (the client
             reconnects), so no connection lives forever.
+        log_format: ``json`` (one object per line, with ``request_id`` and ``job_id``),
+            ``text``, or ``auto``: text when stderr is a terminal, JSON otherwise (containers,
+            service managers and files feed log collectors). ``mpq serve`` and the Celery
+            worker use it; see :mod:`mpq_service.logs`.
+        metrics_token: when set, ``GET /metrics`` requires ``Authorization: Bearer <token>``;
+            empty (the default) leaves it open, for a scraper on a private network.
     """
 
     model_config = SettingsConfigDict(
@@ -136,6 +142,8 @@ class Settings(BaseSettings):
     events_poll_interval_s: float = Field(default=0.5, gt=0)
     events_keepalive_s: float = Field(default=15.0, gt=0)
     events_max_lifetime_s: float = Field(default=3600.0, gt=0)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    metrics_token: SecretStr | None = None
 
     @model_validator(mode="after")
     def _fill_derived_defaults(self) -> Settings:

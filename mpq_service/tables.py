@@ -32,6 +32,7 @@ __all__ = [
     "Job",
     "ModelFile",
     "SensitivityCache",
+    "StageDuration",
     "Tenant",
     "UTCDateTime",
     "WebhookDelivery",
@@ -327,3 +328,22 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StageDuration(Base):
+    """How long the stages of succeeded jobs took, as the buckets of a histogram: per stage and
+    bucket (upper bound ``le`` in seconds, as Prometheus spells it, ``+Inf`` for the last), how
+    many durations fell in it (not cumulative) and their sum.
+
+    Workers add to it in the transaction that records a job's success, so every job counts once
+    and every API process reads the same totals at ``/metrics``
+    (:mod:`mpq_service.stage_durations`). Not tied to jobs: deleting a job leaves the totals
+    (counters only grow).
+    """
+
+    __tablename__ = "job_stage_durations"
+
+    stage: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    le: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    observations: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(sa.Float, default=0.0)

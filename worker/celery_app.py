@@ -5,7 +5,7 @@ with) plus this package's task module, :mod:`worker.tasks`. It is built lazily o
 (module ``__getattr__``) from the environment, so importing this module reads no settings,
 creates no folders and imports no torch. ``mpq serve`` starts its worker as a ``celery -A
 worker.celery_app`` subprocess too. Importing it connects :mod:`worker.lifecycle`'s signal
-handlers (each worker runs a reaper thread).
+handlers (each worker runs a reaper thread) and :mod:`worker.log_setup`'s (its log format).
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from mpq_service.celery_config import make_celery
-from worker import lifecycle  # noqa: F401  (connects the reaper and parent-watch signal handlers)
+from worker import (
+    lifecycle,  # noqa: F401  (connects the reaper and parent-watch signal handlers)
+    log_setup,  # noqa: F401  (connects the log-format signal handlers)
+)
 from worker.liveness import CONF_KEY, AliveFile, alive_path
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.logs import job_context
 from mpq_service.reaper import db_now, first_line
 from mpq_service.tables import Job
 
@@ -68,7 +69,7 @@ class Heartbeat:
         self.failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True
+            target=self._run_for_job, name=f"heartbeat-{job_id[:8]}", daemon=True
         )
 
     def __enter__(self) -> Heartbeat:
@@ -88,6 +89,10 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval_s + 30.0)
+
+    def _run_for_job(self) -> None:
+        with job_context(self.job_id):  # a thread does not inherit the attempt's context
+            self._run()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -66,7 +66,9 @@ from mpq_service import storage_keys
 from mpq_service.celery_config import soft_time_limit
 from mpq_service.db import session_scope
 from mpq_service.job_status import JobStatus
+from mpq_service.logs import job_context
 from mpq_service.reaper import db_now, first_line, lost_repeatedly_message, time_limit_message
+from mpq_service.stage_durations import record_stage_durations, stage_seconds
 from mpq_service.storage import ObjectNotFound, Storage, StorageUnavailable, artifact_content_type
 from mpq_service.tables import Artifact, Job, SensitivityCache, utcnow
 from worker.child_job import ChildJob, run_child_job
@@ -464,13 +466,14 @@ def run_job(
         storage: where uploads are read from and artifacts written to.
         workdir: a folder for the attempt's temporary files (removed afterwards).
     """
-    inputs = _claim(job_id, settings, session_factory)
-    if inputs is None:
-        return
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with Heartbeat(session_factory, job_id, inputs.attempt, settings.job_heartbeat_interval_s):
-        _run_claimed(job_id, inputs, settings, session_factory, storage, workdir)
+    with job_context(job_id):  # every line logged meanwhile carries the job id
+        inputs = _claim(job_id, settings, session_factory)
+        if inputs is None:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with Heartbeat(session_factory, job_id, inputs.attempt, settings.job_heartbeat_interval_s):
+            _run_claimed(job_id, inputs, settings, session_factory, storage, workdir)
 
 
 def _run_claimed(
@@ -580,6 +583,7 @@ def _record_success(
             job.status = JobStatus.SUCCEEDED.value
             job.finished_at = utcnow()
             job.heartbeat_at = None
+            record_stage_durations(session, stage_seconds(summary))
 
     _retrying(write, inputs.final_write_retry_s, f"job {job_id}: final write")
 

@@ -17,6 +17,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
 
 from mpq_service.celery_config import TASK_RUN_JOB
+from mpq_service.logs import job_context
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -90,13 +91,14 @@ class JobTask(Task):
         from worker.jobs import fail_running_job, time_limit_message
 
         res = resources()
-        log.error("job %s: hard time limit exceeded", job_id)
-        fail_running_job(
-            str(job_id),
-            "time_limit_exceeded",
-            time_limit_message(res.settings.job_time_limit_s),
-            session_factory=res.session_factory,
-        )
+        with job_context(str(job_id)):
+            log.error("job %s: hard time limit exceeded", job_id)
+            fail_running_job(
+                str(job_id),
+                "time_limit_exceeded",
+                time_limit_message(res.settings.job_time_limit_s),
+                session_factory=res.session_factory,
+            )
 
 
 @shared_task(

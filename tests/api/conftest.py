@@ -1,5 +1,6 @@
 """Real databases for the api tests: a fresh SQLite file per test and fresh Postgres databases
-(from tests/support/fixtures.py: ``pg_url``, ``new_pg_url``), migrated where asked.
+(from tests/support/fixtures.py: ``pg_url``, ``new_pg_url``), migrated where asked, and a
+Postgres behind a TCP proxy that a test can cut (an outage).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_service.db import make_engine, make_sessionmaker
 from mpq_service.migrate import upgrade
+from tests.api.served import Served, served
+from tests.support.tcp_proxy import TcpProxy
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -64,3 +68,25 @@ def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
     """A plain session; the test commits what it wants to persist."""
     with session_factory() as s:
         yield s
+
+
+@pytest.fixture
+def pg_behind_proxy(new_pg_url: Callable[[], str]) -> Iterator[tuple[TcpProxy, str, str]]:
+    """A fresh Postgres database reached through a TCP proxy: (proxy, URL through the proxy,
+    direct URL)."""
+    direct = new_pg_url()
+    parsed = make_url(direct)
+    with TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
+        through = parsed.set(port=proxy.port).render_as_string(hide_password=False)
+        yield proxy, through, direct
+
+
+@pytest.fixture
+def served_on_proxied_pg(
+    tmp_path: Path, pg_behind_proxy: tuple[TcpProxy, str, str]
+) -> Iterator[tuple[TcpProxy, Served]]:
+    """``mpq serve --no-worker`` on the Postgres database behind the proxy (the key made
+    directly): (the proxy, which the test may cut; the service)."""
+    proxy, through, direct = pg_behind_proxy
+    with served(tmp_path, database_url=through, key_database_url=direct) as api:
+        yield proxy, api

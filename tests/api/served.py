@@ -1,6 +1,6 @@
-"""A real ``mpq serve --no-worker`` for the pressure and outage tests, raw-socket clients that
-behave badly (stall mid-body, vanish mid-body), and the check that the served process logged no
-unhandled error."""
+"""A real ``mpq serve`` (``--no-worker`` unless asked) for the pressure, outage and operations
+tests, raw-socket clients that behave badly (stall mid-body, vanish mid-body), and the check that
+the served process logged no unhandled error."""
 
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ TABLES = {
     "jobs",
     "artifacts",
     "sensitivity_cache",
+    "job_stage_durations",
     "webhook_deliveries",
 }
-HEAD = "0004"
+HEAD = "0005"
 
 both_backends = pytest.mark.parametrize("fresh_url", ["sqlite", "postgres"], indirect=True)
 

@@ -13,20 +13,25 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
 from mpq_service.db import make_engine, make_sessionmaker, session_scope
 from mpq_service.storage import S3Storage, StorageUnavailable
 from mpq_service.tables import Artifact, Job, Tenant
 from tests.api.apptools import SPEC, data_bytes, model_bytes
-from tests.api.served import Served, open_upload, read_response, served, stored_objects
+from tests.api.served import (
+    Served,
+    open_upload,
+    read_response,
+    served,
+    stored_objects,
+)
 from tests.support.s3server import S3Server, start_s3_server
 from tests.support.tcp_proxy import TcpProxy
 
@@ -42,58 +47,45 @@ def _assert_outage(response: httpx.Response, code: str) -> None:
 # --- the database ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pg_behind_proxy(new_pg_url: Callable[[], str]) -> Iterator[tuple[TcpProxy, str, str]]:
-    """A fresh Postgres database reached through a TCP proxy: (proxy, URL through the proxy,
-    direct URL)."""
-    direct = new_pg_url()
-    parsed = make_url(direct)
-    with TcpProxy(parsed.host or "127.0.0.1", parsed.port or 5432) as proxy:
-        through = parsed.set(port=proxy.port).render_as_string(hide_password=False)
-        yield proxy, through, direct
-
-
 def test_database_outage_is_503_and_the_service_recovers(
-    tmp_path: Path, pg_behind_proxy: tuple[TcpProxy, str, str]
+    served_on_proxied_pg: tuple[TcpProxy, Served],
 ) -> None:
-    proxy, through, direct = pg_behind_proxy
-    with served(tmp_path, database_url=through, key_database_url=direct) as api:
-        with api.client() as client:
-            assert client.get("/v1/jobs").status_code == 200
-            proxy.cut()  # Postgres is gone: connections reset, new ones refused
-            _assert_outage(client.get("/v1/jobs"), "database_unavailable")
-            r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
-            _assert_outage(r, "database_unavailable")
-            r = client.post("/v1/jobs", json={"model_id": "x", "dataset_id": "y", "spec": SPEC})
-            _assert_outage(r, "database_unavailable")
-            assert client.get("/healthz").json() == {"status": "ok"}
-            assert client.get("/readyz").status_code == 503
-            proxy.restore()  # back
-            assert client.get("/readyz").status_code == 200
-            assert client.get("/v1/jobs").status_code == 200
-            r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
-            assert r.status_code == 201, r.text
-        assert len(stored_objects(api.data_dir)) == 1  # only the upload made after the outage
-        api.stop_and_check_log()
+    proxy, api = served_on_proxied_pg
+    with api.client() as client:
+        assert client.get("/v1/jobs").status_code == 200
+        proxy.cut()  # Postgres is gone: connections reset, new ones refused
+        _assert_outage(client.get("/v1/jobs"), "database_unavailable")
+        r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
+        _assert_outage(r, "database_unavailable")
+        r = client.post("/v1/jobs", json={"model_id": "x", "dataset_id": "y", "spec": SPEC})
+        _assert_outage(r, "database_unavailable")
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").status_code == 503
+        proxy.restore()  # back
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/v1/jobs").status_code == 200
+        r = client.post("/v1/models", params={"filename": "m.pt"}, content=model_bytes())
+        assert r.status_code == 201, r.text
+    assert len(stored_objects(api.data_dir)) == 1  # only the upload made after the outage
+    api.stop_and_check_log()
 
 
 def test_database_lost_mid_upload_is_503_and_leaves_nothing(
-    tmp_path: Path, pg_behind_proxy: tuple[TcpProxy, str, str]
+    served_on_proxied_pg: tuple[TcpProxy, Served],
 ) -> None:
-    proxy, through, direct = pg_behind_proxy
+    proxy, api = served_on_proxied_pg
     body = model_bytes()
-    with served(tmp_path, database_url=through, key_database_url=direct) as api:
-        sock = open_upload(api, "/v1/models?filename=m.pt", len(body))  # authenticated
-        try:
-            proxy.cut()  # the database goes while the body streams
-            sock.sendall(body)
-            status, answer = read_response(sock)
-        finally:
-            sock.close()
-        assert status == 503, answer
-        assert b'"database_unavailable"' in answer
-        assert stored_objects(api.data_dir) == []  # the stored file was deleted again
-        api.stop_and_check_log()
+    sock = open_upload(api, "/v1/models?filename=m.pt", len(body))  # authenticated
+    try:
+        proxy.cut()  # the database goes while the body streams
+        sock.sendall(body)
+        status, answer = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 503, answer
+    assert b'"database_unavailable"' in answer
+    assert stored_objects(api.data_dir) == []  # the stored file was deleted again
+    api.stop_and_check_log()
 
 
 # --- the object storage ----------------------------------------------------------------------

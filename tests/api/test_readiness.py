@@ -65,6 +65,10 @@ def test_missing_worker_is_503_naming_it(tmp_path: Path) -> None:
             "broker": "ok",
             "worker": problem,
         }
-        assert body["error"] == {"code": "not_ready", "message": problem}
+        assert body["error"] == {
+            "code": "not_ready",
+            "message": problem,
+            "request_id": response.headers["X-Request-ID"],
+        }
         client.app.state.readiness_probes["worker"] = lambda: None  # type: ignore[attr-defined]
         assert client.get("/readyz").status_code == 200

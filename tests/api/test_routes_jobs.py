@@ -143,7 +143,11 @@ def test_unknown_model_or_job_is_404(svc: Service) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = svc.client.get("/v1/jobs/nope", headers=headers)
     assert r.status_code == 404 and r.json() == {
-        "error": {"code": "not_found", "message": "job 'nope' not found"}
+        "error": {
+            "code": "not_found",
+            "message": "job 'nope' not found",
+            "request_id": r.headers["X-Request-ID"],
+        }
     }
 
 
