@@ -57,7 +57,7 @@ RUN pip install -c constraints.txt --no-deps -e .
 USER mpq
 EXPOSE 8000
 
-CMD ["python", "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["mpq", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]
 
 
 FROM base AS worker

@@ -17,6 +17,11 @@ class JobStatus(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    def __str__(self) -> str:
+        # The value, as StrEnum gives it: an f-string or a template shows "cancelled", never
+        # "JobStatus.CANCELLED" (str + Enum alone would; StrEnum needs Python 3.11).
+        return self.value
+
     @property
     def is_final(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)

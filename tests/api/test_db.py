@@ -329,3 +329,9 @@ def test_postgres_urls_use_psycopg3() -> None:
     for url in ("postgresql://u:p@h:5432/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"):
         assert normalize_url(url).drivername == "postgresql+psycopg"
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_a_job_status_reads_as_its_value_in_text() -> None:
+    # Pages and messages format statuses with f-strings and templates.
+    assert [f"{s}" for s in JobStatus] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert str(JobStatus.CANCELLED) == JobStatus.CANCELLED.value
