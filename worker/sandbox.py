@@ -161,6 +161,10 @@ def clean_environment() -> dict[str, str]:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES"):
         if name in os.environ:
             env[name] = os.environ[name]
+    # The child imports the engine the worker imports, which is the copy the sandbox shows
+    # (_readonly_paths): an editable install's finder may name another checkout, not shown.
+    if (engine := _package_dir("mpq_core")) is not None:
+        env["PYTHONPATH"] = str(Path(engine).parent)
     return env
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import mpq_core
 import worker.child_job
 from tests.worker.conftest import Env
 from tests.worker.test_jobs import _child_code, _processes_with
@@ -33,6 +35,8 @@ from worker.sandbox import (
     available_isolation,
     run_sandboxed,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _sandbox(
@@ -170,6 +174,42 @@ def test_read_only_paths_below_tmp_stay_visible(tmp_path: Path) -> None:
     )
     assert outcome.exit_code == 0, outcome.stderr_tail
     assert messages == [{"r": "visible"}]
+
+
+def test_the_job_imports_the_engine_the_worker_imports(tmp_path: Path) -> None:
+    # A worker whose mpq_core is another copy than the installed one (a second checkout on
+    # PYTHONPATH, beside an editable install): the job must import the copy the sandbox shows.
+    copy = tmp_path / "engine_copy"
+    shutil.copytree(
+        Path(mpq_core.__file__).parent,
+        copy / "mpq_core",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    job_dir = tmp_path / "job"
+    (job_dir / "input").mkdir(parents=True)
+    code = (
+        "import json\n"
+        "from pathlib import Path\n"
+        "from worker.sandbox import SandboxLimits, available_isolation, run_sandboxed\n"
+        "found = []\n"
+        "run_sandboxed(['-c', 'import json, mpq_core; print(json.dumps({\"f\": mpq_core.__file__}))'],\n"
+        f"    Path({str(job_dir)!r}), limits=SandboxLimits(wall_seconds=60),\n"
+        "    isolation=available_isolation(), on_message=found.append)\n"
+        "print(json.dumps(found))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tmp_path,  # not the checkout: `python -c` puts its folder first on sys.path
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found) == 1, done.stderr
+    assert Path(found[0]["f"]).is_relative_to(copy), found
 
 
 def test_a_job_folder_inside_a_shown_path_is_refused(tmp_path: Path) -> None:
