@@ -38,9 +38,9 @@ from api.routes._upload_flow import (
     refuse_declared_length,
     store_file,
 )
-from api.routes.jobs import enqueue_job, new_job
+from api.routes.jobs import check_webhook, enqueue_job, new_job
 from api.schemas import parse_job_spec
-from mpq_core.errors import MpqError
+from mpq_core.errors import MpqError, SpecError
 from mpq_core.spec import AnalysisSpec, FinetuneSpec, Granularity, JobSpec, Method
 from mpq_service.tables import Dataset, Job, ModelFile, Tenant
 
@@ -56,7 +56,7 @@ _FILES: dict[str, UploadKind[Any]] = {
 _CHECKBOXES = ("quantize_activations", "symmetric", "runtime_exports")
 _TEXT = (
     "model_id", "dataset_id", "eval_dataset_id", "budgets", "bits", "sweep", "act_bits",
-    "granularity", "method", "finetune_epochs", *_CHECKBOXES,
+    "granularity", "method", "finetune_epochs", "pins", "ties", "webhook_url", *_CHECKBOXES,
 )  # fmt: skip
 _FIELD_MAX_BYTES = 64 * 1024
 _FORM_OVERHEAD_BYTES = 256 * 1024
@@ -87,6 +87,9 @@ def form_defaults() -> dict[str, Any]:
         "granularity": str(_default(top["granularity"])),
         "method": str(_default(analysis["method"])),
         "finetune_epochs": str(_default(tune["epochs"])),
+        "pins": "\n".join(f"{k}={v}" for k, v in _default(top["pins"]).items()),
+        "ties": "\n".join(_default(top["ties"])),
+        "webhook_url": "",
         **{name: bool(_default(top[name])) for name in _CHECKBOXES},
     }
 
@@ -96,6 +99,10 @@ def _help() -> dict[str, str]:
     text = {name: f.metadata.get("help", "") for name, f in top.items()}
     text["finetune_epochs"] = _spec_fields(FinetuneSpec)["epochs"].metadata.get("help", "")
     text["method"] = _spec_fields(AnalysisSpec)["method"].metadata.get("help", "")
+    text["webhook_url"] = (
+        "called once the job has ended (succeeded, failed or cancelled), signed with "
+        "X-MPQ-Signature"
+    )
     return text
 
 
@@ -113,6 +120,25 @@ def _items(text: str) -> list[str]:
     return [t for t in _SPLIT.split(text.strip()) if t]
 
 
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _pins(text: str) -> dict[str, Any]:
+    """``REGEX=BITS`` lines as the spec's pins (the last ``=`` splits: a pattern may hold one).
+
+    Raises:
+        SpecError: a line without ``=``.
+    """
+    pins: dict[str, Any] = {}
+    for line in _lines(text):
+        pattern, sep, bits = line.rpartition("=")
+        if not sep or not pattern.strip():
+            raise SpecError(f"pins: write each pin as REGEX=BITS on its own line, got {line!r:.80}")
+        pins[pattern.strip()] = _number(bits.strip())
+    return pins
+
+
 def spec_from_form(values: dict[str, Any]) -> JobSpec:
     """The job spec of the form's ``values`` (checkboxes: present means on), validated as
     ``POST /v1/jobs`` validates one.
@@ -128,6 +154,8 @@ def spec_from_form(values: dict[str, Any]) -> JobSpec:
         "granularity": values.get("granularity", ""),
         "analysis": {"method": values.get("method", "")},
         "finetune": {"epochs": _number(values.get("finetune_epochs", ""))},
+        "pins": _pins(values.get("pins", "")),
+        "ties": _lines(values.get("ties", "")),
         **{name: bool(values.get(name)) for name in _CHECKBOXES},
     }
     return parse_job_spec(spec)
@@ -198,7 +226,8 @@ def _insert_job(
     eval_id = _chosen(
         session, tenant, Dataset, files.get("eval_data"), values.get("eval_dataset_id", "")
     )
-    job = new_job(tenant, model_id, data_id, eval_id, spec)
+    webhook = check_webhook(values.get("webhook_url", "").strip() or None, upload.settings)
+    job = new_job(tenant, model_id, data_id, eval_id, spec, webhook_url=webhook)
     insert_rows(session, list(files.values()), job)
     return job
 

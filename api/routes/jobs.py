@@ -105,7 +105,7 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_request", message)
 
 
-def _check_webhook(url: str | None, settings: Settings) -> str | None:
+def check_webhook(url: str | None, settings: Settings) -> str | None:
     """``url`` if it may be the job's webhook (see :mod:`mpq_service.webhook_targets`), else
     422 ``invalid_request``; None stays None."""
     if url is None:
@@ -246,7 +246,7 @@ async def _read_form(
             continue
         if name == "webhook_url":
             raw = await form.read_field(4 * MAX_URL_LENGTH, name)
-            webhook = _check_webhook(raw.decode("utf-8", "replace"), upload.settings)
+            webhook = check_webhook(raw.decode("utf-8", "replace"), upload.settings)
             continue
         row = await store_file(form.read(), _FILE_PARTS[name], upload, part.filename)
         stored.append(row)
@@ -302,7 +302,7 @@ async def create_job(
     elif ctype in (b"", b"application/json") or ctype.endswith(b"+json"):
         body = _parse_json_body(await _read_json_body(request))
         spec = body.job_spec()
-        _check_webhook(body.webhook_url, upload.settings)
+        check_webhook(body.webhook_url, upload.settings)
         job = await run_in_threadpool(_insert_job, upload.session, upload.tenant, body, spec)
     else:
         raise ApiError(

@@ -184,6 +184,31 @@ def test_a_bad_spec_shows_the_apis_message_and_stores_nothing(svc: Service) -> N
     assert svc.stored_files() == [] and svc.enqueued == []
 
 
+def test_the_form_takes_pins_ties_and_a_webhook(svc: Service) -> None:
+    _sign_in(svc, "acme")
+    pins = "0\\.weight=8\n\n  2\\.weight = 4  \n"
+    form = _form(
+        _csrf(svc), pins=pins, ties="0\\..*\n2\\..*", webhook_url="https://example.com/hook"
+    )
+    job_id = _job_id(_submit(svc, form))
+    job = _update_job(svc, job_id)
+    assert job.spec["pins"] == {"0\\.weight": 8, "2\\.weight": 4}
+    assert job.spec["ties"] == ["0\\..*", "2\\..*"]
+    assert job.webhook_url == "https://example.com/hook"
+
+    # Each refused the way the API refuses it, with nothing stored.
+    files = svc.stored_files()
+    for field, value, shown in (
+        ("pins", "0\\.weight", "REGEX=BITS"),
+        ("pins", "0\\.weight=7", "7"),
+        ("ties", "(unclosed", "tie"),
+        ("webhook_url", "http://127.0.0.1/hook", "webhook_url"),
+    ):
+        r = _submit(svc, _form(_csrf(svc), **{field: value}))
+        assert r.status_code == 422 and shown in r.text, (field, value, r.text[:3000])
+    assert svc.stored_files() == files and svc.enqueued == [job_id]
+
+
 def _finished_job(svc: Service, headers: dict[str, str], with_allocation: bool) -> str:
     """A job of the key's tenant marked succeeded with a result and artefacts."""
     model = svc.client.post("/v1/models", content=model_bytes(), headers=headers).json()
