@@ -15,7 +15,7 @@ layer's statistics at a time, and a group of layers would need the same whole-mo
 
 The budget is the spec's ``max_memory`` or, without one, what the machine gives this process:
 the memory available now plus what the process already holds, capped by its ``RLIMIT_DATA`` /
-``RLIMIT_AS`` (the worker's sandbox sets one) and its cgroup's ``memory.max``; on a GPU, the
+``RLIMIT_AS`` (the worker's sandbox sets one) and its cgroup's memory limit (v2 or v1); on a GPU, the
 device's free memory plus what PyTorch already reserved.
 """
 
@@ -34,6 +34,7 @@ import torch
 from mpq_core.capture import capture_context
 from mpq_core.data import CalibrationData
 from mpq_core.errors import SpecError
+from mpq_core.host_memory import cgroup_memory_limit
 from mpq_core.intake import LoadedModel, select_output
 from mpq_core.runner import iter_batches
 from mpq_core.sensitivity.fisher import WORKSPACE_BYTES
@@ -187,16 +188,6 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_limit() -> int | None:
-    """This process's cgroup v2 memory limit, if one is set."""
-    try:
-        rel = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
-        text = (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max").read_text().strip()
-    except (OSError, IndexError):
-        return None
-    return None if text == "max" else int(text)
-
-
 def machine_memory(device: torch.device) -> tuple[int, str]:
     """The bytes this process may hold in total on ``device``, and where the number came from."""
     if device.type == "cuda":
@@ -210,9 +201,9 @@ def machine_memory(device: torch.device) -> tuple[int, str]:
         soft, _ = resource.getrlimit(which)
         if soft != resource.RLIM_INFINITY:
             limits.append((soft, f"the process's {name} limit"))
-    cgroup = _cgroup_limit()
+    cgroup = cgroup_memory_limit()
     if cgroup is not None:
-        limits.append((cgroup, "the cgroup's memory.max"))
+        limits.append((cgroup, "the cgroup's memory limit"))
     if not limits:
         return 2**40, "no limit found"
     return min(limits)

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
             warning; ``required`` refuses to run jobs without namespaces (use it in
             production); ``process`` never uses namespaces.
         sandbox_memory_bytes: memory limit of a job's process (``RLIMIT_DATA``); 0 means 80% of
-            the machine's memory.
+            the machine's memory, or of the worker's cgroup limit when that is lower
+            (:mod:`mpq_core.host_memory`).
         sandbox_cpu_seconds: CPU-time limit of a job's process; 0 means the job time limit
             times the number of CPUs.
         job_heartbeat_interval_s: how often a running attempt stamps ``jobs.heartbeat_at``.

@@ -60,6 +60,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mpq_core.errors import MpqError
+from mpq_core.host_memory import default_job_memory_bytes
 from mpq_core.progress import STAGES
 from mpq_core.spec import JobSpec
 from mpq_service import storage_keys
@@ -654,9 +655,7 @@ def _store_artifacts(
 def _limits(settings: Settings, elapsed_s: float) -> SandboxLimits:
     """The child's limits: the wall clock ends before Celery's soft limit would fire."""
     wall = soft_time_limit(settings.job_time_limit_s) - elapsed_s - 1.0
-    memory = settings.sandbox_memory_bytes or int(
-        0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    )
+    memory = settings.sandbox_memory_bytes or default_job_memory_bytes()
     cpu = settings.sandbox_cpu_seconds or settings.job_time_limit_s * (os.cpu_count() or 1)
     return SandboxLimits(
         wall_seconds=max(1.0, wall),
