@@ -76,7 +76,7 @@ def _error_schema() -> dict[str, Any]:
     }
 
 
-def _statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
+def _statuses(path: str, op: dict[str, Any]) -> set[int]:
     """The error statuses this operation can answer, by rule."""
     if not path.startswith("/v1/"):
         return set()
@@ -115,9 +115,9 @@ def _error_response(status: int) -> dict[str, Any]:
     return response
 
 
-def _complete_operation(path: str, method: str, op: dict[str, Any]) -> None:
+def _complete_operation(path: str, op: dict[str, Any]) -> None:
     responses: dict[str, Any] = op["responses"]
-    statuses = _statuses(path, method, op)
+    statuses = _statuses(path, op)
     if 422 not in statuses:
         responses.pop("422", None)  # FastAPI's guess for any parameter; ids are never refused
     for code in sorted(statuses):
@@ -203,8 +203,8 @@ def _builder(app: FastAPI) -> Callable[[], dict[str, Any]]:
             }
         }
         for path, item in doc["paths"].items():
-            for method, op in item.items():
-                _complete_operation(path, method, op)
+            for op in item.values():
+                _complete_operation(path, op)
                 _add_success_examples(op, components["schemas"])
         app.openapi_schema = doc
         return doc
